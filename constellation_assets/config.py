@@ -1,0 +1,669 @@
+"""Pipeline configuration: one pydantic model for the shear catalog and the injection simulations.
+
+Loading follows the Gen5 seed's precedence: built-in defaults < command-line flags < values present in the
+``--config`` file (YAML or JSON, local path or ``s3://``). Every flag that the file overrides is logged.
+Unknown keys are errors that name the key and suggest the closest valid one.
+
+A saved effective config (``run_config_{experiment_id}.json``, see :mod:`constellation_assets.provenance`) is
+itself a valid config: its provenance fields (timestamp, versions, hash) are ignored on load, so
+``load_config(run_config_path)`` reproduces the run.
+
+The seed's flat injection keys (``stage``, ``variant``, ``experiment_id``, ``source_mode``, ...) are accepted at the
+top level of a file and as bare override names; they live in the ``injection`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from constellation_assets.io.uri import DataAccessError, is_s3, join_uri, read_text, storage_options_for
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationConfig",
+    "ComputeConfig",
+    "ConfigError",
+    "DataConfig",
+    "FieldConfig",
+    "InjectionConfig",
+    "OutputConfig",
+    "PipelineConfig",
+    "S3Config",
+    "ShearConfig",
+    "TilingConfig",
+    "load_config",
+    "resolve_override_key",
+]
+
+#: Keys a saved run_config record adds on top of the config; ignored when it is loaded back.
+PROVENANCE_KEYS = frozenset(
+    {
+        "execution_timestamp_utc",
+        "versions",
+        "config_hash",
+        "git_commit",
+        "spark_version",
+        "record_type",
+        "stage_dir",
+        "run_id",
+        "extra",
+        "output_uri_written",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A config could not be loaded or is invalid. The message names the key/file and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Config(_Section):
+    """S3 access. Credentials are never stored here: they come from the environment (AWS_* variables)."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    anon: bool = Field(False, description="anonymous access (public buckets such as nasa-irsa-euclid-q1)")
+    region: str | None = Field("us-east-1", description="bucket region")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str | None) -> str | None:
+        if v and "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "endpoint_url must not contain credentials (user:password@host); "
+                "pass them through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
+            )
+        return v
+
+
+class TilingConfig(_Section):
+    sub_tile_grid: tuple[int, int] = Field((4, 4), description="sub-tiles per tile (rows, cols)")
+    sub_tile_margin_arcmin: float = Field(1.0, ge=0.0, description="overlap margin on every side of a core")
+    tile_core_arcmin: float = Field(30.0, gt=0.0, description="MER tile core size")
+    tile_extended_arcmin: float = Field(32.0, gt=0.0, description="MER tile extended size (cores tile this)")
+
+    @field_validator("sub_tile_grid")
+    @classmethod
+    def _grid_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1 or v[1] < 1 or v[0] > 64 or v[1] > 64:
+            raise ValueError(f"sub_tile_grid must be two integers in 1..64, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _margin_lt_half_core(self) -> TilingConfig:
+        if self.tile_extended_arcmin < self.tile_core_arcmin:
+            raise ValueError(
+                f"tile_extended_arcmin ({self.tile_extended_arcmin}) must be >= tile_core_arcmin "
+                f"({self.tile_core_arcmin})"
+            )
+        core = min(self.sub_tile_core_arcmin)
+        if self.sub_tile_margin_arcmin >= core / 2:
+            raise ValueError(
+                f"sub_tile_margin_arcmin={self.sub_tile_margin_arcmin} must be less than half the sub-tile core "
+                f"({core:g}' / 2 = {core / 2:g}'); reduce the margin or the grid"
+            )
+        return self
+
+    @property
+    def sub_tile_core_arcmin(self) -> tuple[float, float]:
+        return (
+            self.tile_extended_arcmin / self.sub_tile_grid[0],
+            self.tile_extended_arcmin / self.sub_tile_grid[1],
+        )
+
+
+class DataConfig(_Section):
+    """Input data in the Euclid Q1 layout (local folder or s3://)."""
+
+    vis_base_uri: str = Field(
+        ".constellation/data/q1/VIS/", description="prefix holding {obs_id}/ VIS folders"
+    )
+    catalog_base_uri: str = Field(
+        ".constellation/data/q1/catalogs/MER_FINAL_CATALOG/",
+        description="prefix holding {tile_id}/ MER final catalogs",
+    )
+    s3: S3Config = Field(default_factory=S3Config)
+
+    @property
+    def roots(self) -> list[str]:
+        """Data roots: manifest paths outside these are rejected."""
+        out = []
+        for uri in (self.vis_base_uri, self.catalog_base_uri):
+            out.append(_q1_root(uri))
+        return sorted(set(out))
+
+
+def _q1_root(uri: str) -> str:
+    """The folder above ``q1/`` for a Q1-layout prefix (or the prefix itself)."""
+    s = str(uri).rstrip("/")
+    marker = "/q1/"
+    if marker in s + "/":
+        return (s + "/").split(marker, 1)[0] or "/"
+    return s
+
+
+class OutputConfig(_Section):
+    root_uri: str = Field(".constellation/output", description="root for all outputs (local or s3://)")
+    manifest_dir: str | None = Field(None, description="default {root_uri}/manifests")
+    result_dir: str | None = Field(None, description="default {root_uri}/results")
+    tile_dir: str | None = Field(
+        None, description="per-tile products (sources, quadrants); default {root_uri}/tiles"
+    )
+    catalog_warehouse: str | None = Field(None, description="Iceberg warehouse; default {root_uri}/warehouse")
+    catalog_uri: str | None = Field(
+        None,
+        description="Iceberg SQL catalog URI; default sqlite:///{root_uri}/catalog.db "
+        "(production: postgresql+psycopg2://user@host/db, password via PGPASSWORD)",
+    )
+    catalog_type: Literal["sql", "rest", "glue"] = "sql"
+    catalog_name: str = "constellation"
+    namespace: str = "shear"
+    s3: S3Config | None = Field(None, description="S3 settings for outputs; default: same as data.s3")
+
+    @field_validator("catalog_uri")
+    @classmethod
+    def _no_password_in_catalog_uri(cls, v: str | None) -> str | None:
+        if v and "://" in v:
+            netloc = v.split("://", 1)[1].split("/", 1)[0]
+            if "@" in netloc and ":" in netloc.split("@", 1)[0]:
+                raise ValueError(
+                    "catalog_uri must not contain a password; give it through the environment "
+                    "(PGPASSWORD for PostgreSQL) instead"
+                )
+        return v
+
+    def _under_root(self, value: str | None, name: str) -> str:
+        return value if value else join_uri(self.root_uri, name)
+
+    @property
+    def manifests(self) -> str:
+        return self._under_root(self.manifest_dir, "manifests")
+
+    @property
+    def results(self) -> str:
+        return self._under_root(self.result_dir, "results")
+
+    @property
+    def tiles(self) -> str:
+        return self._under_root(self.tile_dir, "tiles")
+
+    @property
+    def warehouse(self) -> str:
+        w = self._under_root(self.catalog_warehouse, "warehouse")
+        return w if is_s3(w) else str(Path(w).expanduser().absolute())
+
+    @property
+    def catalog(self) -> str:
+        if self.catalog_uri:
+            return self.catalog_uri
+        if is_s3(self.root_uri):
+            raise ConfigError(
+                "output.catalog_uri must be set when output.root_uri is on S3 (SQLite cannot live on S3); "
+                "use a PostgreSQL/REST/Glue catalog"
+            )
+        db = Path(self.root_uri).expanduser().absolute() / "catalog.db"
+        return f"sqlite:///{db}"
+
+
+class ComputeConfig(_Section):
+    backend: Literal["local", "k8s"] = "local"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    batch_size: int = Field(1024, ge=1, le=1_000_000, description="stamps per estimator batch")
+    workers: int = Field(1, ge=1, le=256, description="parallel worker processes for local runs")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+
+class ShearConfig(_Section):
+    """Shear estimator settings (built-in PyTorch estimator)."""
+
+    method: Literal["fpfs"] = "fpfs"
+    stamp_size_pix: int = Field(64, ge=16, le=512)
+    snr_min: float = Field(10.0, ge=0.0, description="MER detection S/N cut for shear-grade sources")
+
+    @field_validator("stamp_size_pix")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"stamp_size_pix must be even, got {v}")
+        return v
+
+
+class CalibrationConfig(_Section):
+    """Image simulations with known shear, run through the same estimator to measure m and c."""
+
+    n_galaxies: int = Field(2000, ge=2)
+    g_true: float = Field(0.02, gt=0.0, lt=0.2)
+    psf_model: Literal["moffat", "gaussian"] = "moffat"
+    psf_fwhm_arcsec: float = Field(0.17, gt=0.0)
+    moffat_beta: float = Field(3.5, gt=1.0)
+    pixel_scale_arcsec: float = Field(0.1, gt=0.0)
+    population: Literal["sersic", "bulge_disk", "cosmos", "fixed"] = "sersic"
+    snr_min: float = Field(10.0, ge=0.0)
+    noise_sigma: float = Field(0.0, ge=0.0, description="per-pixel noise std (0: noiseless)")
+    seed: int = 42
+    m_requirement: float = Field(2e-3, gt=0.0)
+    c_requirement: float = Field(5e-4, gt=0.0)
+
+
+class FieldConfig(_Section):
+    """Synthetic Euclid field in the exact Q1 layout (embedded default data).
+
+    Each tile gets ``n_observations`` pointings near its centre, each with ``n_dithers`` dithered exposures
+    of a reduced VIS focal plane (``ccd_grid`` CCDs of 4 quadrants of ``quadrant_nx_pix`` x ``quadrant_ny_pix``
+    instead of 6 x 6 CCDs of 2048 x 2066). Sources fill the area the exposures cover.
+    """
+
+    tile_ids: list[int] = Field(
+        default_factory=lambda: [102044185, 102044186], description="EDF-F MER tiles to simulate"
+    )
+    seed: int = 20250319
+    first_obs_id: int = Field(2689, ge=0, le=999_999, description="obs_id of the first simulated observation")
+    n_observations: int = Field(1, ge=1, le=50, description="observations (pointings) per tile")
+    n_dithers: int = Field(3, ge=1, le=8, description="dithered exposures per observation")
+    dither_offsets_arcsec: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(0.0, 0.0), (10.0, 25.0), (20.0, 50.0), (30.0, 75.0)],
+        description="(dx, dy) of each dither along detector axes; cycled if shorter than n_dithers",
+    )
+    pointing_jitter_arcsec: float = Field(
+        20.0, ge=0.0, description="random offset of each pointing from the tile centre"
+    )
+    position_angle_deg: float = Field(0.0, description="detector y axis angle east of north")
+    ccd_grid: tuple[int, int] = Field((2, 2), description="CCD rows x cols per exposure (real VIS: 6 x 6)")
+    quadrant_nx_pix: int = Field(512, ge=64, le=2048, description="quadrant width (real: 2048)")
+    quadrant_ny_pix: int = Field(516, ge=64, le=2066, description="quadrant height (real: 2066)")
+    ccd_gap_pix: tuple[int, int] = Field((60, 120), description="gaps between CCDs (x, y) in pixels")
+    pixel_scale_arcsec: float = Field(0.1, gt=0.0)
+    galaxy_density_arcmin2: float = Field(
+        60.0, ge=0.0, description="galaxies per arcmin^2 down to galaxy_mag_max"
+    )
+    galaxy_mag_min: float = 20.0
+    galaxy_mag_max: float = 25.5
+    star_density_arcmin2: float = Field(3.0, ge=0.0)
+    star_mag_min: float = 16.5
+    star_mag_max: float = 24.5
+    psf_fwhm_arcsec: float = Field(0.17, gt=0.05, lt=1.0, description="PSF FWHM at the focal-plane centre")
+    psf_fwhm_variation: float = Field(
+        0.05, ge=0.0, le=0.5, description="fractional FWHM growth at the corners"
+    )
+    psf_e_amplitude: float = Field(
+        0.04, ge=0.0, le=0.2, description="PSF ellipticity at the focal-plane corners"
+    )
+    psf_oversampling: int = Field(3, ge=1, le=8, description="oversampling of the 21x21 PSF-file stamps")
+    sky_level_adu: float = Field(45.0, ge=0.0, description="sky per pixel per exposure (~22.3 mag/arcsec^2)")
+    read_noise_e: float = Field(4.5, ge=0.0)
+    gain_e_per_adu: float = Field(3.48, gt=0.0)
+    exptime_s: float = Field(560.52, gt=0.0)
+    magzerop: float = Field(24.57, description="AB magnitude giving 1 ADU/s")
+    saturation_adu: float = Field(60000.0, gt=0.0)
+    cosmic_rate_per_mpix: float = Field(
+        400.0, ge=0.0, description="cosmic-ray hits per megapixel per exposure"
+    )
+    hot_pixel_fraction: float = Field(2e-4, ge=0.0, le=0.01)
+    cold_pixel_fraction: float = Field(5e-5, ge=0.0, le=0.01)
+    shear_model: Literal["constant", "smooth_map"] = "constant"
+    shear_g1: float | None = Field(None, description="constant shear g1 (None: drawn per tile from the seed)")
+    shear_g2: float | None = Field(None, description="constant shear g2 (None: drawn per tile from the seed)")
+    shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
+    shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
+    truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")
+    catalog_snr_min: float = Field(
+        3.0, ge=0.0, description="MER detection threshold of the synthetic catalog"
+    )
+    spurious_fraction: float = Field(0.005, ge=0.0, le=0.2)
+
+    @field_validator("ccd_grid")
+    @classmethod
+    def _ccd_grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (1 <= v[0] <= 6 and 1 <= v[1] <= 6):
+            raise ValueError(
+                f"ccd_grid must be two integers in 1..6 (the VIS focal plane is 6 x 6), got {list(v)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FieldConfig:
+        if self.galaxy_mag_max <= self.galaxy_mag_min or self.star_mag_max <= self.star_mag_min:
+            raise ValueError("galaxy/star magnitude ranges must have max > min")
+        bad = [t for t in self.tile_ids if not (100_000_000 <= int(t) <= 999_999_999)]
+        if bad or not self.tile_ids:
+            raise ValueError(
+                f"field.tile_ids must be non-empty 9-digit Euclid MER tile ids, got {self.tile_ids[:5]}"
+            )
+        return self
+
+
+class InjectionConfig(_Section):
+    """The Gen5 seed's injection stage settings (keys and defaults as in the seed)."""
+
+    stage: str = "4c"
+    variant: str = "v1"
+    experiment_id: str = "train_stamp64"
+    source_mode: Literal["sersic", "cosmos"] = "sersic"
+    cosmos_bank_h5: str | None = None
+    cosmos_salt: str = ""
+    seed_base: int = 42
+    psf_model: Literal["moffat", "gaussian"] = "moffat"
+    moffat_beta: float = 3.5
+    split_seed: int = 99887766
+    tiers: list[str] = Field(default_factory=lambda: ["train"])
+    n_total_train_per_split: int = Field(256, ge=1)
+    partitions: int = Field(4, ge=1, le=100_000)
+    output_uri: str | None = Field(None, description="default {output.root_uri}/injections")
+    stamp_size_pix: int = Field(64, ge=8, le=1024)
+    bands: list[str] = Field(default_factory=lambda: ["VIS"])
+    psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": 0.17})
+    pixel_scale_arcsec: float = Field(0.1, gt=0.0)
+    force: bool = False
+
+    @field_validator("moffat_beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not v > 1.0:
+            raise ValueError(
+                f"moffat_beta must be > 1 (the Moffat profile is not normalisable otherwise), got {v}"
+            )
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[str]) -> list[str]:
+        allowed = {"train", "val", "test"}
+        bad = [t for t in v if t not in allowed]
+        if bad or not v:
+            raise ValueError(f"tiers must be a non-empty subset of {sorted(allowed)}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> InjectionConfig:
+        if self.source_mode == "cosmos" and not self.cosmos_bank_h5:
+            raise ValueError(
+                "source_mode 'cosmos' needs cosmos_bank_h5 (path or s3:// URI of the COSMOS bank HDF5); "
+                "build one with `constellation bank build --cosmos-dir DIR --output BANK.h5`"
+            )
+        missing = [b for b in self.bands if b not in self.psf_fwhm_arcsec]
+        if missing:
+            raise ValueError(
+                f"psf_fwhm_arcsec has no FWHM for band(s) {missing}; add e.g. {{'{missing[0]}': 0.17}}"
+            )
+        return self
+
+    @property
+    def stage_dir(self) -> str:
+        return f"phase{self.stage}"
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline: shear catalog (tiles -> manifests -> shear -> Iceberg) and injection simulations."""
+
+    field_name: str = "EDFF"
+    tile_ids: list[int] = Field(
+        default_factory=list, description="tiles to process; empty: the field's tiles"
+    )
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    shear: ShearConfig = Field(default_factory=ShearConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    field: FieldConfig = Field(default_factory=FieldConfig)
+    injection: InjectionConfig = Field(default_factory=InjectionConfig)
+    # Opaque pass-through sections for an external inference engine (e.g. SHINE): kept as-is.
+    inference: dict[str, Any] = Field(default_factory=dict)
+    gal: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tile_ids")
+    @classmethod
+    def _tile_ids(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not (100_000_000 <= int(t) <= 999_999_999)]
+        if bad:
+            raise ValueError(f"tile ids must be 9-digit Euclid MER tile ids, got {bad[:5]}")
+        return v
+
+    @property
+    def selected_tile_ids(self) -> list[int]:
+        return list(self.tile_ids) if self.tile_ids else list(self.field.tile_ids)
+
+    def storage_options(self, uri: str) -> dict:
+        """fsspec storage options for any URI of this config (outputs use output.s3 when given)."""
+        uri = str(uri)
+        s3 = self.data.s3
+        if self.output.s3 is not None and uri.startswith(str(self.output.root_uri).rstrip("/")):
+            s3 = self.output.s3
+        return storage_options_for(uri, s3)
+
+    @property
+    def injection_output(self) -> str:
+        return self.injection.output_uri or join_uri(self.output.root_uri, "injections")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _section_fields() -> dict[str, type[BaseModel]]:
+    out = {}
+    for name, f in PipelineConfig.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[name] = ann
+    return out
+
+
+#: The seed's CLI/JSON names that differ from ours.
+ALIASES = {"output_s3": "injection.output_uri", "sweep_partitions": "injection.partitions"}
+
+
+def resolve_override_key(key: str) -> tuple[str, ...]:
+    """Map ``variant``, ``injection.variant`` or ``moffat-beta`` to a path in the config tree.
+
+    Bare names resolve to a top-level field or, when unique, to a field of one section.
+    """
+    key = key.replace("-", "_")
+    if key in ALIASES:
+        key = ALIASES[key]
+    parts = tuple(key.split("."))
+    if len(parts) > 1:
+        _check_path(parts)
+        return parts
+    if key in PipelineConfig.model_fields:
+        return (key,)
+    hits = [sec for sec, model in _section_fields().items() if key in model.model_fields]
+    if len(hits) == 1:
+        return (hits[0], key)
+    if "injection" in hits:  # the seed's flat keys belong to the injection stage
+        return ("injection", key)
+    if len(hits) > 1:
+        raise ConfigError(
+            f"Ambiguous key {key!r}: it exists in sections {hits}; write it as e.g. '{hits[0]}.{key}'"
+        )
+    raise ConfigError(_unknown_key_message(key, _all_keys()))
+
+
+def _check_path(parts: tuple[str, ...]) -> None:
+    model: type[BaseModel] | None = PipelineConfig
+    for i, p in enumerate(parts):
+        if model is None:
+            return  # inside an opaque dict section
+        if p not in model.model_fields:
+            valid = list(model.model_fields)
+            raise ConfigError(
+                _unknown_key_message(".".join(parts[: i + 1]), valid, prefix=".".join(parts[:i]))
+            )
+        ann = model.model_fields[p].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _all_keys() -> list[str]:
+    keys = list(PipelineConfig.model_fields)
+    for sec, model in _section_fields().items():
+        keys += [f"{sec}.{k}" for k in model.model_fields] + list(model.model_fields)
+    return keys
+
+
+def _unknown_key_message(key: str, valid: list[str], prefix: str = "") -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    cands = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.5)
+    where = f" in section '{prefix}'" if prefix else ""
+    msg = f"Unknown config key {key!r}{where}."
+    if cands:
+        full = f"{prefix}.{cands[0]}" if prefix else cands[0]
+        msg += f" Did you mean {full!r}?"
+    msg += " Valid keys: " + ", ".join(sorted({v.rsplit(".", 1)[-1] for v in valid})[:40])
+    return msg
+
+
+def _set_path(d: dict, path: tuple[str, ...], value: Any) -> None:
+    cur = d
+    for p in path[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[path[-1]] = value
+
+
+def _get_path(d: dict, path: tuple[str, ...]) -> tuple[bool, Any]:
+    cur: Any = d
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return False, None
+        cur = cur[p]
+    return True, cur
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("inference", "gal"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _normalise_file_dict(raw: dict, source: str) -> dict:
+    """Strip provenance keys and move the seed's flat injection keys into their section."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config {source} must be a mapping at the top level, got {type(raw).__name__}")
+    out: dict = {}
+    for k, v in raw.items():
+        if k in PROVENANCE_KEYS:
+            continue
+        kk = k.replace("-", "_")
+        if kk in PipelineConfig.model_fields:
+            if kk in out and isinstance(out[kk], dict) and isinstance(v, dict):
+                out[kk] = _deep_merge(out[kk], v)
+            else:
+                out[kk] = v
+            continue
+        try:
+            path = resolve_override_key(kk)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {source})") from None
+        _set_path(out, path, v)
+    return out
+
+
+def _read_config_file(source: str | os.PathLike, storage_options: dict | None) -> dict:
+    src = str(source)
+    opts = storage_options if storage_options is not None else storage_options_for(src, None)
+    try:
+        text = read_text(src, opts)
+    except DataAccessError as exc:
+        raise ConfigError(f"Cannot read config {src}: {exc.problem}. {exc.hint}") from exc
+    try:
+        if src.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)  # safe: no arbitrary tags/objects
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"Config {src} is not valid {'JSON' if src.endswith('.json') else 'YAML'}: {exc}"
+        ) from exc
+    return data or {}
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"Invalid config ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = tuple(str(x) for x in err["loc"][:-1])
+            model: Any = PipelineConfig
+            for p in parent:
+                ann = model.model_fields[p].annotation if p in getattr(model, "model_fields", {}) else None
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if model is None:
+                    break
+            valid = list(model.model_fields) if model is not None else []
+            lines.append("  " + _unknown_key_message(loc, valid, prefix=".".join(parent)))
+        else:
+            val = err.get("input")
+            shown = "" if isinstance(val, dict) else f" (got {val!r})"
+            lines.append(f"  {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    source: str | os.PathLike | dict | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    storage_options: dict | None = None,
+) -> PipelineConfig:
+    """Load and validate a pipeline config exactly as the CLI does.
+
+    ``source``: YAML/JSON path or s3:// URI (or an already-parsed dict, or None for built-in defaults).
+    ``overrides``: command-line flags, as bare names (``variant``), dotted paths (``injection.variant``) or the
+    seed's names (``output_s3``). Values present in the file win over flags (Gen5 precedence); each flag that
+    the file overrides is logged.
+    """
+    flags: dict = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _set_path(flags, resolve_override_key(key), value)
+
+    if source is None:
+        file_dict: dict = {}
+        label = "defaults"
+    elif isinstance(source, dict):
+        file_dict = _normalise_file_dict(source, "<dict>")
+        label = "<dict>"
+    else:
+        label = str(source)
+        file_dict = _normalise_file_dict(_read_config_file(source, storage_options), label)
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        path = resolve_override_key(key)
+        present, file_value = _get_path(file_dict, path)
+        if present and file_value != value:
+            log.warning(
+                "flag --%s=%r overridden by %s: %s=%r",
+                key.replace("_", "-"),
+                value,
+                label,
+                ".".join(path),
+                file_value,
+            )
+        else:
+            log.info("flag --%s=%r applied", key.replace("_", "-"), value)
+
+    merged = _deep_merge(flags, file_dict)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, label)) from None

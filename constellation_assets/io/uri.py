@@ -1,0 +1,271 @@
+"""One URI layer (fsspec) for local paths and ``s3://`` URIs.
+
+Every reader and writer in the project goes through these functions, so a local demo and a production run on
+S3 (AWS, or any S3-compatible store through ``endpoint_url``) use the same code.
+
+Writes are atomic: data goes to a temporary name first and only appears under its final name once complete
+(``os.replace`` locally; a single PUT on S3, which is atomic per object). A crash mid-write therefore never
+leaves a partial file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+__all__ = [
+    "DataAccessError",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "get_fs",
+    "is_s3",
+    "join_uri",
+    "list_uri",
+    "open_uri",
+    "read_bytes",
+    "read_text",
+    "storage_options_for",
+    "uri_exists",
+]
+
+#: Retries for transient S3 failures (throttling, 5xx, dropped connections), on top of botocore's own.
+S3_RETRY_ATTEMPTS = 5
+
+
+class DataAccessError(RuntimeError):
+    """An input or output location could not be read or written. The message names the URI and the fix."""
+
+    def __init__(self, uri: str, problem: str, hint: str = ""):
+        self.uri = uri
+        self.problem = problem
+        self.hint = hint
+        msg = f"{problem}: {uri}"
+        if hint:
+            msg += f"\n  What to do: {hint}"
+        super().__init__(msg)
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith(("s3://", "s3a://"))
+
+
+def _normalise(uri: str | os.PathLike) -> str:
+    uri = str(uri)
+    if uri.startswith("s3a://"):
+        uri = "s3://" + uri[len("s3a://") :]
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return uri
+
+
+def join_uri(base: str | os.PathLike, *parts: str | int) -> str:
+    """Join path parts onto a local path or s3:// URI with single slashes."""
+    base = _normalise(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out += "/" + str(p).strip("/")
+        return out
+    return str(Path(base).joinpath(*(str(p) for p in parts)))
+
+
+def storage_options_for(uri: str, s3_settings: Any | None = None) -> dict:
+    """fsspec storage options for ``uri`` from an S3 settings object (``endpoint_url``, ``anon``, ``region``).
+
+    Credentials are never taken from config files: s3fs/botocore read them from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE) or an instance role.
+    """
+    if not is_s3(uri):
+        return {}
+    opts: dict[str, Any] = {}
+    client_kwargs: dict[str, Any] = {}
+    config_kwargs: dict[str, Any] = {
+        "retries": {"max_attempts": S3_RETRY_ATTEMPTS, "mode": "adaptive"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    }
+    if s3_settings is not None:
+        endpoint = getattr(s3_settings, "endpoint_url", None)
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        region = getattr(s3_settings, "region", None)
+        if region:
+            client_kwargs["region_name"] = region
+        if getattr(s3_settings, "anon", False):
+            opts["anon"] = True
+    opts["client_kwargs"] = client_kwargs
+    opts["config_kwargs"] = config_kwargs
+    return opts
+
+
+def get_fs(
+    uri: str | os.PathLike, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path within it for a local path or s3:// URI."""
+    uri = _normalise(uri)
+    if is_s3(uri):
+        fs = fsspec.filesystem("s3", **(storage_options or {}))
+        return fs, uri[len("s3://") :]
+    return fsspec.filesystem("file"), str(Path(uri).expanduser().absolute())
+
+
+def _translate(exc: BaseException, uri: str) -> DataAccessError:
+    if isinstance(exc, DataAccessError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return DataAccessError(uri, "Not found", "check the path/URI in your config and that the data exists")
+    if isinstance(exc, PermissionError):
+        return DataAccessError(
+            uri,
+            f"Access denied ({exc})",
+            "check credentials in the environment (AWS_* variables) or set data.s3.anon: true for public buckets",
+        )
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return DataAccessError(
+            uri,
+            "No S3 credentials found",
+            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment, "
+            "or data.s3.anon: true for a public bucket",
+        )
+    return DataAccessError(
+        uri,
+        f"Could not access ({name}: {exc})",
+        "check that the location is reachable (network, endpoint_url, bucket name) and retry",
+    )
+
+
+def _retrying(fn, uri: str, attempts: int = 3):
+    """Retry transient errors (not 'not found' or 'denied') a bounded number of times, then raise clearly."""
+    delay = 0.2
+    for i in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            raise _translate(exc, uri) from exc
+        except Exception as exc:
+            transient = isinstance(exc, (OSError, TimeoutError, ConnectionError)) or type(exc).__name__ in (
+                "EndpointConnectionError",
+                "ConnectTimeoutError",
+                "ReadTimeoutError",
+                "ConnectionClosedError",
+            )
+            if not transient or i == attempts - 1:
+                raise _translate(exc, uri) from exc
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def open_uri(
+    uri: str | os.PathLike, mode: str = "rb", storage_options: dict | None = None, **kwargs
+) -> Iterator:
+    """Open a local path or s3:// URI for reading (use :func:`atomic_output` for writing final outputs)."""
+    fs, path = get_fs(uri, storage_options)
+    try:
+        f = fs.open(path, mode, **kwargs)
+    except Exception as exc:
+        raise _translate(exc, str(uri)) from exc
+    with f:
+        yield f
+
+
+def read_bytes(uri: str | os.PathLike, storage_options: dict | None = None) -> bytes:
+    fs, path = get_fs(uri, storage_options)
+    return _retrying(lambda: fs.cat_file(path), str(uri))
+
+
+def read_text(uri: str | os.PathLike, storage_options: dict | None = None, encoding: str = "utf-8") -> str:
+    return read_bytes(uri, storage_options).decode(encoding)
+
+
+def uri_exists(uri: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    fs, path = get_fs(uri, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise _translate(exc, str(uri)) from exc
+
+
+def list_uri(
+    prefix: str | os.PathLike, storage_options: dict | None = None, recursive: bool = False
+) -> list[str]:
+    """List entries below ``prefix`` as full URIs (files only when ``recursive``), sorted. Missing prefix -> []."""
+    prefix = _normalise(prefix)
+    fs, path = get_fs(prefix, storage_options)
+
+    def _ls():
+        if recursive:
+            return fs.find(path)
+        return fs.ls(path, detail=False)
+
+    try:
+        entries = _retrying(_ls, prefix)
+    except DataAccessError as exc:
+        if exc.problem == "Not found":
+            return []
+        raise
+    if is_s3(prefix):
+        return sorted("s3://" + e for e in entries)
+    return sorted(str(e) for e in entries)
+
+
+@contextlib.contextmanager
+def atomic_output(
+    uri: str | os.PathLike, storage_options: dict | None = None, suffix: str = ""
+) -> Iterator[str]:
+    """Context manager yielding a local temporary file path; on success it becomes ``uri``, on error nothing.
+
+    Local: the temp file lives in the destination directory (hidden ``.name.tmp-*``), then ``os.replace``.
+    S3: the temp file is local and uploaded in one PUT once complete.
+    """
+    uri = _normalise(uri)
+    if is_s3(uri):
+        tmpdir = tempfile.mkdtemp(prefix="constellation-")
+        tmp = os.path.join(tmpdir, "part" + (suffix or Path(uri).suffix))
+        try:
+            yield tmp
+            fs, path = get_fs(uri, storage_options)
+            _retrying(lambda: fs.put_file(tmp, path), uri)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return
+    dest = Path(uri).expanduser().absolute()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _translate(exc, str(dest.parent)) from exc
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}{suffix}"
+    try:
+        yield str(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(uri: str | os.PathLike, data: bytes, storage_options: dict | None = None) -> str:
+    with atomic_output(uri, storage_options) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return _normalise(uri) if is_s3(uri) else str(Path(_normalise(uri)).expanduser().absolute())
+
+
+def atomic_write_text(
+    uri: str | os.PathLike, text: str, storage_options: dict | None = None, encoding: str = "utf-8"
+) -> str:
+    return atomic_write_bytes(uri, text.encode(encoding), storage_options)
