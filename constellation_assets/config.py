@@ -231,6 +231,18 @@ class ShearConfig(_Section):
     method: Literal["fpfs"] = "fpfs"
     stamp_size_pix: int = Field(64, ge=16, le=512)
     snr_min: float = Field(10.0, ge=0.0, description="MER detection S/N cut for shear-grade sources")
+    sigma_arcsec: float = Field(
+        0.35, gt=0.0, le=3.0, description="FPFS Gaussian weight scale (real space); must exceed the PSF sigma"
+    )
+    c_ratio: float = Field(4.0, ge=0.0, description="FPFS ellipticity denominator constant, in units of sigma(M00)")
+    estimator_snr_min: float = Field(
+        0.0, ge=0.0, description="cut on the measured FPFS S/N (0: none); its selection response goes into R"
+    )
+    selection_bin_width: float = Field(0.5, gt=0.0, description="S/N width for the analytic selection response")
+    noise_bias_correction: bool = Field(True, description="second-order FPFS noise-bias correction of e and R")
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="FFT and moment precision (e, R and noise covariance: float64)"
+    )
 
     @field_validator("stamp_size_pix")
     @classmethod
@@ -366,6 +378,58 @@ class InjectionConfig(_Section):
     psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": 0.17})
     pixel_scale_arcsec: float = Field(0.1, gt=0.0)
     force: bool = False
+    # Injection physics and host selection (helper H8). Ranges are [min, max] of uniform draws per task.
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
+        description="fraction of hosts in each split (hash of split_seed and the host id)",
+    )
+    theta_e_range_arcsec: tuple[float, float] = Field((0.5, 2.0), description="SIE Einstein radius")
+    lens_q_range: tuple[float, float] = Field((0.5, 1.0), description="SIE axis ratio (minor/major)")
+    external_shear_max: float = Field(0.1, ge=0.0, lt=0.5, description="max |gamma_ext| (uniform in |gamma|)")
+    source_offset_max_frac: float = Field(
+        0.8, gt=0.0, le=3.0, description="max source-plane offset from the lens centre, in units of theta_E"
+    )
+    source_mag_range: tuple[float, float] = Field((22.0, 25.0), description="unlensed source AB mag (VIS)")
+    source_hlr_range_arcsec: tuple[float, float] = Field((0.1, 0.5), description="Sersic source hlr")
+    source_n_range: tuple[float, float] = Field((0.7, 2.5), description="Sersic source index")
+    source_q_range: tuple[float, float] = Field((0.4, 1.0), description="Sersic source axis ratio")
+    host_mag_range: tuple[float, float] = Field(
+        (17.0, 22.5), description="host (lens galaxy) AB magnitude window from FLUX_DETECTION_TOTAL"
+    )
+    host_min_semimajor_axis_pix: float = Field(
+        2.5, ge=0.0, description="minimum MER SEMIMAJOR_AXIS (VIS pixels) of an extended host"
+    )
+    host_snr_min: float = Field(20.0, ge=0.0, description="minimum MER detection S/N of a host")
+    oversampling: int = Field(4, ge=1, le=16, description="sub-pixels per pixel side when ray-shooting")
+    arc_poisson_noise: bool = Field(
+        True, description="add the arc's own Poisson noise (gain from the header)"
+    )
+    register_catalog: bool = Field(True, description="register stamps in the Iceberg table sim.injections")
+
+    @field_validator(
+        "theta_e_range_arcsec",
+        "lens_q_range",
+        "source_mag_range",
+        "source_hlr_range_arcsec",
+        "source_n_range",
+        "source_q_range",
+        "host_mag_range",
+    )
+    @classmethod
+    def _range(cls, v: tuple[float, float], info) -> tuple[float, float]:
+        if not v[0] <= v[1]:
+            raise ValueError(f"{info.field_name} must be [min, max] with min <= max, got {list(v)}")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k not in ("train", "val", "test")]
+        if bad or any(f < 0 for f in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split_fractions must map train/val/test to non-negative fractions summing to 1, got {v}"
+            )
+        return v
 
     @field_validator("moffat_beta")
     @classmethod
