@@ -1,0 +1,672 @@
+"""Shear inference for one sub-tile manifest: stamps -> estimator -> per-source Parquet + sub-tile summary.
+
+``infer_manifest(cfg, manifest_uri)`` is what the CLI (``constellation infer``), the pipes worker
+(``python -m constellation_assets.shear.worker``) and the Dagster assets call.
+
+Engines (``inference.engine`` in the config, an opaque section):
+
+``builtin`` (default)
+    The PyTorch FPFS estimator (:func:`constellation_assets.shear.measure_stamps`) on stamps cut by
+    :mod:`constellation_assets.shear.stamps`, measured per exposure in batches of ``compute.batch_size``
+    and combined per source by inverse variance.
+``external``
+    A configured command (e.g. SHINE) run once per manifest as a subprocess; it must write a Parquet file
+    with the per-source columns of ``SOURCE_RESULT_SCHEMA`` (optionally with the sub-tile summary as JSON
+    in the key-value metadata ``constellation``). Config::
+
+        inference:
+          engine: external
+          command: ["shine-infer", "--manifest", "{manifest_local}", "--output", "{output}",
+                    "--config", "{config}", "--device", "{device}"]   # list, or one string (shlex-split)
+          method: SHINE            # METHOD of the summary (default: the external summary's, else "external")
+          timeout_s: 3600          # optional
+          env: {SHINE_THREADS: "4"}  # optional extra environment
+
+    Placeholders in the argv template: ``{manifest}`` (manifest URI as given), ``{manifest_local}`` (a
+    local copy of the manifest YAML), ``{output}`` (local Parquet path to write), ``{config}`` (local JSON
+    of the effective config), ``{result_uri}``, ``{device}``, ``{batch_size}``, ``{tile_id}``, ``{row}``,
+    ``{col}``, ``{run_id}``. Unknown ``{...}`` are left untouched. The command's stdout/stderr lines go to
+    this process's log (and so, under Dagster, through the same pipes channel as the built-in engine's
+    logs). Its rows are validated against the schema, the summary is completed (ensemble shear over the
+    IN_CORE rows when the command gives none) and the file is re-written atomically to the result URI
+    with this run's provenance (config_hash, run_id).
+
+Idempotency: the result ``{output.results}/{tile_id}/{TILE}_{ROW}_{COL}.parquet`` is skipped when it
+exists with the same ``config_hash`` and manifest hash (unless ``force``); otherwise it is (re)written
+atomically, so a partial file never appears.
+
+Summary: ``G1/G2 = sum(w e) / sum(w R)`` over IN_CORE sources with ``WEIGHT > 0`` (jackknife errors);
+``N_SOURCES`` counts those sources; ``CONVERGENCE`` is the fraction of IN_CORE sources with a valid
+measurement (the analytic estimator has no iterations; an external sampler may report its own value).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constellation_assets.shear import stamps as st
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExternalEngineError",
+    "InferResult",
+    "infer_manifest",
+    "load_manifest",
+    "measure_manifest",
+    "resolve_device",
+    "result_uri_for",
+]
+
+ENGINES = ("builtin", "external")
+
+
+class ExternalEngineError(RuntimeError):
+    """The external inference command failed or wrote an invalid result."""
+
+
+@dataclasses.dataclass
+class InferResult:
+    """What one manifest's inference did (also the per-sub-tile metadata reported to Dagster)."""
+
+    manifest_uri: str
+    result_uri: str
+    tile_id: int
+    sub_tile_row: int
+    sub_tile_col: int
+    status: str  # "written" or "skipped"
+    engine: str
+    method: str
+    n_sources: int  # rows in the result (all sources of the extended sub-tile)
+    n_core: int  # IN_CORE rows
+    n_measured: int  # IN_CORE rows with WEIGHT > 0 (= summary N_SOURCES)
+    n_stamps: int  # (source, exposure) stamps measured
+    g1: float
+    g2: float
+    g1_err: float
+    g2_err: float
+    seconds: float
+    device: str
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    config_hash: str
+    run_id: str
+
+    def to_metadata(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def load_manifest(uri: str, storage_options: dict | None = None, cfg=None) -> dict:
+    """Load and validate a sub-tile manifest (:func:`constellation_assets.prepare.load_manifest`).
+
+    With ``cfg``, every path in the manifest must lie under the configured data roots or the output root.
+    """
+    try:
+        from constellation_assets.prepare import load_manifest as _load
+    except ImportError:  # pragma: no cover - prepare ships with the package
+        _load = None
+    if _load is not None:
+        return _load(uri, storage_options=storage_options, cfg=cfg)
+    import yaml
+
+    from constellation_assets.io.uri import read_text
+
+    data = yaml.safe_load(read_text(uri, storage_options))
+    required = ("tile_id", "sub_tile_row", "sub_tile_col", "quadrants", "source_catalog")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise ValueError(
+            f"manifest {uri} is not a sub-tile manifest (needs keys {list(required)}); re-run `constellation prepare`"
+        )
+    return data
+
+
+def result_uri_for(cfg, tile_id: int, row: int, col: int) -> str:
+    """``{output.results}/{tile_id}/{TILE}_{ROW}_{COL}.parquet``."""
+    from constellation_assets.catalog.schema import subtile_result_name
+    from constellation_assets.io.uri import join_uri
+
+    return join_uri(cfg.output.results, str(int(tile_id)), subtile_result_name(tile_id, row, col))
+
+
+def resolve_device(device: str | None) -> str:
+    """'cpu', 'cuda' (error if absent) or 'auto' (cuda when available)."""
+    import torch
+
+    dev = (device or "cpu").lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__}); "
+            "use --device cpu (or compute.device: auto)"
+        )
+    if dev not in ("cpu",) and not dev.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
+    return dev
+
+
+def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    blob = json.dumps(manifest, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _core_centre(manifest: Mapping[str, Any]) -> tuple[float, float]:
+    core = (manifest.get("sky_bounds") or {}).get("core") or {}
+    try:
+        ra0, ra1 = float(core["ra_min"]), float(core["ra_max"])
+        dec0, dec1 = float(core["dec_min"]), float(core["dec_max"])
+    except (KeyError, TypeError, ValueError):
+        return math.nan, math.nan
+    if ra1 < ra0:  # wraps through RA = 0
+        ra1 += 360.0
+    return ((ra0 + ra1) / 2.0) % 360.0, (dec0 + dec1) / 2.0
+
+
+class _PeakMemory:
+    """Peak RSS of this process during a block (Linux VmHWM, reset via /proc/self/clear_refs) and GPU peak."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rss_mb = math.nan
+        self.gpu_mb: float | None = None
+
+    @staticmethod
+    def _vmhwm_mb() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def __enter__(self):
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        self.rss_mb = self._vmhwm_mb()
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        return False
+
+
+def _estimator_kwargs(cfg) -> dict[str, Any]:
+    """Estimator settings from the ``shear`` config section (H3's ``fpfs_kwargs_from_config``)."""
+    from constellation_assets.shear import fpfs
+
+    kw = dict(fpfs.fpfs_kwargs_from_config(cfg))
+    kw.pop("device", None)  # placement comes from infer_manifest's device / batch_size
+    kw.pop("batch_size", None)
+    return kw
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in engine
+
+
+class _BatchMeasurer:
+    """Buffers usable stamps across quadrants and measures them in batches of ``batch_size``."""
+
+    FIELDS = ("e1", "e2", "r11", "r22", "weight", "snr", "m00", "flags")
+
+    def __init__(
+        self, device: str, batch_size: int, est_kwargs: dict, progress: Callable[[int], None] | None
+    ):
+        self.device = device
+        self.batch_size = max(1, int(batch_size))
+        self.est_kwargs = est_kwargs
+        self.progress = progress
+        self.pending: list[st.ExposureStamps] = []
+        self.n_pending = 0
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.n_stamps = 0
+
+    def add(self, stamps: st.ExposureStamps) -> None:
+        usable = stamps.reject == 0
+        rejected = stamps.select(~usable)
+        if len(rejected):
+            zeros = np.zeros(len(rejected))
+            self.parts.append(
+                {
+                    "source_index": rejected.source_index,
+                    "usable": np.zeros(len(rejected), bool),
+                    **{k: zeros for k in self.FIELDS if k != "flags"},
+                    "flags": np.zeros(len(rejected), np.int64),
+                }
+            )
+        good = stamps.select(usable)
+        if len(good):
+            self.pending.append(good)
+            self.n_pending += len(good)
+        while self.n_pending >= self.batch_size:
+            self._flush(self.batch_size)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        while self.n_pending:
+            self._flush(min(self.n_pending, self.batch_size))
+        if not self.parts:
+            return {
+                "source_index": np.zeros(0, np.intp),
+                "usable": np.zeros(0, bool),
+                **{k: np.zeros(0) for k in self.FIELDS},
+            }
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+
+    def _take(self, n: int) -> list[st.ExposureStamps]:
+        out, need = [], n
+        while need:
+            head = self.pending[0]
+            if len(head) <= need:
+                out.append(self.pending.pop(0))
+                need -= len(head)
+            else:
+                out.append(head.select(np.arange(need)))
+                self.pending[0] = head.select(np.arange(need, len(head)))
+                need = 0
+        self.n_pending -= n
+        return out
+
+    def _flush(self, n: int) -> None:
+        from constellation_assets.shear import measure_stamps
+
+        chunk = self._take(n)
+        images = np.concatenate([c.images for c in chunk])
+        psf = np.concatenate([c.psf for c in chunk])
+        jac = np.concatenate([c.jacobian for c in chunk])
+        frame = st.sky_frame_transform(jac)
+        pixel_scale = float(np.median(frame["scale_arcsec"]))
+        res = measure_stamps(
+            images,
+            psf,
+            pixel_scale_arcsec=pixel_scale,
+            noise_sigma=np.concatenate([c.noise_sigma for c in chunk]),
+            offsets_pix=np.concatenate([c.offsets_pix for c in chunk]),
+            device=self.device,
+            batch_size=self.batch_size,
+            **self.est_kwargs,
+        )
+        del images, psf
+        e1, e2, r11, r22 = st.to_sky_frame(
+            np.asarray(res["e1"], np.float64),
+            np.asarray(res["e2"], np.float64),
+            np.asarray(res["r11"], np.float64),
+            np.asarray(res["r22"], np.float64),
+            frame,
+        )
+        m00 = res.get("m00")
+        if m00 is None:  # estimators without m00: derive equal weights from S/N alone
+            m00 = np.asarray(res["snr"], np.float64)
+        self.parts.append(
+            {
+                "source_index": np.concatenate([c.source_index for c in chunk]),
+                "usable": np.ones(n, bool),
+                "e1": e1,
+                "e2": e2,
+                "r11": r11,
+                "r22": r22,
+                "weight": np.asarray(res["weight"], np.float64),
+                "snr": np.asarray(res["snr"], np.float64),
+                "m00": np.asarray(m00, np.float64),
+                "flags": np.asarray(res["flags"], np.int64),
+            }
+        )
+        self.n_stamps += n
+        if self.progress:
+            self.progress(n)
+
+
+def measure_manifest(
+    cfg,
+    manifest: Mapping[str, Any],
+    device: str = "cpu",
+    batch_size: int = 1024,
+    storage_options: Callable[[str], dict] | None = None,
+    progress: Callable[[int], None] | None = None,
+):
+    """Measure every source of a manifest with the built-in engine.
+
+    Returns ``(table, n_stamps)``: a pyarrow table with the SOURCE_RESULT_SCHEMA columns.
+    """
+    import pyarrow as pa
+
+    opts = storage_options or cfg.storage_options
+    sources, in_core = st.sources_from_manifest(manifest, opts(str(manifest.get("source_catalog", ""))))
+    n = len(sources)
+    covered = np.zeros(n, dtype=np.int64)
+    measurer = _BatchMeasurer(device, batch_size, _estimator_kwargs(cfg), progress)
+    stamp_size = int(cfg.shear.stamp_size_pix)
+    for stamps in st.iter_manifest_stamps(manifest, sources, stamp_size, opts):
+        np.add.at(covered, stamps.source_index, 1)
+        measurer.add(stamps)
+        del stamps
+    per_stamp = measurer.finish()
+    comb = st.combine_exposures(n, per_stamp["source_index"], per_stamp, per_stamp["usable"], covered)
+    tile_id = int(manifest["tile_id"])
+    row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
+    snr = np.where(np.isfinite(comb["snr"]), comb["snr"], np.float32(np.finfo(np.float32).max))
+    table = pa.table(
+        {
+            "TILE_ID": pa.array(np.full(n, tile_id, np.int64)),
+            "SUBTILE_ROW": pa.array(np.full(n, row, np.int8)),
+            "SUBTILE_COL": pa.array(np.full(n, col, np.int8)),
+            "OBJECT_ID": pa.array(sources.object_id),
+            "RA": pa.array(sources.ra_deg),
+            "DEC": pa.array(sources.dec_deg),
+            "E1": pa.array(comb["e1"].astype(np.float32)),
+            "E2": pa.array(comb["e2"].astype(np.float32)),
+            "R11": pa.array(comb["r11"].astype(np.float32)),
+            "R22": pa.array(comb["r22"].astype(np.float32)),
+            "WEIGHT": pa.array(comb["weight"].astype(np.float32)),
+            "SNR": pa.array(snr.astype(np.float32)),
+            "N_EXPOSURES": pa.array(comb["n_exposures"].astype(np.int16)),
+            "FLAGS": pa.array(comb["flags"].astype(np.int32)),
+            "IN_CORE": pa.array(in_core.astype(bool)),
+        }
+    )
+    return table, measurer.n_stamps
+
+
+def summarize(table, manifest: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """Sub-tile summary (ensemble shear over IN_CORE rows with WEIGHT > 0)."""
+    from constellation_assets.shear import ensemble_shear
+
+    core = np.asarray(table["IN_CORE"].to_numpy(zero_copy_only=False), bool)
+    w = np.asarray(table["WEIGHT"].to_numpy(), np.float64)
+    sel = core & (w > 0)
+    cat = {
+        "e1": table["E1"].to_numpy()[sel].astype(np.float64),
+        "e2": table["E2"].to_numpy()[sel].astype(np.float64),
+        "r11": table["R11"].to_numpy()[sel].astype(np.float64),
+        "r22": table["R22"].to_numpy()[sel].astype(np.float64),
+        "weight": w[sel],
+    }
+    if sel.sum():
+        g1, g2, g1e, g2e = ensemble_shear(cat)
+    else:
+        g1 = g2 = g1e = g2e = math.nan
+    ra, dec = _core_centre(manifest)
+    n_core = int(core.sum())
+    return {
+        "G1": g1,
+        "G2": g2,
+        "G1_ERR": g1e,
+        "G2_ERR": g2e,
+        "N_SOURCES": int(sel.sum()),
+        "METHOD": method,
+        "CONVERGENCE": float(sel.sum() / n_core) if n_core else 0.0,
+        "RA": ra,
+        "DEC": dec,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# External engine
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _format_argv(template: Any, values: Mapping[str, Any]) -> list[str]:
+    if isinstance(template, str):
+        template = shlex.split(template)
+    if not isinstance(template, (list, tuple)) or not template:
+        raise ValueError(
+            "inference.command must be a non-empty list (or string) argv template, e.g. "
+            '["shine-infer", "--manifest", "{manifest_local}", "--output", "{output}"]'
+        )
+    return [
+        _PLACEHOLDER.sub(lambda m: str(values[m[1]]) if m[1] in values else m[0], str(a)) for a in template
+    ]
+
+
+def _pump(stream, level: int, tail: list[str], name: str) -> None:
+    for line in iter(stream.readline, ""):
+        line = line.rstrip()
+        tail.append(line)
+        del tail[:-50]
+        log.log(level, "[%s] %s", name, line)
+    stream.close()
+
+
+def run_external(
+    cfg,
+    manifest_uri: str,
+    manifest: Mapping[str, Any],
+    result_uri: str,
+    device: str,
+    batch_size: int,
+    run_id: str,
+):
+    """Run ``inference.command`` on one manifest; returns ``(table, summary)`` read from its Parquet."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from constellation_assets.catalog.schema import SOURCE_RESULT_SCHEMA, SUMMARY_METADATA_KEY, conform_table
+
+    inf = dict(cfg.inference or {})
+    with tempfile.TemporaryDirectory(prefix="constellation-ext-") as tmp:
+        tmpdir = Path(tmp)
+        manifest_local = tmpdir / "manifest.yaml"
+        manifest_local.write_text(yaml.safe_dump(dict(manifest), sort_keys=False))
+        config_local = tmpdir / "config.json"
+        config_local.write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        output = tmpdir / "result.parquet"
+        values = {
+            "manifest": manifest_uri,
+            "manifest_local": manifest_local,
+            "output": output,
+            "config": config_local,
+            "result_uri": result_uri,
+            "device": device,
+            "batch_size": batch_size,
+            "tile_id": manifest["tile_id"],
+            "row": manifest["sub_tile_row"],
+            "col": manifest["sub_tile_col"],
+            "run_id": run_id,
+        }
+        argv = _format_argv(inf.get("command"), values)
+        env = dict(os.environ)
+        # The child must not attach to this process's pipes session.
+        for k in ("DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"):
+            env.pop(k, None)
+        env.update({str(k): str(v) for k, v in (inf.get("env") or {}).items()})
+        timeout = inf.get("timeout_s")
+        name = Path(argv[0]).name
+        log.info("external engine: %s", shlex.join(argv))
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=inf.get("cwd")
+            )
+        except OSError as exc:
+            raise ExternalEngineError(
+                f"cannot start the external inference command {argv[0]!r} ({exc}); check inference.command"
+            ) from exc
+        out_tail: list[str] = []
+        err_tail: list[str] = []
+        threads = [
+            threading.Thread(target=_pump, args=(proc.stdout, logging.INFO, out_tail, name), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, logging.WARNING, err_tail, name), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            rc = proc.wait(timeout=float(timeout) if timeout else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise ExternalEngineError(
+                f"external inference command timed out after {timeout} s on {manifest_uri}; raise inference.timeout_s"
+            ) from None
+        for t in threads:
+            t.join(timeout=10)
+        if rc != 0:
+            raise ExternalEngineError(
+                f"external inference command exited with status {rc} on {manifest_uri}: {shlex.join(argv)}\n"
+                + "\n".join(err_tail[-20:])
+            )
+        if not output.exists():
+            raise ExternalEngineError(
+                f"external inference command succeeded but wrote no result at {{output}} ({output}) for "
+                f"{manifest_uri}; the command must write its Parquet to the path given by {{output}}"
+            )
+        try:
+            table = pq.read_table(output)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise ExternalEngineError(f"external engine output is not valid Parquet ({exc})") from exc
+        raw = (table.schema.metadata or {}).get(SUMMARY_METADATA_KEY)
+        what = f"external engine result for {manifest_uri}"
+        try:
+            table = conform_table(table, SOURCE_RESULT_SCHEMA, what)
+        except ValueError as exc:
+            raise ExternalEngineError(str(exc)) from exc
+    ext_summary = {}
+    if raw:
+        try:
+            ext_summary = json.loads(raw)
+        except json.JSONDecodeError:
+            log.warning("external engine summary metadata is not JSON; recomputing the summary from its rows")
+    method = str(inf.get("method") or ext_summary.get("METHOD") or "external")
+    summary = summarize(table, manifest, method)
+    for key in ("G1", "G2", "G1_ERR", "G2_ERR", "N_SOURCES", "CONVERGENCE"):
+        if key in ext_summary and ext_summary[key] is not None:
+            summary[key] = ext_summary[key]
+    return table, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _existing_summary(uri: str, storage_options: dict) -> dict | None:
+    from constellation_assets.catalog.schema import ResultFileError, read_subtile_result
+    from constellation_assets.io.uri import uri_exists
+
+    if not uri_exists(uri, storage_options):
+        return None
+    try:
+        return read_subtile_result(uri, storage_options)[1]
+    except ResultFileError as exc:
+        log.warning("existing result %s is unreadable (%s): it will be rewritten", uri, exc)
+        return None
+
+
+def infer_manifest(
+    cfg,
+    manifest_uri: str,
+    device: str | None = None,
+    batch_size: int | None = None,
+    *,
+    force: bool = False,
+    run_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> InferResult:
+    """Measure one sub-tile manifest and write its result Parquet (see the module docstring).
+
+    Args:
+        cfg: PipelineConfig.
+        manifest_uri: local path or s3:// URI of a sub-tile manifest YAML.
+        device: "cpu", "cuda" or "auto" (default ``cfg.compute.device``).
+        batch_size: stamps per estimator batch (default ``cfg.compute.batch_size``).
+        force: recompute even when the result exists with the same config and manifest.
+        run_id: provenance id stored in the summary (default: a new unique id).
+        progress: called with the number of stamps measured after each batch.
+    """
+    from constellation_assets.catalog.schema import write_subtile_result
+    from constellation_assets.provenance import config_hash
+
+    t0 = time.perf_counter()
+    manifest = load_manifest(manifest_uri, cfg.storage_options(manifest_uri), cfg=cfg)
+    tile_id = int(manifest["tile_id"])
+    row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
+    result_uri = result_uri_for(cfg, tile_id, row, col)
+    result_opts = cfg.storage_options(result_uri)
+    chash = config_hash(cfg)
+    mhash = _manifest_hash(manifest)
+    engine = str((cfg.inference or {}).get("engine", "builtin")).lower()
+    if engine not in ENGINES:
+        raise ValueError(f"inference.engine must be one of {list(ENGINES)}, got {engine!r}")
+    dev = resolve_device(device or cfg.compute.device)
+    bs = int(batch_size or cfg.compute.batch_size)
+    run_id = run_id or f"infer-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+    old = None if force else _existing_summary(result_uri, result_opts)
+    if old is not None and old.get("config_hash") == chash and old.get("manifest_hash") == mhash:
+        log.info(
+            "sub-tile %s_%s_%s: result exists with the same config (%s): skipped", tile_id, row, col, chash
+        )
+        return InferResult(
+            manifest_uri, result_uri, tile_id, row, col, "skipped", old.get("engine", engine), str(old["METHOD"]),
+            int(old.get("n_rows", -1)), int(old.get("n_core", -1)), int(old["N_SOURCES"]), 0,
+            float(old["G1"]), float(old["G2"]), float(old["G1_ERR"]), float(old["G2_ERR"]),
+            time.perf_counter() - t0, dev, math.nan, None, chash, str(old.get("run_id", "")),
+        )  # fmt: skip
+    if old is not None:
+        log.info(
+            "sub-tile %s_%s_%s: existing result has another config/manifest: recomputing", tile_id, row, col
+        )
+
+    with _PeakMemory(dev) as mem:
+        if engine == "external":
+            table, summary = run_external(cfg, manifest_uri, manifest, result_uri, dev, bs, run_id)
+            n_stamps = 0
+        else:
+            table, n_stamps = measure_manifest(cfg, manifest, dev, bs, progress=progress)
+            summary = summarize(table, manifest, str(cfg.shear.method))
+        n_core = int(np.asarray(table["IN_CORE"].to_numpy(zero_copy_only=False), bool).sum())
+        summary.update(
+            {
+                "run_id": run_id,
+                "config_hash": chash,
+                "manifest_hash": mhash,
+                "engine": engine,
+                "n_rows": table.num_rows,
+                "n_core": n_core,
+                "n_stamps": n_stamps,
+                "device": dev,
+            }
+        )
+        write_subtile_result(table, summary, result_uri, storage_options=result_opts)
+    seconds = time.perf_counter() - t0
+    res = InferResult(
+        manifest_uri, result_uri, tile_id, row, col, "written", engine, str(summary["METHOD"]),
+        table.num_rows, n_core, int(summary["N_SOURCES"]), n_stamps,
+        float(summary["G1"]), float(summary["G2"]), float(summary["G1_ERR"]), float(summary["G2_ERR"]),
+        seconds, dev, mem.rss_mb, mem.gpu_mb, chash, run_id,
+    )  # fmt: skip
+    log.info(
+        "sub-tile %s_%s_%s: %d sources (%d core, %d measured), %d stamps, %.1f s on %s, peak RSS %.0f MB",
+        tile_id, row, col, res.n_sources, n_core, res.n_measured, n_stamps, seconds, dev, mem.rss_mb,
+    )  # fmt: skip
+    return res

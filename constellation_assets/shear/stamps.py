@@ -1,0 +1,905 @@
+"""From a sub-tile manifest to postage stamps, and from per-exposure measurements to one row per source.
+
+Pipeline (all vectorised over sources; no per-pixel Python):
+
+1. For every quadrant of the manifest (one exposure x CCD quadrant), read only the HDUs it needs:
+   SCI, RMS, FLG from the DET file, the BKG map and the PSF grid (WGT only when a quadrant has no RMS).
+2. World -> pixel for all sources at once (astropy WCS, TPV included); keep the sources whose centre lies
+   on the quadrant. The local WCS Jacobian at each source (central differences of the WCS) is kept too.
+3. Cut ``stamp_size`` x ``stamp_size`` stamps with one fancy-indexing gather per array: the source lies at
+   pixel ``(H//2 + dy, W//2 + dx)`` with ``|dx|, |dy| <= 0.5`` and ``(dx, dy)`` is returned as
+   ``offsets_pix`` (the estimator recentres on it in Fourier space: no resampling of the data).
+4. Subtract the background, convert ADU to microJansky per pixel with MAGZEROP/EXPTIME (so exposures share
+   one flux unit), and mask pixels with any of the first 8 FLG bits set, non-finite pixels and pixels off
+   the quadrant. Masked pixels get weight 0 and are filled with the pixel point-symmetric about the
+   source centre (an elliptical profile is exactly symmetric under a 180-degree rotation, so this
+   preserves both the galaxy light and the noise level); if that partner is masked too the pixel is set
+   to the background (0). An exposure is not used for a source when its central region (radius
+   ``center_radius_pix``) holds a masked pixel, when a pixel within ``aperture_radius_pix`` could not be
+   filled (it and its partner are masked), or when more than ``max_masked_fraction`` of the stamp is masked
+   (e.g. mostly off the quadrant). Sources near a quadrant edge are therefore kept.
+5. Noise: the per-stamp noise sigma is the median RMS (or ``1/sqrt(WGT)``) over the unmasked pixels.
+6. PSF: the PSF file holds, per quadrant, a 9 x 9 grid of 21 x 21 PSF stamps (oversampled by OVERSAMP,
+   nodes at GRIDX0 + j GRIDDX, GRIDY0 + i GRIDDY). Each grid stamp is first brought to the detector
+   sampling, centred on ``(H//2, W//2)`` of a stamp-sized array (an effective PSF with the pixel response
+   included, ``PSFPIXEL = INCLUDED``, is *sampled* every OVERSAMP fine pixels; otherwise OVERSAMP x OVERSAMP
+   blocks are summed), then the PSF at each source is the bilinear interpolation between the four
+   nearest grid nodes (clamped at the grid border). Both steps are linear, so they commute.
+
+Combining exposures (the statistical choice)
+--------------------------------------------
+Each (source, exposure) stamp is measured separately in its own detector frame with its own PSF, and the
+per-exposure ellipticities and responses are combined with inverse-variance weights
+``a_i = 1 / Var(M00_i)`` (the estimator's flux-moment noise variance, which depends only on the noise
+level and the PSF, never on the galaxy):
+
+    e = sum_i a_i w_i e_i / sum_i a_i w_i,        R = sum_i a_i w_i R_i / sum_i a_i w_i.
+
+Because the ``a_i`` carry no shear response, ``e`` responds to shear exactly with ``R`` and the ensemble
+estimator ``sum(w e) / sum(w R)`` stays unbiased at linear order. We do not co-add stamps: exposures are
+dithered and (between observations) rotated, so a co-add needs resampling (correlated noise, aliasing)
+and, with masked pixels, its effective PSF is no longer the weighted sum of the exposure PSFs; per-exposure
+measurement avoids both. The estimator's second-order noise-bias correction is applied per exposure.
+
+Frames: each exposure's ``e``/``R`` is measured in its pixel frame and mapped to the sky frame used
+throughout the project, GalSim's local world frame ``(u, v) = (west, north)`` (``u = -dRA cos(dec)``),
+which is the detector frame at position angle 0. With the local Jacobian ``J = d(u, v)/d(x, y)``: a
+parity flip (``det J < 0``) negates ``e2``; the polar decomposition ``J' = Rot(theta) P`` gives the
+rotation (``e -> e exp(2 i theta)``, responses rotate with ``cos^2 2theta``/``sin^2 2theta``) and the
+WCS distortion shear ``gamma`` of ``P`` (the pixel image is the rotated sky image sheared by
+``-gamma``), removed to first order with ``e += R gamma`` before the rotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CENTER_RADIUS_PIX_DEFAULT",
+    "FLAG_CENTER_MASKED",
+    "FLAG_NO_COVERAGE",
+    "FLAG_NO_GOOD_EXPOSURE",
+    "FLG_MASK_BITS",
+    "APERTURE_RADIUS_PIX_DEFAULT",
+    "MAX_MASKED_FRACTION_DEFAULT",
+    "ExposureStamps",
+    "FitsFileCache",
+    "PsfGrid",
+    "QuadrantImages",
+    "SourceList",
+    "combine_exposures",
+    "cut_stamps",
+    "fill_masked_symmetric",
+    "flux_scale_ujy_per_adu",
+    "local_jacobian",
+    "quadrant_stamps",
+    "read_quadrant_images",
+    "sky_frame_transform",
+    "sources_from_manifest",
+    "stamp_grid",
+    "to_sky_frame",
+    "stamp_index",
+    "iter_manifest_stamps",
+]
+
+#: FLG bits that mask a pixel for shear: any of the first 8 (INVALID, HOT, COLD, SATURATED, COSMIC, ...).
+FLG_MASK_BITS = 0xFF
+CENTER_RADIUS_PIX_DEFAULT = 2.0
+MAX_MASKED_FRACTION_DEFAULT = 0.5
+APERTURE_RADIUS_PIX_DEFAULT = 8.0
+
+#: Per-source FLAGS bits set by the stamp stage (the estimator's own flags use bits 0-7).
+FLAG_NO_COVERAGE = 1 << 8  # the source lies on no quadrant of the manifest
+FLAG_CENTER_MASKED = 1 << 9  # every covering exposure had a masked centre or a mostly masked stamp
+FLAG_NO_GOOD_EXPOSURE = 1 << 10  # every usable exposure failed in the estimator (its flags are OR-ed in)
+
+#: Per-exposure rejection reasons (ExposureStamps.reject).
+REJECT_CENTER_MASKED = 1
+REJECT_TOO_MASKED = 2
+REJECT_BAD_NOISE = 4
+REJECT_UNFILLED = 8  # a masked pixel within the aperture whose symmetric partner is masked too
+
+_UJY_ZEROPOINT = 23.9  # AB magnitude of 1 microJansky
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and images
+
+
+@dataclasses.dataclass
+class SourceList:
+    """Sources of a sub-tile: ids and sky positions (deg)."""
+
+    object_id: np.ndarray  # int64
+    ra_deg: np.ndarray  # float64
+    dec_deg: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.object_id)
+
+
+@dataclasses.dataclass
+class QuadrantImages:
+    """The arrays of one quadrant of one exposure (ADU), its WCS header and its PSF grid."""
+
+    key: str  # "{obs_id}-{dither}-{ccd}.{quadrant}"
+    exposure: str  # "{obs_id}-{dither}"
+    sci: np.ndarray  # (ny, nx) float32 ADU
+    bkg: np.ndarray | None  # (ny, nx) ADU or None (already background-subtracted)
+    rms: np.ndarray | None  # (ny, nx) ADU
+    wgt: np.ndarray | None  # (ny, nx) ADU^-2 (used when rms is None)
+    flg: np.ndarray | None  # (ny, nx) int
+    header: Any  # astropy Header of the SCI HDU (WCS, GAIN, EXPTIME, MAGZEROP)
+    psf: PsfGrid
+
+
+def flux_scale_ujy_per_adu(header: Mapping[str, Any]) -> float:
+    """microJansky per ADU of a quadrant: ``10**(-0.4 (MAGZEROP - 23.9)) / EXPTIME``.
+
+    MAGZEROP is the AB magnitude of 1 ADU/s (it may be stored as a string). Without MAGZEROP/EXPTIME the
+    data stay in ADU (scale 1) and a warning is logged.
+    """
+    try:
+        zp = float(str(header["MAGZEROP"]).strip())
+        exptime = float(header["EXPTIME"])
+        if not (math.isfinite(zp) and exptime > 0):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        log.warning("quadrant header lacks a usable MAGZEROP/EXPTIME: stamps stay in ADU (scale 1)")
+        return 1.0
+    return 10.0 ** (-0.4 * (zp - _UJY_ZEROPOINT)) / exptime
+
+
+# --------------------------------------------------------------------------------------------------
+# PSF grid
+
+
+@dataclasses.dataclass
+class PsfGrid:
+    """A quadrant's PSF model: ``stamps[i, j]`` is the PSF at quadrant pixel ``(x_nodes[j], y_nodes[i])``."""
+
+    stamps: np.ndarray  # (n_y, n_x, S, S) float64, each normalised to unit sum
+    x_nodes: np.ndarray  # (n_x,) 0-based quadrant pixel x of each grid column
+    y_nodes: np.ndarray  # (n_y,) 0-based quadrant pixel y of each grid row
+    oversampling: int = 1
+    pixel_included: bool = True
+    _native_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_image(
+        cls, image: np.ndarray, header: Mapping[str, Any], quadrant_shape: tuple[int, int]
+    ) -> PsfGrid:
+        """Parse a PSF-file HDU: an (n S) x (n S) mosaic of S x S stamps (Q1: 189 x 189 = 9 x 9 of 21 x 21).
+
+        Header keys (defaults for files without them): PSFGRID (9), PSFSTAMP (image size / PSFGRID),
+        OVERSAMP (1), PSFPIXEL (INCLUDED), GRIDX0/GRIDY0 (FITS 1-based pixel of node 0; default the centre
+        of the first of n equal cells) and GRIDDX/GRIDDY (node spacing; default quadrant size / n).
+        """
+        img = np.asarray(image, dtype=np.float64)
+        n = int(header.get("PSFGRID", 9))
+        s = int(header.get("PSFSTAMP", img.shape[0] // n))
+        if img.shape[0] < n * s or img.shape[1] < n * s:
+            raise ValueError(
+                f"PSF image of shape {img.shape} cannot hold a {n} x {n} grid of {s} x {s} stamps; "
+                "check PSFGRID/PSFSTAMP in the PSF file header"
+            )
+        stamps = img[: n * s, : n * s].reshape(n, s, n, s).transpose(0, 2, 1, 3).copy()
+        sums = stamps.sum(axis=(2, 3), keepdims=True)
+        bad = ~np.isfinite(sums) | (sums <= 0)
+        stamps = np.where(bad, 0.0, stamps / np.where(bad, 1.0, sums))
+        ny, nx = quadrant_shape
+        dx = float(header.get("GRIDDX", nx / n))
+        dy = float(header.get("GRIDDY", ny / n))
+        x0 = float(header["GRIDX0"]) - 1.0 if "GRIDX0" in header else 0.5 * nx / n - 0.5
+        y0 = float(header["GRIDY0"]) - 1.0 if "GRIDY0" in header else 0.5 * ny / n - 0.5
+        pix = str(header.get("PSFPIXEL", "INCLUDED")).strip().upper()
+        return cls(
+            stamps=stamps,
+            x_nodes=x0 + dx * np.arange(n),
+            y_nodes=y0 + dy * np.arange(n),
+            oversampling=max(1, int(header.get("OVERSAMP", 1))),
+            pixel_included=not pix.startswith("NOT") and pix not in ("F", "FALSE", "NO", "EXCLUDED"),
+        )
+
+    def native(self, size: int) -> np.ndarray:
+        """Grid stamps at detector sampling, centred on ``(size//2, size//2)``: (n_y, n_x, size, size) float32."""
+        if size in self._native_cache:
+            return self._native_cache[size]
+        ovs = self.oversampling
+        s = self.stamps.shape[-1]
+        c = s // 2
+        if self.pixel_included or ovs == 1:
+            k_max = c // ovs
+            k = np.arange(-k_max, k_max + 1)
+            idx = c + k * ovs
+            small = self.stamps[:, :, idx[:, None], idx[None, :]]
+        else:  # integrate the (pixel-free) PSF over each detector pixel: sum ovs x ovs blocks
+            half = ovs // 2
+            k_max = (c - half) // ovs
+            k = np.arange(-k_max, k_max + 1)
+            offs = np.arange(-half, ovs - half)
+            idx = (c + k[:, None] * ovs + offs[None, :]).reshape(-1)
+            fine = self.stamps[:, :, idx[:, None], idx[None, :]]
+            m = len(k)
+            small = fine.reshape(*fine.shape[:2], m, ovs, m, ovs).sum(axis=(3, 5))
+        m = small.shape[-1]
+        out = np.zeros((*small.shape[:2], size, size), dtype=np.float64)
+        h = m // 2
+        lo = size // 2 - h
+        if lo < 0:  # stamp smaller than the PSF support: crop the PSF
+            small = small[:, :, -lo : -lo + size, -lo : -lo + size]
+            lo, m = 0, size
+        out[:, :, lo : lo + m, lo : lo + m] = small
+        sums = out.sum(axis=(2, 3), keepdims=True)
+        out = np.where(sums > 0, out / np.where(sums > 0, sums, 1.0), 0.0).astype(np.float32)
+        self._native_cache[size] = out
+        return out
+
+    def at(self, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
+        """PSF (N, size, size) float32 at 0-based quadrant pixel positions: bilinear between the 4 nearest nodes."""
+        grid = self.native(size)
+        ix, tx = _bilinear_index(np.asarray(x, dtype=np.float64), self.x_nodes)
+        iy, ty = _bilinear_index(np.asarray(y, dtype=np.float64), self.y_nodes)
+        tx = tx.astype(np.float32)[:, None, None]
+        ty = ty.astype(np.float32)[:, None, None]
+        out = (1 - ty) * (1 - tx) * grid[iy, ix]
+        out += (1 - ty) * tx * grid[iy, ix + 1]
+        out += ty * (1 - tx) * grid[iy + 1, ix]
+        out += ty * tx * grid[iy + 1, ix + 1]
+        return out
+
+
+def _bilinear_index(v: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower node index and fraction for evenly spaced nodes (clamped: constant beyond the border)."""
+    n = len(nodes)
+    if n == 1:
+        return np.zeros(len(v), dtype=np.intp), np.zeros(len(v))
+    step = (nodes[-1] - nodes[0]) / (n - 1)
+    f = np.clip((v - nodes[0]) / step, 0.0, n - 1.0)
+    i = np.minimum(np.floor(f).astype(np.intp), n - 2)
+    return i, f - i
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def local_jacobian(wcs, x: np.ndarray, y: np.ndarray, step_pix: float = 0.5) -> np.ndarray:
+    """``J = d(u, v) / d(x, y)`` in arcsec per pixel at 0-based pixel positions, (N, 2, 2).
+
+    ``(u, v)`` is the local sky frame (GalSim's world frame): ``u = -dRA cos(dec)`` (west), ``v = dDec``
+    (north). Central differences of the full WCS (distortions included).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    h = step_pix
+    px = np.concatenate([x + h, x - h, x, x])
+    py = np.concatenate([y, y, y + h, y - h])
+    ra, dec = wcs.all_pix2world(px, py, 0)
+    ra = ra.reshape(4, -1)
+    dec = dec.reshape(4, -1)
+    cosd = np.cos(np.radians(dec.mean(axis=0)))
+    dra = (ra[[0, 2]] - ra[[1, 3]] + 180.0) % 360.0 - 180.0  # RA wrap
+    du = -dra * cosd * 3600.0 / (2 * h)  # (2, N): d/dx, d/dy
+    dv = (dec[[0, 2]] - dec[[1, 3]]) * 3600.0 / (2 * h)
+    return np.stack([np.stack([du[0], du[1]], axis=-1), np.stack([dv[0], dv[1]], axis=-1)], axis=1)
+
+
+def sky_frame_transform(jac: np.ndarray) -> dict[str, np.ndarray]:
+    """Decompose local Jacobians (N, 2, 2) into parity, rotation, pixel scale and distortion shear.
+
+    Returns ``parity`` (+1/-1), ``theta`` (rad; sky = pixel frame rotated by theta), ``scale_arcsec``
+    (sqrt |det J|) and ``gamma1``/``gamma2`` (shear of the sky -> pixel mapping that is removed).
+    """
+    j = np.array(jac, dtype=np.float64)
+    det = j[:, 0, 0] * j[:, 1, 1] - j[:, 0, 1] * j[:, 1, 0]
+    parity = np.where(det < 0, -1.0, 1.0)
+    j[:, :, 0] *= parity[:, None]  # J' = J F with F = diag(parity, 1): det J' > 0
+    a, b, c, d = j[:, 0, 0], j[:, 0, 1], j[:, 1, 0], j[:, 1, 1]
+    theta = np.arctan2(c - b, a + d)
+    ct, st = np.cos(theta), np.sin(theta)
+    # P = Rot(-theta) J' (symmetric, positive definite)
+    p11 = ct * a + st * c
+    p12 = ct * b + st * d
+    p22 = -st * b + ct * d
+    tr = p11 + p22
+    return {
+        "parity": parity,
+        "theta": theta,
+        "scale_arcsec": np.sqrt(np.abs(det)),
+        "gamma1": (p11 - p22) / tr,
+        "gamma2": 2.0 * p12 / tr,
+    }
+
+
+def to_sky_frame(
+    e1: np.ndarray, e2: np.ndarray, r11: np.ndarray, r22: np.ndarray, frame: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel-frame ellipticities/responses -> sky frame (see the module docstring)."""
+    e2 = e2 * frame["parity"]
+    e1 = e1 + r11 * frame["gamma1"]
+    e2 = e2 + r22 * frame["gamma2"]
+    c2, s2 = np.cos(2 * frame["theta"]), np.sin(2 * frame["theta"])
+    e1s = c2 * e1 - s2 * e2
+    e2s = s2 * e1 + c2 * e2
+    r11s = c2 * c2 * r11 + s2 * s2 * r22
+    r22s = s2 * s2 * r11 + c2 * c2 * r22
+    return e1s, e2s, r11s, r22s
+
+
+# --------------------------------------------------------------------------------------------------
+# Cut-outs
+
+
+def stamp_grid(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row/column index arrays (N, size) of stamps centred on the nearest pixel, and offsets (N, 2) = (dx, dy)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ix = np.floor(x + 0.5).astype(np.intp)
+    iy = np.floor(y + 0.5).astype(np.intp)
+    ar = np.arange(size, dtype=np.intp) - size // 2
+    return iy[:, None] + ar, ix[:, None] + ar, np.stack([x - ix, y - iy], axis=1)
+
+
+def stamp_index(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat pixel indices (N, H, W) into an image of ``shape`` (clipped) and the mask of pixels on the image."""
+    ny, nx = shape
+    ok_r = (rows >= 0) & (rows < ny)
+    ok_c = (cols >= 0) & (cols < nx)
+    r = np.clip(rows, 0, ny - 1)
+    c = np.clip(cols, 0, nx - 1)
+    return r[:, :, None] * nx + c[:, None, :], ok_r[:, :, None] & ok_c[:, None, :]
+
+
+def cut_stamps(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype=np.float32, index=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gather (N, H, W) stamps from ``image`` at index arrays from :func:`stamp_grid` (one ``take``).
+
+    ``index``: a precomputed :func:`stamp_index` to share between the arrays of one quadrant.
+    Returns ``(stamps, inside)``; pixels off the image are 0 and ``inside`` is False there.
+    """
+    flat, inside = index if index is not None else stamp_index(rows, cols, image.shape)
+    stamps = np.asarray(image).reshape(-1).take(flat).astype(dtype, copy=False)
+    stamps[~inside] = 0
+    return stamps, inside
+
+
+def fill_masked_symmetric(
+    stamps: np.ndarray, mask: np.ndarray, offsets: np.ndarray, return_unfilled: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Fill masked pixels with the image point-symmetric about the source centre (0 where unavailable).
+
+    The centre is ``(H//2 + dy, W//2 + dx)``; the partner of pixel ``(r, c)`` is ``2 centre - (r, c)``,
+    interpolated bilinearly from its 4 neighbours when they are all unmasked, else the nearest pixel when
+    that one is unmasked, else 0 (the background). Work is done on the masked pixels only. Returns a new
+    array (and, with ``return_unfilled``, the mask of pixels that had to be set to 0).
+    """
+    n, h, w = stamps.shape
+    out = stamps.copy()
+    unfilled = np.zeros_like(mask)
+    nn, rr, cc = np.nonzero(mask)
+    if len(nn):
+        py = 2 * (h // 2) + 2.0 * offsets[nn, 1] - rr  # partner position (float pixel coordinates)
+        px = 2 * (w // 2) + 2.0 * offsets[nn, 0] - cc
+        fy, fx = np.floor(py), np.floor(px)
+        ty, tx = (py - fy).astype(stamps.dtype), (px - fx).astype(stamps.dtype)
+        r0, c0 = fy.astype(np.intp), fx.astype(np.intp)
+
+        def gather(r, c):
+            ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+            r, c = np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)
+            return stamps[nn, r, c], ok & ~mask[nn, r, c]
+
+        v00, g00 = gather(r0, c0)
+        v01, g01 = gather(r0, c0 + 1)
+        v10, g10 = gather(r0 + 1, c0)
+        v11, g11 = gather(r0 + 1, c0 + 1)
+        bil = (1 - ty) * (1 - tx) * v00 + (1 - ty) * tx * v01 + ty * (1 - tx) * v10 + ty * tx * v11
+        all4 = g00 & g01 & g10 & g11
+        vn, gn = gather(np.rint(py).astype(np.intp), np.rint(px).astype(np.intp))
+        out[nn, rr, cc] = np.where(all4, bil, np.where(gn, vn, 0))
+        unfilled[nn, rr, cc] = ~all4 & ~gn
+    return (out, unfilled) if return_unfilled else out
+
+
+def _masked_median(values: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    """Row-wise median of the unmasked values of (N, M) (NaN for a fully masked row), vectorised."""
+    v = np.sort(np.where(masked, np.inf, values), axis=1)
+    k = (~masked).sum(axis=1)
+    lo = np.clip((k - 1) // 2, 0, None)[:, None]
+    hi = np.clip(k // 2, 0, None)[:, None]
+    med = 0.5 * (np.take_along_axis(v, lo, 1)[:, 0].astype(np.float64) + np.take_along_axis(v, hi, 1)[:, 0])
+    return np.where(k > 0, med, np.nan)
+
+
+def _center_masked(mask: np.ndarray, offsets: np.ndarray, radius: float) -> np.ndarray:
+    n, h, w = mask.shape
+    k = int(math.ceil(radius)) + 1
+    r0, c0 = max(h // 2 - k, 0), max(w // 2 - k, 0)
+    sub = mask[:, r0 : h // 2 + k + 1, c0 : w // 2 + k + 1]
+    rr = np.arange(r0, r0 + sub.shape[1]) - h // 2
+    cc = np.arange(c0, c0 + sub.shape[2]) - w // 2
+    d2 = (rr[None, :, None] - offsets[:, 1, None, None]) ** 2 + (
+        cc[None, None, :] - offsets[:, 0, None, None]
+    ) ** 2
+    return (sub & (d2 <= radius * radius)).any(axis=(1, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# One quadrant -> stamps
+
+
+@dataclasses.dataclass
+class ExposureStamps:
+    """Stamps of the sources whose centre lies on one quadrant of one exposure."""
+
+    key: str
+    exposure: str
+    source_index: np.ndarray  # (n,) index into the SourceList
+    images: np.ndarray  # (n, H, W) float32, background-subtracted, microJy / pixel, masked pixels filled
+    psf: np.ndarray  # (n, H, W) float32, unit sum, centred on (H//2, W//2)
+    noise_sigma: np.ndarray  # (n,) float64, same unit as images
+    offsets_pix: np.ndarray  # (n, 2) (dx, dy) of the source from pixel (H//2, W//2)
+    x_pix: np.ndarray  # (n,) 0-based quadrant pixel position
+    y_pix: np.ndarray
+    jacobian: np.ndarray  # (n, 2, 2) d(u, v)/d(x, y), arcsec / pixel
+    masked_fraction: np.ndarray  # (n,)
+    reject: np.ndarray  # (n,) int: REJECT_* bits (0: usable)
+
+    def __len__(self) -> int:
+        return len(self.source_index)
+
+    def select(self, sel: np.ndarray) -> ExposureStamps:
+        return ExposureStamps(
+            self.key,
+            self.exposure,
+            *(getattr(self, f.name)[sel] for f in dataclasses.fields(self)[2:]),
+        )
+
+
+def quadrant_stamps(
+    quad: QuadrantImages,
+    sources: SourceList,
+    stamp_size: int,
+    *,
+    center_radius_pix: float = CENTER_RADIUS_PIX_DEFAULT,
+    max_masked_fraction: float = MAX_MASKED_FRACTION_DEFAULT,
+    aperture_radius_pix: float = APERTURE_RADIUS_PIX_DEFAULT,
+    wcs=None,
+) -> ExposureStamps:
+    """Cut, clean and describe the stamps of every source whose centre lies on this quadrant."""
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    if wcs is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(quad.header)
+    ny, nx = quad.sci.shape
+    x, y = wcs.all_world2pix(sources.ra_deg, sources.dec_deg, 0)
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    on = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+    idx = np.nonzero(on)[0]
+    x, y = x[idx], y[idx]
+    size = int(stamp_size)
+    if len(idx) == 0:
+        return ExposureStamps(
+            quad.key, quad.exposure, idx, np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.float32),
+            np.zeros(0), np.zeros((0, 2)), x, y, np.zeros((0, 2, 2)), np.zeros(0), np.zeros(0, np.int32),
+        )  # fmt: skip
+    rows, cols, offsets = stamp_grid(x, y, size)
+
+    scale = flux_scale_ujy_per_adu(quad.header)
+    index = stamp_index(rows, cols, quad.sci.shape)
+    sci, inside = cut_stamps(quad.sci, rows, cols, index=index)
+    if quad.bkg is not None:
+        sci -= cut_stamps(quad.bkg, rows, cols, index=index)[0]
+    mask = ~inside | ~np.isfinite(sci)
+    if quad.flg is not None:
+        flg = cut_stamps(quad.flg, rows, cols, dtype=np.int64, index=index)[0]
+        mask |= (flg & FLG_MASK_BITS) != 0
+        del flg
+    if quad.rms is not None:
+        noise = cut_stamps(quad.rms, rows, cols, index=index)[0]
+    elif quad.wgt is not None:
+        w = cut_stamps(quad.wgt, rows, cols, index=index)[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noise = np.where(w > 0, 1.0 / np.sqrt(w), np.nan).astype(np.float32)
+        del w
+    else:
+        raise ValueError(f"quadrant {quad.key} has neither an RMS nor a WGT map: cannot estimate the noise")
+    mask |= ~(np.isfinite(noise) & (noise > 0))
+    sci = np.where(mask, 0, sci).astype(np.float32, copy=False) * np.float32(scale)
+
+    n = len(idx)
+    sigma = _masked_median(noise.reshape(n, -1), mask.reshape(n, -1)) * scale
+    del noise
+
+    masked_fraction = mask.reshape(n, -1).mean(axis=1)
+    reject = np.where(_center_masked(mask, offsets, center_radius_pix), REJECT_CENTER_MASKED, 0).astype(
+        np.int32
+    )
+    reject |= np.where(masked_fraction > max_masked_fraction, REJECT_TOO_MASKED, 0).astype(np.int32)
+    reject |= np.where(np.isfinite(sigma) & (sigma > 0), 0, REJECT_BAD_NOISE).astype(np.int32)
+    sigma = np.where(np.isfinite(sigma), sigma, 0.0)
+
+    images, unfilled = fill_masked_symmetric(sci, mask, offsets, return_unfilled=True)
+    del sci, mask
+    reject |= np.where(_center_masked(unfilled, offsets, aperture_radius_pix), REJECT_UNFILLED, 0).astype(
+        np.int32
+    )
+    del unfilled
+    psf = quad.psf.at(x, y, size)
+    jac = local_jacobian(wcs, x, y)
+    return ExposureStamps(
+        key=quad.key,
+        exposure=quad.exposure,
+        source_index=idx,
+        images=images,
+        psf=psf,
+        noise_sigma=sigma,
+        offsets_pix=offsets,
+        x_pix=x,
+        y_pix=y,
+        jacobian=jac,
+        masked_fraction=masked_fraction,
+        reject=reject,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading quadrants (only the HDUs needed)
+
+
+def _hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
+    det = f"{entry.get('ccd')}.{entry.get('quadrant')}"
+    explicit = entry.get(f"{kind}_hdu") or (entry.get("hdus") or {}).get(kind)
+    names = {
+        "sci": [f"{det}.SCI"],
+        "rms": [f"{det}.RMS"],
+        "flg": [f"{det}.FLG"],
+        "bkg": [det, f"{det}.BKG", f"{det}.SCI"],
+        "wgt": [det, f"{det}.WGT", f"{det}.SCI"],
+        "psf": [det, f"{det}.PSF", f"{det}.SCI"],
+    }[kind]
+    return ([str(explicit)] if explicit else []) + names
+
+
+class _FitsSource:
+    """One open FITS file (local or fsspec); only the HDUs asked for are read, by EXTNAME via an index built once."""
+
+    def __init__(self, uri: str, storage_options: dict | None):
+        from astropy.io import fits
+
+        from constellation_assets.io.uri import DataAccessError, get_fs, is_s3
+
+        self.uri = uri
+        self._index: dict[str, int] | None = None
+        try:
+            if is_s3(uri):
+                fs, path = get_fs(uri, storage_options)
+                self._fh = fs.open(path, "rb", block_size=2 * 1024 * 1024, cache_type="readahead")
+                self._hdul = fits.open(self._fh, lazy_load_hdus=True, memmap=False)
+            else:
+                self._fh = None
+                self._hdul = fits.open(str(uri), lazy_load_hdus=True, memmap=False)  # no file-backed RSS
+        except FileNotFoundError as exc:
+            raise DataAccessError(
+                uri,
+                "FITS file not found",
+                "re-run `constellation prepare` (the manifest is stale) or check data.vis_base_uri",
+            ) from exc
+        except OSError as exc:
+            raise DataAccessError(
+                uri, f"cannot open FITS file ({exc})", "check the file and storage settings"
+            ) from exc
+
+    def _names(self) -> dict[str, int]:
+        if self._index is None:
+            # Reads every header once (data is skipped), so later lookups are O(1) instead of a scan each.
+            self._index = {}
+            for i, hdu in enumerate(self._hdul):
+                name = str(hdu.header.get("EXTNAME", "")).strip()
+                if name and name not in self._index:
+                    self._index[name] = i
+        return self._index
+
+    def read(self, names: list[str]) -> tuple[np.ndarray, Any] | None:
+        index = self._names()
+        for name in names:
+            if name in index:
+                hdu = self._hdul[index[name]]
+                data = hdu.data
+                arr = (
+                    None
+                    if data is None
+                    else np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False)
+                )
+                with contextlib.suppress(AttributeError):
+                    del hdu.data  # the open HDUList must not keep every quadrant read so far
+                return arr, hdu.header
+        return None
+
+    def close(self) -> None:
+        self._hdul.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
+class FitsFileCache:
+    """Open FITS files shared by the quadrants of a manifest (a DET file serves many quadrants).
+
+    Use as a context manager; at most ``max_open`` files stay open (least recently used closed first).
+    """
+
+    def __init__(
+        self, storage_options: Callable[[str], dict | None] | dict | None = None, max_open: int = 16
+    ):
+        self._opts = storage_options
+        self._files: dict[str, _FitsSource] = {}
+        self.max_open = max_open
+
+    def get(self, uri: str) -> _FitsSource:
+        uri = str(uri)
+        src = self._files.pop(uri, None)
+        if src is None:
+            opts = self._opts(uri) if callable(self._opts) else self._opts
+            src = _FitsSource(uri, opts)
+            while len(self._files) >= self.max_open:
+                self._files.pop(next(iter(self._files))).close()
+        self._files[uri] = src  # most recently used last
+        return src
+
+    def close(self) -> None:
+        for src in self._files.values():
+            src.close()
+        self._files.clear()
+
+    def __enter__(self) -> FitsFileCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_quadrant_images(
+    entry: Mapping[str, Any], storage_options: dict | None = None, files: FitsFileCache | None = None
+) -> QuadrantImages:
+    """Read the SCI/RMS/FLG, BKG and PSF HDUs of one manifest quadrant entry (WGT only without RMS).
+
+    Uses ``constellation_assets.io.q1.read_quadrant_hdus`` when it is available (HDU offset index, byte
+    ranges); otherwise opens the FITS files lazily (``files`` keeps them open across quadrants) and reads
+    the named HDUs only.
+    """
+    from constellation_assets.io.uri import DataAccessError
+
+    det = f"{entry.get('ccd')}.{entry.get('quadrant')}"
+    key = f"{entry.get('obs_id')}-{entry.get('dither')}-{det}"
+    exposure = f"{entry.get('obs_id')}-{entry.get('dither')}"
+    arrays = _read_with_q1(entry, storage_options)
+    if arrays is None:
+        arrays = {}
+        own = files is None
+        cache = FitsFileCache(storage_options) if own else files
+        try:
+            for kind, path_key in (("sci", "sci_path"), ("rms", "sci_path"), ("flg", "sci_path"),
+                                   ("bkg", "bkg_path"), ("psf", "psf_path")):  # fmt: skip
+                uri = entry.get(path_key)
+                if not uri:
+                    continue
+                got = cache.get(str(uri)).read(_hdu_candidates(entry, kind))
+                if got is not None:
+                    arrays[kind] = got
+            if "rms" not in arrays and entry.get("wgt_path"):
+                got = cache.get(str(entry["wgt_path"])).read(_hdu_candidates(entry, "wgt"))
+                if got is not None:
+                    arrays["wgt"] = got
+        finally:
+            if own:
+                cache.close()
+    for kind in ("sci", "psf"):
+        if kind not in arrays or arrays[kind][0] is None:
+            where = entry.get("sci_path" if kind == "sci" else "psf_path")
+            raise DataAccessError(
+                str(where),
+                f"HDU {kind.upper()} of quadrant {det} not found (tried {_hdu_candidates(entry, kind)})",
+                "check that the manifest matches the files (re-run `constellation prepare --force`)",
+            )
+    sci, header = arrays["sci"]
+    psf_img, psf_header = arrays["psf"]
+
+    def _get(kind):
+        got = arrays.get(kind)
+        return None if got is None else got[0]
+
+    return QuadrantImages(
+        key=key,
+        exposure=exposure,
+        sci=np.asarray(sci, dtype=np.float32),
+        bkg=_get("bkg"),
+        rms=_get("rms"),
+        wgt=_get("wgt"),
+        flg=_get("flg"),
+        header=header,
+        psf=PsfGrid.from_image(psf_img, psf_header, sci.shape),
+    )
+
+
+def _read_with_q1(entry: Mapping[str, Any], storage_options: dict | None) -> dict | None:
+    """Byte-range read through ``io.q1.read_quadrant_hdus`` when the entry carries the HDU offset index.
+
+    Returns None (fall back to the lazy FITS reader) for entries without offsets.
+    """
+    if entry.get("sci_header_offset") is None or entry.get("psf_header_offset") is None:
+        return None
+    try:
+        from constellation_assets.io.q1 import read_quadrant_hdus
+    except ImportError:
+        return None
+    return read_quadrant_hdus(dict(entry), storage_options=storage_options)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest -> stamps
+
+
+def sources_from_manifest(
+    manifest: Mapping[str, Any], storage_options: dict | None = None
+) -> tuple[SourceList, np.ndarray]:
+    """The manifest's sources (its ``source_ids`` rows of ``source_catalog``) and the IN_CORE mask."""
+    import pyarrow.parquet as pq
+
+    from constellation_assets.io.uri import DataAccessError, open_uri
+
+    uri = manifest.get("source_catalog")
+    if not uri:
+        raise ValueError(
+            "manifest has no 'source_catalog' (Parquet of the tile's sources); re-run `constellation prepare`"
+        )
+    cols = ["OBJECT_ID", "RIGHT_ASCENSION", "DECLINATION"]
+    try:
+        with open_uri(str(uri), "rb", storage_options) as fh:
+            table = pq.read_table(fh, columns=cols)
+    except (KeyError, ValueError) as exc:
+        raise DataAccessError(
+            str(uri), f"source catalog lacks columns {cols} ({exc})", "re-run `constellation prepare`"
+        ) from exc
+    oid = table["OBJECT_ID"].to_numpy().astype(np.int64)
+    ra = table["RIGHT_ASCENSION"].to_numpy().astype(np.float64)
+    dec = table["DECLINATION"].to_numpy().astype(np.float64)
+    ids = manifest.get("source_ids")
+    if ids is not None:
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(oid, kind="stable")
+        pos = np.searchsorted(oid[order], ids)
+        pos = np.clip(pos, 0, max(len(oid) - 1, 0))
+        found = len(oid) > 0
+        if not found or not np.all(oid[order][pos] == ids):
+            missing = ids[~np.isin(ids, oid)] if found else ids
+            raise ValueError(
+                f"{len(missing)} source_ids of the manifest are not in {uri} (e.g. {missing[:3].tolist()}); "
+                "the manifest and the source catalog disagree: re-run `constellation prepare --force`"
+            )
+        sel = order[pos]
+        oid, ra, dec = oid[sel], ra[sel], dec[sel]
+    core_ids = manifest.get("core_source_ids")
+    in_core = (
+        np.isin(oid, np.asarray(core_ids, dtype=np.int64))
+        if core_ids is not None
+        else np.ones(len(oid), bool)
+    )
+    return SourceList(oid, ra, dec), in_core
+
+
+def iter_manifest_stamps(
+    manifest: Mapping[str, Any],
+    sources: SourceList,
+    stamp_size: int,
+    storage_options: Callable[[str], dict | None] | dict | None = None,
+    *,
+    reader: Callable[[Mapping[str, Any], dict | None], QuadrantImages] | None = None,
+    center_radius_pix: float = CENTER_RADIUS_PIX_DEFAULT,
+    max_masked_fraction: float = MAX_MASKED_FRACTION_DEFAULT,
+) -> Iterator[ExposureStamps]:
+    """Yield the stamps of each quadrant of the manifest in turn (one quadrant in memory at a time).
+
+    ``storage_options``: fsspec options, or a function of the URI giving them (``cfg.storage_options``).
+    """
+    with FitsFileCache(storage_options) as files:
+        for entry in manifest.get("quadrants") or []:
+            opts = (
+                storage_options(str(entry.get("sci_path", "")))
+                if callable(storage_options)
+                else storage_options
+            )
+            quad = reader(entry, opts) if reader else read_quadrant_images(entry, opts, files)
+            stamps = quadrant_stamps(
+                quad,
+                sources,
+                stamp_size,
+                center_radius_pix=center_radius_pix,
+                max_masked_fraction=max_masked_fraction,
+            )
+            del quad
+            if len(stamps):
+                yield stamps
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-exposure measurements -> one row per source
+
+
+def combine_exposures(
+    n_sources: int,
+    source_index: np.ndarray,
+    meas: Mapping[str, np.ndarray],
+    usable: np.ndarray,
+    covered: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Inverse-variance combination of per-(source, exposure) sky-frame measurements (module docstring).
+
+    ``meas`` holds per-stamp arrays ``e1, e2, r11, r22, weight, snr, m00, flags`` (sky frame, from the
+    estimator); ``usable`` marks stamps not rejected by the stamp stage. ``covered`` (N,) counts the
+    exposures on which each source lies (for flags). Returns per-source ``e1, e2, r11, r22, weight,
+    snr, n_exposures, flags``.
+    """
+    si = np.asarray(source_index, dtype=np.intp)
+    w = np.asarray(meas["weight"], dtype=np.float64)
+    est_flags = np.asarray(meas["flags"], dtype=np.int64)
+    snr = np.asarray(meas["snr"], dtype=np.float64)
+    m00 = np.asarray(meas["m00"], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_m00 = np.abs(m00 / snr)
+    finite_sigma = np.isfinite(sigma_m00) & (sigma_m00 > 0)
+    # Noiseless stamps (snr = inf) get equal weights; otherwise a_i = 1 / Var(M00_i).
+    a = np.where(
+        finite_sigma, 1.0 / np.where(finite_sigma, sigma_m00, 1.0) ** 2, np.where(np.isinf(snr), 1.0, 0.0)
+    )
+    good = usable & (w > 0) & (est_flags == 0) & (a > 0)
+    aw = np.where(good, a * w, 0.0)
+    den = np.bincount(si, weights=aw, minlength=n_sources)
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name in ("e1", "e2", "r11", "r22"):
+            num = np.bincount(si, weights=aw * np.where(good, meas[name], 0.0), minlength=n_sources)
+            out[name] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        a_good = np.where(good, a, 0.0)
+        sum_a = np.bincount(si, weights=a_good, minlength=n_sources)
+        out["weight"] = np.where(sum_a > 0, den / np.where(sum_a > 0, sum_a, 1.0), 0.0)
+        # Inverse-variance combined flux moment and its S/N.
+        flux = np.bincount(si, weights=np.where(good & finite_sigma, a * m00, 0.0), minlength=n_sources)
+        sum_a_fin = np.bincount(si, weights=np.where(good & finite_sigma, a, 0.0), minlength=n_sources)
+        snr_c = np.where(sum_a_fin > 0, flux / np.sqrt(np.where(sum_a_fin > 0, sum_a_fin, 1.0)), 0.0)
+        snr_inf = np.bincount(si, weights=(good & np.isinf(snr)).astype(float), minlength=n_sources) > 0
+        out["snr"] = np.where(snr_inf & (sum_a_fin == 0), np.inf, snr_c)
+    n_exp = np.bincount(si, weights=good.astype(np.float64), minlength=n_sources).astype(np.int64)
+    n_usable = np.bincount(si, weights=usable.astype(np.float64), minlength=n_sources).astype(np.int64)
+    n_cov = (
+        np.asarray(covered, dtype=np.int64)
+        if covered is not None
+        else np.bincount(si, minlength=n_sources).astype(np.int64)
+    )
+    or_flags = np.zeros(n_sources, dtype=np.int64)
+    sel = usable & ~good
+    np.bitwise_or.at(or_flags, si[sel], est_flags[sel])
+    flags = np.zeros(n_sources, dtype=np.int64)
+    flags |= np.where(n_cov == 0, FLAG_NO_COVERAGE, 0)
+    flags |= np.where((n_cov > 0) & (n_usable == 0), FLAG_CENTER_MASKED, 0)
+    flags |= np.where((n_usable > 0) & (n_exp == 0), FLAG_NO_GOOD_EXPOSURE | or_flags, 0)
+    out["n_exposures"] = n_exp
+    out["flags"] = flags.astype(np.int32)
+    for name in ("e1", "e2", "r11", "r22", "weight"):
+        out[name] = np.where(n_exp > 0, out[name], 0.0)
+    return out

@@ -1,0 +1,211 @@
+"""Small synthetic Q1-layout quadrants for the stamp/infer/worker tests (helpers, no tests).
+
+One exposure = one DET file (``{ccd}.{quad}.SCI/.RMS/.FLG``), one BKG file and one PSF file (9 x 9 grid of
+21 x 21 effective-PSF stamps oversampled x3) holding a single quadrant, with a TAN WCS of any
+rotation/parity. Galaxies are GalSim Gaussians sheared in GalSim's world frame (u west, v north) and drawn
+through the local WCS, convolved with the position-dependent PSF the PSF file models.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+PIX = 0.1
+OVS = 3
+NQ = 160  # quadrant size (pixels)
+CCD, QUAD = "1-1", "E"
+RA0, DEC0 = 52.9869, -28.0
+
+
+def psf_fwhm_at(x, y, nx=NQ, ny=NQ):
+    """PSF FWHM (arcsec) varying linearly across the quadrant."""
+    return 0.17 + 0.05 * (np.asarray(x) / nx) + 0.02 * (np.asarray(y) / ny)
+
+
+def psf_profile(fwhm):
+    import galsim
+
+    return galsim.Gaussian(fwhm=float(fwhm))
+
+
+def wcs_header(pa_deg=0.0, flip=False, crval=(RA0, DEC0), crpix=(NQ / 2, NQ / 2)):
+    from astropy.io import fits
+
+    s = PIX / 3600.0
+    pa = math.radians(pa_deg)
+    sign = -1.0 if not flip else 1.0  # standard images: RA increases to the left (x runs west)
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"] = crval
+    h["CRPIX1"], h["CRPIX2"] = crpix
+    h["CD1_1"] = sign * s * math.cos(pa)
+    h["CD1_2"] = s * math.sin(pa)
+    h["CD2_1"] = -sign * s * math.sin(pa)
+    h["CD2_2"] = s * math.cos(pa)
+    h["CUNIT1"] = h["CUNIT2"] = "deg"
+    return h
+
+
+def psf_grid_image(nx=NQ, ny=NQ):
+    import galsim
+
+    grid = np.zeros((189, 189), np.float32)
+    xs = (np.arange(9) + 0.5) * nx / 9 - 0.5
+    ys = (np.arange(9) + 0.5) * ny / 9 - 0.5
+    pix = galsim.Pixel(PIX)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            eff = galsim.Convolve(psf_profile(psf_fwhm_at(x, y, nx, ny)), pix)
+            im = eff.drawImage(nx=21, ny=21, scale=PIX / OVS, method="no_pixel").array
+            grid[i * 21 : (i + 1) * 21, j * 21 : (j + 1) * 21] = im / im.sum()
+    keys = {
+        "PSFGRID": 9,
+        "PSFSTAMP": 21,
+        "OVERSAMP": OVS,
+        "PSFPIXEL": "INCLUDED",
+        "GRIDX0": float(xs[0] + 1),
+        "GRIDDX": nx / 9,
+        "GRIDY0": float(ys[0] + 1),
+        "GRIDDY": ny / 9,
+    }
+    return grid, keys
+
+
+def render_quadrant(
+    header, gals, noise_sigma=0.0, sky=10.0, seed=1, nx=NQ, ny=NQ, magzerop=24.57, exptime=560.52
+):
+    """SCI (ADU, sky included), RMS, FLG, BKG arrays; ``gals`` rows: ra, dec, flux_adu, sigma_arcsec, g1, g2."""
+    import galsim
+    from astropy.wcs import WCS
+
+    gwcs = galsim.GSFitsWCS(header=galsim.FitsHeader(header=header))
+    w = WCS(header)
+    image = galsim.ImageD(nx, ny, xmin=1, ymin=1)
+    for ra, dec, flux, sig, g1, g2 in gals:
+        x, y = w.all_world2pix([ra], [dec], 1)
+        x, y = float(x[0]), float(y[0])
+        psf = psf_profile(psf_fwhm_at(x - 1, y - 1, nx, ny))
+        gal = galsim.Gaussian(sigma=sig, flux=flux).shear(g1=g1, g2=g2)
+        obj = galsim.Convolve(gal, psf)
+        ix, iy = int(round(x)), int(round(y))
+        pos = galsim.PositionD(x, y)
+        st = obj.drawImage(nx=65, ny=65, wcs=gwcs.local(pos), offset=(x - ix, y - iy))
+        st.setCenter(ix, iy)
+        b = st.bounds & image.bounds
+        if b.isDefined():
+            image[b] += st[b]
+    rng = np.random.Generator(np.random.PCG64(seed))
+    sci = image.array + sky + (rng.normal(0, noise_sigma, image.array.shape) if noise_sigma > 0 else 0.0)
+    rms = np.full((ny, nx), max(noise_sigma, 1e-3), np.float32)
+    flg = np.zeros((ny, nx), np.int32)
+    bkg = np.full((ny, nx), sky, np.float32)
+    h = header.copy()
+    h["MAGZEROP"] = f"{magzerop:.2f}"
+    h["EXPTIME"] = exptime
+    h["GAIN"] = 3.48
+    return sci.astype(np.float32), rms, flg, bkg, h
+
+
+def write_exposure(folder: Path, obs_id: int, dither: int, arrays, nx=NQ, ny=NQ) -> dict:
+    """Write DET/BKG/PSF FITS files; returns the manifest quadrant entry."""
+    from astropy.io import fits
+
+    sci, rms, flg, bkg, h = arrays
+    folder.mkdir(parents=True, exist_ok=True)
+    det = f"{CCD}.{QUAD}"
+    stem = f"{obs_id:06d}-{dither:02d}-1-0000000__20241017T000000.000000Z.fits"
+    paths = {k: folder / f"EUC_VIS_SWL-{k}-{stem}" for k in ("DET", "BKG")}
+    paths["PSF"] = folder / f"EUC_VIS_GRD-PSF-{stem}"
+    hs = h.copy()
+    hs["EXTNAME"] = f"{det}.SCI"
+    rh = fits.Header({"EXTNAME": f"{det}.RMS"})
+    fh = fits.Header({"EXTNAME": f"{det}.FLG"})
+    # FLG first and SCI last: readers must find HDUs by name, not order.
+    fits.HDUList(
+        [fits.PrimaryHDU(), fits.ImageHDU(flg, fh), fits.ImageHDU(rms, rh), fits.ImageHDU(sci, hs)]
+    ).writeto(paths["DET"], overwrite=True)
+    bh = h.copy()
+    bh["EXTNAME"] = det
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(bkg, bh)]).writeto(paths["BKG"], overwrite=True)
+    grid, keys = psf_grid_image(nx, ny)
+    ph = fits.Header()
+    ph["EXTNAME"] = det
+    for k, v in keys.items():
+        ph[k] = v
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(grid, ph)]).writeto(paths["PSF"], overwrite=True)
+    return {
+        "sci_path": str(paths["DET"]),
+        "bkg_path": str(paths["BKG"]),
+        "wgt_path": None,
+        "psf_path": str(paths["PSF"]),
+        "quadrant": QUAD,
+        "ccd": CCD,
+        "obs_id": obs_id,
+        "dither": dither,
+    }
+
+
+def galaxy_positions(n, header, seed=3, margin=20, nx=NQ, ny=NQ):
+    """(ra, dec) of ``n`` galaxies at random sub-pixel positions inside the quadrant (away from the edges)."""
+    from astropy.wcs import WCS
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    k = int(np.ceil(np.sqrt(n)))  # a jittered k x k grid keeps neighbours out of each other's stamps
+    gx, gy = np.meshgrid(np.linspace(margin, nx - margin, k), np.linspace(margin, ny - margin, k))
+    pick = rng.permutation(k * k)[:n]
+    x = gx.ravel()[pick] + rng.uniform(-0.5, 0.5, n)
+    y = gy.ravel()[pick] + rng.uniform(-0.5, 0.5, n)
+    ra, dec = WCS(header).all_pix2world(x, y, 0)
+    return np.asarray(ra), np.asarray(dec), x, y
+
+
+def write_manifest(folder: Path, quadrants, ra, dec, tile_id=102044185, row=1, col=2, core_mask=None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.arange(len(ra), dtype=np.int64) + 10_000_000_000
+    cat = folder / "sources.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "OBJECT_ID": ids,
+                "RIGHT_ASCENSION": np.asarray(ra, float),
+                "DECLINATION": np.asarray(dec, float),
+            }
+        ),
+        cat,
+    )
+    core = ids if core_mask is None else ids[np.asarray(core_mask, bool)]
+    m = {
+        "tile_id": tile_id,
+        "sub_tile_row": row,
+        "sub_tile_col": col,
+        "sky_bounds": {
+            "core": {
+                "ra_min": float(np.min(ra)),
+                "ra_max": float(np.max(ra)),
+                "dec_min": float(np.min(dec)),
+                "dec_max": float(np.max(dec)),
+            },
+            "extended": {
+                "ra_min": float(np.min(ra)) - 0.01,
+                "ra_max": float(np.max(ra)) + 0.01,
+                "dec_min": float(np.min(dec)) - 0.01,
+                "dec_max": float(np.max(dec)) + 0.01,
+            },
+        },
+        "quadrants": list(quadrants),
+        "source_catalog": str(cat),
+        "source_ids": ids.tolist(),
+        "core_source_ids": core.tolist(),
+        "inference": {},
+        "gal": {},
+    }
+    path = folder / f"manifest_{tile_id}_{row}_{col}.yaml"
+    path.write_text(yaml.safe_dump(m, sort_keys=False))
+    return path
