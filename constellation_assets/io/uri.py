@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,27 +30,55 @@ __all__ = [
     "atomic_write_text",
     "get_fs",
     "is_s3",
+    "is_transient_error",
     "join_uri",
     "list_uri",
     "open_uri",
+    "redact_uri",
     "read_bytes",
     "read_text",
     "storage_options_for",
     "uri_exists",
 ]
 
-#: Retries for transient S3 failures (throttling, 5xx, dropped connections), on top of botocore's own.
-S3_RETRY_ATTEMPTS = 5
+#: Total attempts per S3 request made by botocore ("standard" retry mode: 5xx, throttling such as
+#: 503 SlowDown, dropped connections and timeouts, with exponential backoff and jitter).
+S3_RETRY_ATTEMPTS = 4
+#: Attempts of s3fs's own layer around each call (it also covers a body cut off mid-read, which botocore
+#: cannot retry). Retry layers multiply: botocore x s3fs = 8 requests at most per operation, so a persistent
+#: fault ends in a clear DataAccessError after ~10-20 s instead of minutes.
+S3FS_RETRIES = 2
+#: Per-request socket timeouts (seconds) for S3.
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+_URI_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<cred>[^/@\s]+)@")
+_QUERY_SECRET_RE = re.compile(
+    r"(?P<k>X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|password|passwd|token|secret|sig)"
+    r"=(?P<v>[^&\s]+)",
+    re.I,
+)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with credentials in URIs (``scheme://user:secret@host``) and signed-URL parameters removed."""
+    text = _URI_CREDENTIALS_RE.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+    return _QUERY_SECRET_RE.sub(lambda m: f"{m.group('k')}=***", text)
 
 
 class DataAccessError(RuntimeError):
-    """An input or output location could not be read or written. The message names the URI and the fix."""
+    """An input or output location could not be read or written. The message names the URI and the fix.
+
+    Credentials embedded in the URI (``user:secret@`` or signed-URL parameters) are redacted from the
+    message and from ``.uri``.
+    """
 
     def __init__(self, uri: str, problem: str, hint: str = ""):
-        self.uri = uri
-        self.problem = problem
+        self.uri = redact_uri(uri)
+        self.problem = redact_uri(problem)
         self.hint = hint
-        msg = f"{problem}: {uri}"
+        msg = f"{self.problem}: {self.uri}"
         if hint:
             msg += f"\n  What to do: {hint}"
         super().__init__(msg)
@@ -90,9 +119,11 @@ def storage_options_for(uri: str, s3_settings: Any | None = None) -> dict:
     opts: dict[str, Any] = {}
     client_kwargs: dict[str, Any] = {}
     config_kwargs: dict[str, Any] = {
-        "retries": {"max_attempts": S3_RETRY_ATTEMPTS, "mode": "adaptive"},
-        "connect_timeout": 10,
-        "read_timeout": 60,
+        # "standard", not "adaptive": adaptive's client-side rate limiter can stall a throttled client for
+        # minutes, which turns a persistent fault into a hang instead of a clear error.
+        "retries": {"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"},
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "read_timeout": S3_READ_TIMEOUT_S,
     }
     if s3_settings is not None:
         endpoint = getattr(s3_settings, "endpoint_url", None)
@@ -114,14 +145,63 @@ def get_fs(
     """Filesystem and path within it for a local path or s3:// URI."""
     uri = _normalise(uri)
     if is_s3(uri):
-        fs = fsspec.filesystem("s3", **(storage_options or {}))
+        try:
+            fs = fsspec.filesystem("s3", **(storage_options or {}))
+        except Exception as exc:  # bad storage options (e.g. an unknown client setting)
+            raise _translate(exc, uri) from exc
+        fs.retries = min(getattr(fs, "retries", S3FS_RETRIES), S3FS_RETRIES)
         return fs, uri[len("s3://") :]
     return fsspec.filesystem("file"), str(Path(uri).expanduser().absolute())
+
+
+_TRANSIENT_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ServerDisconnectedError",
+        "ClientPayloadError",
+        "ClientOSError",
+        "IncompleteRead",
+        "ResponseParserError",
+        "HTTPClientError",
+        "FSTimeoutError",
+    }
+)
+_SERVICE_MARKERS = (
+    "reduce your request rate",
+    "slowdown",
+    "slow down",
+    "internalerror",
+    "internal error",
+    "service unavailable",
+    "serviceunavailable",
+    "throttl",
+    "too many requests",
+    "bad gateway",
+    "gateway timeout",
+)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Throttling, 5xx and connection-level failures (worth retrying), as opposed to missing/denied/bad input."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TimeoutError, ConnectionError)) or type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        text = str(exc).lower()
+        if any(m in text for m in _SERVICE_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _translate(exc: BaseException, uri: str) -> DataAccessError:
     if isinstance(exc, DataAccessError):
         return exc
+    uri = str(uri)
     if isinstance(exc, FileNotFoundError):
         return DataAccessError(uri, "Not found", "check the path/URI in your config and that the data exists")
     if isinstance(exc, PermissionError):
@@ -138,6 +218,13 @@ def _translate(exc: BaseException, uri: str) -> DataAccessError:
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment, "
             "or data.s3.anon: true for a public bucket",
         )
+    if is_s3(uri) and is_transient_error(exc):
+        return DataAccessError(
+            uri,
+            f"S3 kept failing after {S3_RETRY_ATTEMPTS * S3FS_RETRIES} attempts with backoff ({name}: {exc})",
+            "the storage service is throttling, erroring or unreachable: check data.s3.endpoint_url and the "
+            "network, then re-run (completed outputs are kept; nothing partial was written)",
+        )
     return DataAccessError(
         uri,
         f"Could not access ({name}: {exc})",
@@ -145,8 +232,15 @@ def _translate(exc: BaseException, uri: str) -> DataAccessError:
     )
 
 
-def _retrying(fn, uri: str, attempts: int = 3):
-    """Retry transient errors (not 'not found' or 'denied') a bounded number of times, then raise clearly."""
+def _retrying(fn, uri: str, attempts: int | None = None):
+    """Run ``fn``; retry transient errors (not 'not found' or 'denied') a bounded number of times, then raise
+    a DataAccessError naming ``uri``.
+
+    S3 calls are already retried with backoff by botocore and s3fs (see :data:`S3_RETRY_ATTEMPTS`), so by
+    default they are not retried again here (retry layers multiply); local paths get 3 attempts.
+    """
+    if attempts is None:
+        attempts = 1 if is_s3(uri) else 3
     delay = 0.2
     for i in range(attempts):
         try:
@@ -154,12 +248,7 @@ def _retrying(fn, uri: str, attempts: int = 3):
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             raise _translate(exc, uri) from exc
         except Exception as exc:
-            transient = isinstance(exc, (OSError, TimeoutError, ConnectionError)) or type(exc).__name__ in (
-                "EndpointConnectionError",
-                "ConnectTimeoutError",
-                "ReadTimeoutError",
-                "ConnectionClosedError",
-            )
+            transient = isinstance(exc, OSError) or is_transient_error(exc)
             if not transient or i == attempts - 1:
                 raise _translate(exc, uri) from exc
             time.sleep(delay)
@@ -174,11 +263,20 @@ def open_uri(
     """Open a local path or s3:// URI for reading (use :func:`atomic_output` for writing final outputs)."""
     fs, path = get_fs(uri, storage_options)
     try:
-        f = fs.open(path, mode, **kwargs)
+        f = _retrying(lambda: fs.open(path, mode, **kwargs), str(uri))
+    except DataAccessError:
+        raise
     except Exception as exc:
         raise _translate(exc, str(uri)) from exc
     with f:
-        yield f
+        try:
+            yield f
+        except (OSError, TimeoutError) as exc:
+            # An S3 read that kept failing after the retries (throttling, 5xx, dropped connections) becomes
+            # a DataAccessError naming the URI; the caller's own errors pass through unchanged.
+            if is_s3(uri) and not isinstance(exc, FileNotFoundError) and is_transient_error(exc):
+                raise _translate(exc, str(uri)) from exc
+            raise
 
 
 def read_bytes(uri: str | os.PathLike, storage_options: dict | None = None) -> bytes:

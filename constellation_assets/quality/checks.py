@@ -273,8 +273,13 @@ _SUBTILE_VALUE_COLUMNS = ["G1", "G2", "G1_ERR", "G2_ERR"]
 
 
 def _measured(lf: pl.LazyFrame) -> pl.LazyFrame:
-    # A sub-tile without core sources has an undefined shear (NaN by construction): not an error.
-    return lf.filter(pl.col("N_SOURCES") > 0) if "N_SOURCES" in _columns(lf) else lf
+    # A sub-tile with fewer than MIN_SOURCES_FOR_SHEAR measured core sources has an undefined shear
+    # (NaN by construction, see shear.infer.summarize): not an error.
+    from constellation_assets.shear.ensemble import MIN_SOURCES_FOR_SHEAR
+
+    if "N_SOURCES" not in _columns(lf):
+        return lf
+    return lf.filter(pl.col("N_SOURCES") >= MIN_SOURCES_FOR_SHEAR)
 
 
 def check_finite_shear(sources: Frame | None = None, subtiles: Frame | None = None) -> CheckOutcome:

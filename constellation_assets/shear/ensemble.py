@@ -15,6 +15,11 @@ def jackknife_blocks(n: int, n_blocks: int) -> np.ndarray:
     return (np.arange(n) * n_blocks) // max(n, 1)
 
 
+#: A sub-tile's ensemble shear needs at least this many measured sources: with one source the jackknife
+#: error is undefined, so the shear is reported as NaN (unmeasured) rather than with a NaN error.
+MIN_SOURCES_FOR_SHEAR = 2
+
+
 def ensemble_shear(cat: Mapping[str, Any], n_blocks: int = 100) -> tuple[float, float, float, float]:
     """Ensemble shear ``(g1, g2, g1_err, g2_err)`` of a catalog from :func:`measure_stamps`.
 

@@ -402,6 +402,7 @@ def measure_manifest(
 def summarize(table, manifest: Mapping[str, Any], method: str) -> dict[str, Any]:
     """Sub-tile summary (ensemble shear over IN_CORE rows with WEIGHT > 0)."""
     from constellation_assets.shear import ensemble_shear
+    from constellation_assets.shear.ensemble import MIN_SOURCES_FOR_SHEAR
 
     core = np.asarray(table["IN_CORE"].to_numpy(zero_copy_only=False), bool)
     w = np.asarray(table["WEIGHT"].to_numpy(), np.float64)
@@ -413,7 +414,7 @@ def summarize(table, manifest: Mapping[str, Any], method: str) -> dict[str, Any]
         "r22": table["R22"].to_numpy()[sel].astype(np.float64),
         "weight": w[sel],
     }
-    if sel.sum():
+    if sel.sum() >= MIN_SOURCES_FOR_SHEAR:
         g1, g2, g1e, g2e = ensemble_shear(cat)
     else:
         g1 = g2 = g1e = g2e = math.nan
