@@ -240,3 +240,12 @@ def test_cli_build_and_info(cosmos_dir, tmp_path):
     assert res.exit_code != 0
     res = runner.invoke(main, ["bank", "info", str(tmp_path / "missing.h5")])
     assert res.exit_code == 1 and "bank build" in res.output
+
+
+def test_read_sersic_sample(cosmos_dir):
+    from constellation_assets.sim.bank import read_cosmos_sersic_sample
+
+    d = read_cosmos_sersic_sample(cosmos_dir / "cosmos_sersics_sample_N300_cleaned.asc")
+    assert len(d["ident"]) == 276  # "N300", 276 rows after cleaning
+    assert np.all((d["q"] > 0) & (d["q"] <= 1)) and np.all(d["hlr_arcsec"] > 0)
+    np.testing.assert_allclose((1 - d["q"]) / (1 + d["q"]), d["g_abs"])

@@ -7,22 +7,25 @@ on that pixel, for even and odd sizes alike.
 
 Algorithm, per batch of stamps (all in torch, on any device):
 
-1. Each pixel of a padded stamp (padding = half the PSF kernel, so light from just outside the stamp is
-   scattered in) is split into ``oversampling x oversampling`` sub-pixels; each sub-pixel centre is
-   ray-shot to the source plane with the lens equation ``beta = theta - alpha_SIE(theta) - alpha_shear(theta)``
-   (conventions of :mod:`constellation_assets.sim.lensing`).
+1. Each pixel of the stamp plus ``render_margin_pix`` is split into ``oversampling x oversampling``
+   sub-pixels; each sub-pixel centre is ray-shot to the source plane with the lens equation
+   ``beta = theta - alpha_SIE(theta) - alpha_shear(theta)`` (conventions of :mod:`~constellation_assets.sim.lensing`).
 2. The unit-flux source surface brightness (:func:`~constellation_assets.sim.sources.sersic_sb_torch`:
    Sersic or COSMOS bulge + disk) is evaluated there; times the sub-pixel area this is the flux in each
-   sub-pixel (midpoint rule). Surface brightness is conserved by lensing, so the summed flux is the
-   magnification times the intrinsic flux.
-3. Per band, the sub-pixel image is convolved (FFT, linear thanks to the padding) with the PSF
-   integrated over sub-pixels, then summed into native pixels. Because the kernel is pixel-integrated,
-   the result is ``sum_n I(x_n) h^2 ePSF(x_p - x_n)`` with the exact pixel-convolved PSF ``ePSF``:
-   only the source integral is a quadrature, which is what makes undersampled PSFs (Euclid VIS) correct.
-   A PSF given as native-resolution images (an ePSF, e.g. from the data) is applied after summing the
-   sub-pixels into native pixels instead.
+   sub-pixel. Surface brightness is conserved by lensing, so the summed flux is the magnification times
+   the intrinsic flux. Point sampling is spectrally accurate for smooth integrands but not near cuspy or
+   compact source cores, nor near the SIE centre (its deflection is discontinuous there): those regions
+   are split off with a smooth partition of unity and integrated with refined rays (see ``_CORE_*``).
+3. Per band, the sub-pixel image is convolved (zero-padded FFT, no wrap-around) with the PSF integrated
+   over sub-pixels, then summed into native pixels. Because the kernel is pixel-integrated, the result is
+   ``sum_n I(x_n) h^2 ePSF(x_p - x_n)`` with the exact pixel-convolved PSF ``ePSF``: only the source
+   integral is a quadrature, which is what makes undersampled PSFs (Euclid VIS) correct.
 4. Images are multiplied by the per-band flux in ADU (:func:`~constellation_assets.sim.sources.flux_from_mag`
    with the band's zero point and the source's magnitude in that band).
+
+Accuracy (tests): unlensed Sersic n = 0.5-6 and COSMOS bulge + disk stamps agree with GalSim ``drawImage``
+to < 1e-3 of the peak and of the flux; lensed stamps agree with lenstronomy to < 1e-3 of the peak and
+converge with oversampling (4 vs 8) to < 1e-3; SIS magnifications to < 0.3 %.
 
 The source morphology is the same in every band (colour is a flux ratio), so the ray-shooting and the
 source evaluation are done once per stamp and only the convolution is per band.
