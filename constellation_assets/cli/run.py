@@ -25,7 +25,7 @@ def _print_summary(summary, console) -> None:
     ts = summary.tile_shear
     t = Table(title="Recovered vs injected shear per tile (inverse-variance mean over sub-tiles)")
     for c in ("tile", "sources", "g1", "g1 true", "pull1", "g2", "g2 true", "pull2"):
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", no_wrap=c in ("tile", "sources"))
     for row in ts.iter_rows(named=True):
 
         def f(v, fmt="{:+.4f}"):
