@@ -25,7 +25,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from constellation_assets.io.uri import DataAccessError, is_s3, join_uri, read_text, storage_options_for
+from constellation_assets.io.uri import (
+    DataAccessError,
+    is_s3,
+    join_uri,
+    read_text,
+    redact_uri,
+    storage_options_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +241,18 @@ class ShearConfig(_Section):
     sigma_arcsec: float = Field(
         0.35, gt=0.0, le=3.0, description="FPFS Gaussian weight scale (real space); must exceed the PSF sigma"
     )
-    c_ratio: float = Field(4.0, ge=0.0, description="FPFS ellipticity denominator constant, in units of sigma(M00)")
+    c_ratio: float = Field(
+        4.0, ge=0.0, description="FPFS ellipticity denominator constant, in units of sigma(M00)"
+    )
     estimator_snr_min: float = Field(
         0.0, ge=0.0, description="cut on the measured FPFS S/N (0: none); its selection response goes into R"
     )
-    selection_bin_width: float = Field(0.5, gt=0.0, description="S/N width for the analytic selection response")
-    noise_bias_correction: bool = Field(True, description="second-order FPFS noise-bias correction of e and R")
+    selection_bin_width: float = Field(
+        0.5, gt=0.0, description="S/N width for the analytic selection response"
+    )
+    noise_bias_correction: bool = Field(
+        True, description="second-order FPFS noise-bias correction of e and R"
+    )
     precision: Literal["float32", "float64"] = Field(
         "float32", description="FFT and moment precision (e, R and noise covariance: float64)"
     )
@@ -334,6 +347,14 @@ class FieldConfig(_Section):
         3.0, ge=0.0, description="MER detection threshold of the synthetic catalog"
     )
     spurious_fraction: float = Field(0.005, ge=0.0, le=0.2)
+    write_mer_mosaics: bool = Field(
+        True,
+        description="also write background-subtracted MER mosaics (q1/MER/{tile_id}/VIS|NISP/) of the simulated area",
+    )
+    mer_bands: list[str] = Field(
+        default_factory=lambda: ["VIS", "NIR_Y", "NIR_J", "NIR_H"],
+        description="bands of the MER mosaics (VIS, NIR_Y, NIR_J, NIR_H)",
+    )
 
     @field_validator("ccd_grid")
     @classmethod
@@ -675,7 +696,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append("  " + _unknown_key_message(loc, valid, prefix=".".join(parent)))
         else:
             val = err.get("input")
-            shown = "" if isinstance(val, dict) else f" (got {val!r})"
+            # never echo a credential back: the value may be the URI that was rejected for holding one
+            shown = (
+                "" if isinstance(val, dict) or str(val) in err["msg"] else f" (got {redact_uri(repr(val))})"
+            )
             lines.append(f"  {loc}: {err['msg']}{shown}")
     return "\n".join(lines)
 

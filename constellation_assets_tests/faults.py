@@ -99,7 +99,9 @@ def s3_options(endpoint_url: str, *, read_timeout: float | None = None, **config
 
     from constellation_assets.io.uri import storage_options_for
 
-    opts = storage_options_for("s3://x", SimpleNamespace(endpoint_url=endpoint_url, region="us-east-1", anon=False))
+    opts = storage_options_for(
+        "s3://x", SimpleNamespace(endpoint_url=endpoint_url, region="us-east-1", anon=False)
+    )
     if read_timeout is not None:
         opts["config_kwargs"]["read_timeout"] = read_timeout
     opts["config_kwargs"].update(config_kwargs)
@@ -132,7 +134,9 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
 
-    def count(self, method: str | None = None, action: str | None = None, path_regex: str | None = None) -> int:
+    def count(
+        self, method: str | None = None, action: str | None = None, path_regex: str | None = None
+    ) -> int:
         rx = re.compile(path_regex) if path_regex else None
         with self._lock:
             return sum(

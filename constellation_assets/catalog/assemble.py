@@ -61,6 +61,7 @@ from constellation_assets.catalog.tables import (
     ensure_tables,
     table_identifier,
 )
+from constellation_assets.io.uri import redact_uri
 
 # Snapshot summary property keys written on every assembly commit.
 PROP_RUN_ID = "constellation.run_id"
@@ -148,6 +149,13 @@ def overwrite_tile(
                 tx.overwrite(data, overwrite_filter=row_filter, snapshot_properties=dict(snapshot_properties))
                 committed = tx.commit_transaction()
         except Exception as exc:
+            if isinstance(exc, OSError):
+                # The warehouse storage failed (after the file layer's own retries): the commit did not happen.
+                raise AssemblyError(
+                    f"writing tile {tile_id} to {'.'.join(identifier)} failed at the warehouse storage "
+                    f"({type(exc).__name__}: {redact_uri(str(exc))}); the table is unchanged: check the warehouse "
+                    "location and credentials, then re-run the assembly of this tile"
+                ) from exc
             if not _retryable(exc):
                 raise
             last_exc = exc

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from constellation_assets.io.uri import DataAccessError, open_uri
+from constellation_assets.io.uri import DataAccessError, _translate, is_s3, is_transient_error, open_uri
 
 __all__ = [
     "DERIVED_COLUMNS",
@@ -210,6 +210,9 @@ def read_mer_catalog(
         except (MerCatalogError, DataAccessError):
             raise
         except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on corrupt files
+            if is_s3(uri) and is_transient_error(exc):
+                # the store failed (throttling, 5xx, dropped connection) after the retries: not a corrupt file
+                raise _translate(exc, uri) from exc
             raise MerCatalogError(
                 uri,
                 f"not a readable FITS binary table ({type(exc).__name__}: {exc})",

@@ -48,6 +48,11 @@ S3_RETRY_ATTEMPTS = 4
 #: cannot retry). Retry layers multiply: botocore x s3fs = 8 requests at most per operation, so a persistent
 #: fault ends in a clear DataAccessError after ~10-20 s instead of minutes.
 S3FS_RETRIES = 2
+#: Attempts of this module's own layer for S3, only for a response body cut off mid-transfer (s3fs retries
+#: those S3FS_RETRIES times but a flaky link needs a few more) and 429 Too Many Requests (botocore retries
+#: S3's 503 SlowDown but not the 429 of some S3-compatible stores); other S3 errors are not retried again.
+S3_BODY_RETRY_ATTEMPTS = 3
+_BODY_ERRORS = frozenset({"ClientPayloadError", "IncompleteRead", "ContentLengthError", "ProtocolError"})
 #: Per-request socket timeouts (seconds) for S3.
 S3_CONNECT_TIMEOUT_S = 10
 S3_READ_TIMEOUT_S = 60
@@ -75,6 +80,11 @@ class DataAccessError(RuntimeError):
     """
 
     def __init__(self, uri: str, problem: str, hint: str = ""):
+        uri = str(uri)
+        # the underlying error may quote the secret without its scheme (e.g. as a "bucket name")
+        for m in list(_URI_CREDENTIALS_RE.finditer(uri)) + list(_QUERY_SECRET_RE.finditer(uri)):
+            secret = m.group("cred") if "cred" in m.groupdict() else m.group("v")
+            problem = str(problem).replace(secret, "***")
         self.uri = redact_uri(uri)
         self.problem = redact_uri(problem)
         self.hint = hint
@@ -221,7 +231,8 @@ def _translate(exc: BaseException, uri: str) -> DataAccessError:
     if is_s3(uri) and is_transient_error(exc):
         return DataAccessError(
             uri,
-            f"S3 kept failing after {S3_RETRY_ATTEMPTS * S3FS_RETRIES} attempts with backoff ({name}: {exc})",
+            f"S3 kept failing after retries with backoff (up to {S3_RETRY_ATTEMPTS * S3FS_RETRIES} attempts; "
+            f"{name}: {exc})",
             "the storage service is throttling, erroring or unreachable: check data.s3.endpoint_url and the "
             "network, then re-run (completed outputs are kept; nothing partial was written)",
         )
@@ -239,21 +250,36 @@ def _retrying(fn, uri: str, attempts: int | None = None):
     S3 calls are already retried with backoff by botocore and s3fs (see :data:`S3_RETRY_ATTEMPTS`), so by
     default they are not retried again here (retry layers multiply); local paths get 3 attempts.
     """
-    if attempts is None:
-        attempts = 1 if is_s3(uri) else 3
+    s3 = is_s3(uri)
+    n = attempts if attempts is not None else (S3_BODY_RETRY_ATTEMPTS if s3 else 3)
     delay = 0.2
-    for i in range(attempts):
+    for i in range(n):
         try:
             return fn()
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             raise _translate(exc, uri) from exc
         except Exception as exc:
-            transient = isinstance(exc, OSError) or is_transient_error(exc)
-            if not transient or i == attempts - 1:
+            if s3 and attempts is None:
+                # only what botocore does not retry is retried again here: a response body cut off
+                # mid-transfer, and 429 Too Many Requests (sent by some S3-compatible stores)
+                transient = _is_cut_off_body(exc) or "too many requests" in str(exc).lower()
+            else:
+                transient = isinstance(exc, OSError) or is_transient_error(exc)
+            if not transient or i == n - 1:
                 raise _translate(exc, uri) from exc
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _is_cut_off_body(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _BODY_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @contextlib.contextmanager
