@@ -73,7 +73,11 @@ def injection_options(f):
             default=None,
             help="shards per split",
         ),
-        click.option("--bands", default=None, help="comma-separated bands (default VIS)"),
+        click.option(
+            "--bands",
+            default=None,
+            help="comma-separated bands (default VIS); VIS,NIR_Y,NIR_J,NIR_H cut every band from the MER mosaics",
+        ),
         click.option("--stamp-size-pix", type=int, default=None, help="stamp size (default 64)"),
         _force_option,
         config_option,
@@ -103,6 +107,18 @@ _FLAG_KEYS = {
 }
 
 
+def _default_psf_fwhm(bands: list[str]) -> dict[str, float]:
+    """Default PSF FWHM (arcsec) of known bands: VIS 0.17", NISP from the MER mosaics (~0.45-0.5")."""
+    from constellation_assets.sim.field import MER_BANDS, canonical_band
+
+    out = {}
+    for b in bands:
+        mb = MER_BANDS.get(canonical_band(b))
+        if mb is not None:
+            out[b] = 0.17 if mb.psf_fwhm_arcsec is None else mb.psf_fwhm_arcsec
+    return out
+
+
 def _is_run_config(config_path: str | None) -> bool:
     if not config_path or not str(config_path).endswith(".json"):
         return False
@@ -125,6 +141,8 @@ def load_injection_config(config_path: str | None, flags: dict[str, Any]):
             continue
         if k in ("tiers", "bands"):
             v = [x.strip() for x in str(v).split(",") if x.strip()]
+        if k == "bands":  # known bands get their default PSF FWHM (a config file's psf_fwhm_arcsec wins)
+            overrides["injection.psf_fwhm_arcsec"] = _default_psf_fwhm(v)
         overrides[_FLAG_KEYS[k]] = v
     cfg = load_cli_config(config_path, overrides)
     if force is not None:
@@ -174,6 +192,8 @@ def _lenient_injection_config(config_path: str | None, flags: dict[str, Any]):
             continue
         if k in ("tiers", "bands"):
             v = [x.strip() for x in str(v).split(",") if x.strip()]
+        if k == "bands":  # known bands get their default PSF FWHM (a config file's psf_fwhm_arcsec wins)
+            overrides["injection.psf_fwhm_arcsec"] = _default_psf_fwhm(v)
         overrides[_FLAG_KEYS[k]] = v
     try:
         cfg = cm.load_config(config_path, overrides)

@@ -15,6 +15,13 @@ s3://), the files the pipeline reads from the public Q1 bucket:
     convolved with the 0.1" pixel response) at the quadrant position given in the header, summing to 1.
 ``{catalogs}/{tile_id}/EUC_MER_FINAL-CAT_TILE{tile_id}-{HASH}_{ts}Z_00.00.fits``
     FITS binary table with every column of :data:`constellation_assets.io.mer_catalog.MER_COLUMNS`.
+``{q1}/MER/{tile_id}/{VIS|NISP}/EUC_MER_BGSUB-MOSAIC-{VIS|NIR-Y|NIR-J|NIR-H}_TILE{tile_id}-{HASH}_{ts}Z_00.00.fits``
+    (``field.write_mer_mosaics``, bands ``field.mer_bands``) background-subtracted mosaics in uJy/pixel
+    (MAGZERO 23.9) on the tile's 0.1" TAN grid (CRVAL = tile centre, CRPIX of the full 19200 x 19200 tile shifted
+    to the simulated area, which is all they cover), image in the primary HDU; see :func:`render_mer_mosaics`.
+    Assumed real layout: one folder per instrument (VIS, NISP) holding one file per band; discovery
+    (:func:`constellation_assets.io.q1.discover_mer_mosaics`) reads the band from the file name, so a
+    per-band folder layout works too.
 
 Truth (not part of Q1) goes to ``{truth_base}/{tile_id}/``: ``truth_objects.parquet`` (one row per rendered
 object) and ``shear_truth.json`` (G1_TRUE, G2_TRUE, model, seed), plus ``field_manifest.json`` that lists
@@ -897,6 +904,329 @@ def render_exposure(cfg, exp: Exposure, truth: dict) -> tuple[dict[str, str], di
 
 
 # ----------------------------------------------------------------------------------------------------------
+# MER background-subtracted mosaics (VIS + NISP), resampled to the tile's 0.1"/pixel TAN grid
+
+
+@dataclasses.dataclass(frozen=True)
+class MerBand:
+    """One MER mosaic band: config name, file-name token, folder, instrument, optics and depth."""
+
+    name: str  # config / FILTER name (MER DPDD: VIS, NIR_Y, NIR_J, NIR_H)
+    token: str  # in the file name: EUC_MER_BGSUB-MOSAIC-{token}_TILE...
+    folder: str  # q1/MER/{tile_id}/{folder}/
+    instrument: str
+    wavelength_um: float  # effective wavelength (power-law colours, diffraction scale)
+    psf_fwhm_arcsec: float | None  # FWHM in the resampled mosaic (None: field.psf_fwhm_arcsec)
+    depth_5sigma_point_mag: float  # 5-sigma point-source depth (AB), sets the noise relative to VIS
+
+
+#: Euclid bands of the MER mosaics. Depths follow the Euclid Wide Survey (VIS ~26.2, NISP ~24.5 AB, 5 sigma
+#: point source); NISP FWHMs are those of the resampled MER mosaics (~0.45-0.5"), wavelengths the band centres.
+MER_BANDS: dict[str, MerBand] = {
+    "VIS": MerBand("VIS", "VIS", "VIS", "VIS", 0.715, None, 26.2),
+    "NIR_Y": MerBand("NIR_Y", "NIR-Y", "NISP", "NISP", 1.081, 0.45, 24.5),
+    "NIR_J": MerBand("NIR_J", "NIR-J", "NISP", "NISP", 1.367, 0.47, 24.6),
+    "NIR_H": MerBand("NIR_H", "NIR-H", "NISP", "NISP", 1.772, 0.50, 24.5),
+}
+#: Aliases accepted for band names (NISP filters are often called Y, J, H).
+BAND_ALIASES = {
+    "Y": "NIR_Y",
+    "J": "NIR_J",
+    "H": "NIR_H",
+    "NIR-Y": "NIR_Y",
+    "NIR-J": "NIR_J",
+    "NIR-H": "NIR_H",
+}
+#: MER mosaic pixel unit: microJansky per pixel, i.e. zero point 23.9 AB (header MAGZERO).
+MER_MAGZERO = _UJY_ZP
+#: Full MER tile grid: 19200 x 19200 pixels of 0.1" about the tile centre.
+MER_TILE_NPIX = 19200
+#: SED slopes (f_nu ~ lambda**alpha) of the field's objects: galaxies alpha = 0.6 + 1.4 * bulge fraction
+#: + N(0, 0.35) (discs blue, bulges red); stars uniform in [-1.5, 2.5] (hot to cool).
+_GAL_ALPHA0, _GAL_ALPHA_BULGE, _GAL_ALPHA_SCATTER = 0.6, 1.4, 0.35
+_STAR_ALPHA_RANGE = (-1.5, 2.5)
+_MOSAIC_OVERSAMPLING = 2
+_MOSAIC_PAD_ARCSEC = 3.0
+
+
+def canonical_band(band: str) -> str:
+    """``"Y"`` / ``"NIR-Y"`` / ``"NIR_Y"`` -> ``"NIR_Y"``; unknown names are returned unchanged (upper case)."""
+    b = str(band).strip().upper()
+    return BAND_ALIASES.get(b, b)
+
+
+def band_colour_mag(band: str, alpha, ref_band: str = "VIS"):
+    """AB colour m_band - m_ref of a power-law SED f_nu ~ lambda**alpha: -2.5 alpha log10(lambda_b / lambda_ref).
+
+    The documented colour model of the synthetic field and of injected sources (alpha > 0: red).
+    """
+    lb = MER_BANDS[canonical_band(band)].wavelength_um
+    lr = MER_BANDS[canonical_band(ref_band)].wavelength_um
+    return -2.5 * np.asarray(alpha, dtype=float) * math.log10(lb / lr)
+
+
+def mer_mosaic_file_name(band: str, tile_id: int, hash6: str, ts: str) -> str:
+    """``EUC_MER_BGSUB-MOSAIC-{VIS|NIR-Y|NIR-J|NIR-H}_TILE{tile_id}-{HASH}_{ts}Z_00.00.fits``."""
+    return (
+        f"EUC_MER_BGSUB-MOSAIC-{MER_BANDS[canonical_band(band)].token}_TILE{tile_id}-{hash6}_{ts}Z_00.00.fits"
+    )
+
+
+def mer_base_uri_of(cfg) -> str:
+    """``{q1 root}/MER/`` next to the configured VIS folder (the Q1 layout)."""
+    return join_uri(_q1_root_of(cfg.data.vis_base_uri), "MER") + "/"
+
+
+def _band_psf_fwhm(fcfg, band: MerBand) -> float:
+    return float(fcfg.psf_fwhm_arcsec if band.psf_fwhm_arcsec is None else band.psf_fwhm_arcsec)
+
+
+def band_otf(fwhm_arcsec: float, wavelength_um: float, kx, ky, pixel_scale_arcsec: float) -> np.ndarray:
+    """Optical transfer function of a band's effective PSF: Airy(lambda/D, 30 % obscured) x Gaussian x pixel.
+
+    The Gaussian (jitter, charge diffusion, resampling) is tuned so Airy (x) Gaussian has FWHM ``fwhm_arcsec``;
+    Airy scales with wavelength: MTF_lambda(k) = MTF_VIS(k lambda / lambda_VIS). ``kx``, ``ky`` in rad/arcsec.
+    """
+    r = wavelength_um / (_LAMBDA_M * 1e6)
+    g_tab, tot_tab = _gauss_fwhm_table(_OBSCURATION)
+    if fwhm_arcsec / r <= tot_tab[0]:
+        raise ValueError(
+            f'PSF FWHM {fwhm_arcsec:.3f}" is below the diffraction limit at {wavelength_um} um; raise it'
+        )
+    sigma = r * float(np.interp(fwhm_arcsec / r, tot_tab, g_tab)) / 2.3548200450309493
+    k_tab, mtf_tab = _airy_mtf_table()
+    # Airy MTF by table look-up (4001 samples to the cutoff: < 2e-4 error), zero beyond the cutoff; the
+    # Gaussian and the pixel box are separable in kx, ky.
+    kx = np.asarray(kx, dtype=np.float32)
+    ky = np.asarray(ky, dtype=np.float32)
+    step = float(k_tab[1] - k_tab[0])
+    idx = np.sqrt(kx * kx + ky * ky) * np.float32(r / step) + np.float32(0.5)
+    table = np.append(mtf_tab, 0.0).astype(np.float32)
+    otf = table[np.minimum(idx.astype(np.int32), len(mtf_tab))]
+    half = pixel_scale_arcsec / 2.0
+    fx = np.exp(-0.5 * sigma * sigma * kx * kx) * np.sinc(kx * half / math.pi)
+    fy = np.exp(-0.5 * sigma * sigma * ky * ky) * np.sinc(ky * half / math.pi)
+    otf *= fx.astype(np.float32)
+    otf *= fy.astype(np.float32)
+    return otf
+
+
+def object_sed_alpha(fcfg, tile_id: int, truth: dict) -> np.ndarray:
+    """SED slope alpha of every truth object (see ``_GAL_ALPHA0``): deterministic per tile."""
+    cat = load_cosmos_param_table()
+    is_star = np.asarray(truth["IS_STAR"], dtype=bool)
+    n = len(is_star)
+    r = rng_for(fcfg.seed, "sed", tile_id)
+    ti = np.where(is_star, 0, np.asarray(truth["COSMOS_INDEX"]))
+    bf = np.where(
+        cat["use_bulgefit"][ti] == 1, cat["bulge_frac"][ti], np.clip((cat["sersic_n"][ti] - 1.0) / 3.0, 0, 1)
+    )
+    alpha = _GAL_ALPHA0 + _GAL_ALPHA_BULGE * bf + r.normal(0.0, _GAL_ALPHA_SCATTER, n)
+    return np.where(is_star, r.uniform(*_STAR_ALPHA_RANGE, n), alpha)
+
+
+def mer_mosaic_header(fcfg, tile_id: int, x_lo: int, y_lo: int, nx: int, ny: int, band: MerBand):
+    """Header of a mosaic covering full-tile pixels [x_lo, x_lo + nx) x [y_lo, y_lo + ny) (0-based)."""
+    from astropy.io import fits
+
+    from constellation_assets.sky.tiles import tile_center_deg
+
+    ra_t, dec_t = tile_center_deg(int(tile_id))
+    s = fcfg.pixel_scale_arcsec / 3600.0
+    c = MER_TILE_NPIX / 2.0 + 0.5  # full-tile CRPIX (1-based): the tile centre sits between the middle pixels
+    h = fits.Header()
+    h["CTYPE1"] = "RA---TAN"
+    h["CTYPE2"] = "DEC--TAN"
+    h["CRVAL1"] = float(ra_t)
+    h["CRVAL2"] = float(dec_t)
+    h["CRPIX1"] = c - x_lo
+    h["CRPIX2"] = c - y_lo
+    h["CD1_1"] = -s
+    h["CD1_2"] = 0.0
+    h["CD2_1"] = 0.0
+    h["CD2_2"] = s
+    h["CUNIT1"] = "deg"
+    h["CUNIT2"] = "deg"
+    h["RADESYS"] = "ICRS"
+    h["EQUINOX"] = 2000.0
+    h["BUNIT"] = ("uJy", "microJansky per pixel (background subtracted)")
+    h["MAGZERO"] = (MER_MAGZERO, "AB magnitude of 1 pixel unit")
+    h["TELESCOP"] = "EUCLID"
+    h["INSTRUME"] = band.instrument
+    h["FILTER"] = band.name
+    h["TILEID"] = int(tile_id)
+    h["TILEX0"] = (int(x_lo), "0-based x of pixel 0 in the full tile grid")
+    h["TILEY0"] = (int(y_lo), "0-based y of pixel 0 in the full tile grid")
+    h["PSF_FWHM"] = (_band_psf_fwhm(fcfg, band), "arcsec, effective PSF of the mosaic")
+    h["SIMULATD"] = (True, "synthetic Constellation field")
+    h["SIMSEED"] = fcfg.seed
+    return h
+
+
+def _mosaic_noise_sigma_ujy(fcfg, band: MerBand, n_exposures: int) -> float:
+    """Per-pixel noise of a band: VIS from the stacked exposures' sky + read noise; NISP scaled by depth.
+
+    sigma_b = sigma_VIS * 10**(0.4 (m5_VIS - m5_b)) * sqrt(Neff_VIS / Neff_b), Neff = 4 pi (FWHM/2.355)^2 / p^2 + 1.
+    """
+    gain = fcfg.gain_e_per_adu
+    sky_var_adu = (fcfg.sky_level_adu * gain + fcfg.read_noise_e**2) / gain**2
+    ujy_per_adu = 10.0 ** (-0.4 * (fcfg.magzerop + 2.5 * math.log10(fcfg.exptime_s) - MER_MAGZERO))
+    sigma_vis = math.sqrt(sky_var_adu / max(n_exposures, 1)) * ujy_per_adu
+    vis = MER_BANDS["VIS"]
+
+    def neff(b):
+        return 4 * math.pi * (_band_psf_fwhm(fcfg, b) / 2.3548 / fcfg.pixel_scale_arcsec) ** 2 + 1.0
+
+    return (
+        sigma_vis
+        * 10.0 ** (0.4 * (vis.depth_5sigma_point_mag - band.depth_5sigma_point_mag))
+        * math.sqrt(neff(vis) / neff(band))
+    )
+
+
+def _mer_bands(fcfg) -> list[MerBand]:
+    unknown = [b for b in fcfg.mer_bands if canonical_band(b) not in MER_BANDS]
+    if unknown or not fcfg.mer_bands:
+        raise ValueError(
+            f"field.mer_bands {list(fcfg.mer_bands)}: unknown band(s) {unknown}; "
+            f"use a non-empty subset of {list(MER_BANDS)}"
+        )
+    return [MER_BANDS[canonical_band(b)] for b in fcfg.mer_bands]
+
+
+def render_mer_mosaics(cfg, tile_id: int, truth: dict, n_exposures: int) -> dict[str, str]:
+    """Write the tile's background-subtracted MER mosaics (one per ``field.mer_bands``), return {band: uri}.
+
+    Each covers the simulated area on the tile's 0.1" TAN grid (a sub-grid of the full 19200 x 19200 tile).
+    Rendering: every object's intrinsic profile (sheared, unit flux) is drawn once, point-sampled at
+    0.1"/``_MOSAIC_OVERSAMPLING``; per band the objects are added with their band fluxes (VIS magnitude +
+    power-law colour, :func:`band_colour_mag`), the canvas is convolved in Fourier space with the band's OTF
+    (Airy x Gaussian x 0.1" pixel, :func:`band_otf`) and sampled at the pixel centres; stars enter as exact
+    sub-pixel-shifted deltas. White Gaussian noise at the band's depth; units uJy/pixel (MAGZERO 23.9).
+    """
+    import scipy.fft as sfft
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    f = cfg.field
+    bands = _mer_bands(f)
+    ra, dec = np.asarray(truth["RA"]), np.asarray(truth["DEC"])
+    # Area: the objects' bounding box on the full tile grid (plus 2").
+    h0 = mer_mosaic_header(f, tile_id, 0, 0, MER_TILE_NPIX, MER_TILE_NPIX, bands[0])
+    xf, yf = WCS(h0).all_world2pix(ra, dec, 0)
+    m = int(round(2.0 / f.pixel_scale_arcsec))
+    x_lo, y_lo = int(np.floor(xf.min())) - m, int(np.floor(yf.min())) - m
+    nx, ny = int(np.ceil(xf.max())) + m + 1 - x_lo, int(np.ceil(yf.max())) + m + 1 - y_lo
+    x, y = xf - x_lo, yf - y_lo  # 0-based mosaic pixel coordinates
+    pad1 = int(math.ceil(_MOSAIC_PAD_ARCSEC / f.pixel_scale_arcsec))  # canvas padding in pixels
+    sub = f.pixel_scale_arcsec / _MOSAIC_OVERSAMPLING
+    os_max = _MOSAIC_OVERSAMPLING
+
+    is_star = np.asarray(truth["IS_STAR"], dtype=bool)
+    alpha = object_sed_alpha(f, tile_id, truth)
+    flux_vis = np.asarray(truth["FLUX_UJY_TRUE"], dtype=float)
+    # Intrinsic (pre-PSF) galaxy stamps, unit flux, point-sampled on the finest grid (sub-pixel index s <->
+    # mosaic pixel coordinate s / os_max - pad1; pixel centres at multiples of os_max).
+    cat = load_cosmos_param_table()
+    unit = dict(truth)
+    unit["FLUX_ADU_PER_EXPOSURE"] = np.ones(len(ra))
+    stamps: list[tuple[int, int, int, np.ndarray]] = []
+    for i in np.nonzero(~is_star)[0]:
+        xs, ys = (pad1 + x[i]) * os_max, (pad1 + y[i]) * os_max
+        n = int(2 * math.ceil(6.0 * float(truth["HLR_ARCSEC"][i]) / sub) + 1)
+        n = min(max(n, 9), 401)
+        ix, iy = int(round(xs)), int(round(ys))
+        prof = galaxy_profile(cat, i, unit).shear(
+            g1=float(truth["G1_TRUE"][i]), g2=float(truth["G2_TRUE"][i])
+        )
+        im = prof.drawImage(nx=n, ny=n, scale=sub, method="no_pixel", offset=(xs - ix, ys - iy)).array
+        tot = float(im.sum())
+        if not (np.isfinite(tot) and tot > 0):
+            continue
+        stamps.append((i, ix - n // 2, iy - n // 2, (im / tot).astype(np.float32)))
+    star_idx = np.nonzero(is_star)[0]
+    star_otfs: dict = {}
+    ts = _timestamp(f.seed, "MER-MOSAIC", tile_id)
+    hash6 = _hash_hex(f.seed, "mer-mosaic-hash", tile_id)
+    out: dict[str, str] = {}
+    for band in bands:
+        fwhm = _band_psf_fwhm(f, band)
+        # NISP (FWHM >= 3 pixels) is well sampled at 0.1": convolve on the pixel grid; VIS on the finer grid.
+        os_b = 1 if fwhm / f.pixel_scale_arcsec >= 3.0 else os_max
+        step = os_max // os_b
+        nxs = sfft.next_fast_len((nx + 2 * pad1) * os_b, real=True)
+        nys = sfft.next_fast_len((ny + 2 * pad1) * os_b, real=True)
+        w_flux = flux_vis * 10.0 ** (-0.4 * band_colour_mag(band.name, alpha))
+        canvas = np.zeros((nys, nxs), dtype=np.float32)
+        for i, x0, y0, st in stamps:
+            fx, fy = (-x0) % step, (-y0) % step  # first stamp sample on this band's grid
+            d = st[fy::step, fx::step] * np.float32(w_flux[i] * step * step)
+            px0, py0 = (x0 + fx) // step, (y0 + fy) // step
+            hy, hx = d.shape
+            ys_ = slice(max(py0, 0), min(py0 + hy, nys))
+            xs_ = slice(max(px0, 0), min(px0 + hx, nxs))
+            canvas[ys_, xs_] += d[ys_.start - py0 : ys_.stop - py0, xs_.start - px0 : xs_.stop - px0]
+        cell = f.pixel_scale_arcsec / os_b
+        ky = (2 * math.pi * sfft.fftfreq(nys, cell)).astype(np.float32)[:, None]
+        kx = (2 * math.pi * sfft.rfftfreq(nxs, cell)).astype(np.float32)[None, :]
+        ft = sfft.rfft2(canvas, workers=2)
+        del canvas
+        ft *= band_otf(fwhm, band.wavelength_um, kx, ky, f.pixel_scale_arcsec).astype(np.float32)
+        img = sfft.irfft2(ft, s=(nys, nxs), workers=2)
+        del ft
+        # Pixel value = pixel-averaged surface brightness x pixel area = grid value x os_b^2.
+        img = img[pad1 * os_b : (pad1 + ny) * os_b : os_b, pad1 * os_b : (pad1 + nx) * os_b : os_b]
+        img = img.astype(np.float64) * float(os_b * os_b)
+        for i in star_idx:
+            _add_star(img, x[i], y[i], w_flux[i], float(truth["MAG_VIS_TRUE"][i]), band, f, star_otfs)
+        sigma = _mosaic_noise_sigma_ujy(f, band, n_exposures)
+        noise = rng_for(f.seed, "mer-noise", tile_id, band.name).standard_normal(img.shape, dtype=np.float32)
+        data = img.astype(np.float32) + noise * np.float32(sigma)
+        hdr = mer_mosaic_header(f, tile_id, x_lo, y_lo, nx, ny, band)
+        hdr["NOISESIG"] = (sigma, "uJy, per-pixel noise sigma")
+        uri = join_uri(
+            mer_base_uri_of(cfg),
+            str(tile_id),
+            band.folder,
+            mer_mosaic_file_name(band.name, tile_id, hash6, ts),
+        )
+        _write_fits(uri, [fits.PrimaryHDU(data, header=hdr)], cfg.storage_options(uri))
+        out[band.name] = uri
+    return out
+
+
+def _add_star(
+    img: np.ndarray, x: float, y: float, flux: float, mag_vis: float, band: MerBand, fcfg, cache: dict
+):
+    """Add an exact point source (effective PSF shifted in Fourier space) centred at 0-based pixel (x, y)."""
+    import scipy.fft as sfft
+
+    # Well-sampled bands (FWHM >= 3 pixels, NISP) on the pixel grid, VIS on the finer grid.
+    os_ = 1 if _band_psf_fwhm(fcfg, band) / fcfg.pixel_scale_arcsec >= 3.0 else _MOSAIC_OVERSAMPLING
+    n = 32 if mag_vis > 21 else (64 if mag_vis > 18 else 128)  # stamp side in pixels (even)
+    key = (band.name, n)
+    if key not in cache:
+        sub = fcfg.pixel_scale_arcsec / os_
+        m = n * os_
+        ky = (2 * math.pi * sfft.fftfreq(m, sub))[:, None]
+        kx = (2 * math.pi * sfft.rfftfreq(m, sub))[None, :]
+        otf = band_otf(_band_psf_fwhm(fcfg, band), band.wavelength_um, kx, ky, fcfg.pixel_scale_arcsec)
+        cache[key] = (otf, kx * sub, ky * sub)
+    otf, kxs, kys = cache[key]
+    ix, iy = int(round(x)), int(round(y))
+    dx, dy = (x - ix) * os_, (y - iy) * os_  # sub-pixel shift from the stamp centre (sub-grid units)
+    m = n * os_
+    c = m // 2  # stamp centre index (even: a pixel centre after decimation)
+    phase = np.exp(-1j * kys * (dy + c)) * np.exp(-1j * kxs * (dx + c))  # separable shift
+    st = sfft.irfft2(otf * phase, s=(m, m))[::os_, ::os_] * (flux * os_ * os_)
+    h = n // 2
+    y0, x0 = iy - h, ix - h
+    ys, xs = slice(max(y0, 0), min(y0 + n, img.shape[0])), slice(max(x0, 0), min(x0 + n, img.shape[1]))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        img[ys, xs] += st[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # MER catalog
 
 
@@ -1083,6 +1413,9 @@ def tile_truth_uri(cfg, tile_id: int) -> str:
 def field_config_hash(cfg) -> str:
     d = cfg.field.model_dump(mode="json")
     d.pop("truth_base_uri", None)
+    # MER mosaics are an add-on product tracked in the manifest: switching them on keeps the exposures valid.
+    d.pop("write_mer_mosaics", None)
+    d.pop("mer_bands", None)
     d["_generator"] = "constellation-field-v1"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -1127,6 +1460,11 @@ def simulate_tile(
         all_there = all(uri_exists(u, cfg.storage_options(u)) for u in prev.get("files", []))
         if prev.get("config_hash") == h and all_there:
             log.info("tile %s: synthetic field complete (config hash %s), skipping", tile_id, h)
+            files = list(prev["files"])
+            if f.write_mer_mosaics and set(prev.get("mer_mosaics") or {}) != {
+                canonical_band(b) for b in f.mer_bands
+            }:
+                files = _add_mer_mosaics(cfg, tile_id, prev, len(exposures))
             return TileFieldSummary(
                 tile_id,
                 prev["obs_ids"],
@@ -1135,7 +1473,7 @@ def simulate_tile(
                 prev["n_catalog_rows"],
                 prev["G1_TRUE"],
                 prev["G2_TRUE"],
-                prev["files"],
+                files,
                 True,
             )
         if prev.get("config_hash") != h:
@@ -1169,6 +1507,8 @@ def simulate_tile(
     )
     _write_mer_catalog(mer_uri, mer, tile_id, cfg.storage_options(mer_uri))
     files.append(mer_uri)
+    mosaics = render_mer_mosaics(cfg, tile_id, truth, len(exposures)) if f.write_mer_mosaics else {}
+    files += list(mosaics.values())
 
     # Truth: every simulated object, with its MER OBJECT_ID when detected (-1 otherwise).
     obj_id = np.full(len(truth["RA"]), -1, dtype=np.int64)
@@ -1204,12 +1544,33 @@ def simulate_tile(
         "G1_TRUE": shear["G1_TRUE"],
         "G2_TRUE": shear["G2_TRUE"],
         "files": files,
+        "mer_mosaics": mosaics,
     }
     man_uri = join_uri(tdir, "field_manifest.json")
     atomic_write_bytes(man_uri, json.dumps(manifest, indent=2).encode(), cfg.storage_options(man_uri))
     return TileFieldSummary(
         tile_id, obs_ids, n_gal, n_star, int(len(rows)), shear["G1_TRUE"], shear["G2_TRUE"], files, False
     )
+
+
+def _add_mer_mosaics(cfg, tile_id: int, prev: dict, n_exposures: int) -> list[str]:
+    """Write the MER mosaics of a complete tile from its truth table and record them in its manifest."""
+    import pyarrow.parquet as pq
+
+    tdir = tile_truth_uri(cfg, tile_id)
+    truth_uri = join_uri(tdir, "truth_objects.parquet")
+    fs, path = get_fs(truth_uri, cfg.storage_options(truth_uri))
+    with fs.open(path, "rb") as fh:
+        table = pq.read_table(fh)
+    truth = {k: table.column(k).to_numpy() for k in table.column_names}
+    old = set((prev.get("mer_mosaics") or {}).values())
+    mosaics = render_mer_mosaics(cfg, tile_id, truth, n_exposures)
+    _remove_files(cfg, sorted(old - set(mosaics.values())))
+    files = [u for u in prev["files"] if u not in old] + list(mosaics.values())
+    manifest = {**prev, "files": files, "mer_mosaics": mosaics}
+    man_uri = join_uri(tdir, "field_manifest.json")
+    atomic_write_bytes(man_uri, json.dumps(manifest, indent=2).encode(), cfg.storage_options(man_uri))
+    return files
 
 
 def simulate_field(cfg, force: bool = False, progress: bool = False) -> FieldSummary:
@@ -1219,6 +1580,8 @@ def simulate_field(cfg, force: bool = False, progress: bool = False) -> FieldSum
     ``force=True`` regenerates it (removing the files listed in the old manifest first).
     """
     t0 = time.perf_counter()
+    if cfg.field.write_mer_mosaics:
+        _mer_bands(cfg.field)  # fail before any rendering
     exposures = exposure_layout(cfg)
     by_tile: dict[int, list[Exposure]] = {}
     for e in exposures:

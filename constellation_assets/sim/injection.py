@@ -8,9 +8,12 @@ Pipeline of one run (``run_injection``):
    AB magnitude in ``host_mag_range``, ``SEMIMAJOR_AXIS >= host_min_semimajor_axis_pix`` (extended),
    ``POINT_LIKE_FLAG != 1``, ``SPURIOUS_FLAG == 0``, ``VIS_DET > 0``, ``(DET_QUALITY_FLAG & 0x78C) == 0``.
    Each host gets the first VIS quadrant (``"{row}-{col}.{quad}.SCI"`` HDU of a DET frame under
-   ``data.vis_base_uri``, frames and HDUs in sorted order) that holds the whole stamp. Only the VIS band
-   has host pixels: NISP bands (Y, J, H) need the MER mosaics, which the synthetic field does not have,
-   so a run with other bands is refused (and listed by preflight).
+   ``data.vis_base_uri``, frames and HDUs in sorted order) that holds the whole stamp. When any band is not
+   VIS (NISP: ``NIR_Y``/``NIR_J``/``NIR_H``, aliases Y/J/H), every band's host (VIS too, so all bands share one
+   pixel grid) is cut from the tile's background-subtracted MER mosaics
+   (``{q1}/MER/{tile_id}/*/EUC_MER_BGSUB-MOSAIC-{band}_TILE*.fits``, row-range reads), the arc flux per band
+   comes from the mosaic's MAGZERO and the source magnitude in VIS plus a power-law colour drawn per task
+   (:func:`source_band_mags`); missing mosaics are reported by preflight.
 2. **Tasks** (:func:`plan_tasks`). A host's split is fixed by hashing (``split_seed``, host id) into
    [0, 1) against the cumulative ``split_fractions`` (default train 0.8, val 0.1, test 0.1), so a host
    never appears in two splits. Each tier (split) gets ``n_total_train_per_split`` tasks, cycling over its
@@ -116,8 +119,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-#: Bands with host pixels in the Q1 VIS frames. NISP bands would need the MER mosaics.
-HOST_BANDS = ("VIS",)
+#: Bands with host pixels: VIS (quadrants, or MER mosaics with NISP) and the NISP bands (MER mosaics).
+HOST_BANDS = ("VIS", "NIR_Y", "NIR_J", "NIR_H")
 TABLE_IDENTIFIER = ("sim", "injections")
 #: Bumped when the injection recipe changes the numbers produced (part of the config hash).
 INJECTION_CODE_VERSION = "h8-injection-v1"
@@ -223,6 +226,8 @@ class HostSet:
     hosts: list[Host]
     quadrants: dict[tuple[str, str], Quadrant]
     problems: list[str] = field(default_factory=list)
+    #: MER-mosaic hosts only: (frame_uri, hdu) -> {band: io.q1.MosaicInfo}
+    mosaics: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def digest(self) -> str:
         blob = "\n".join(
@@ -363,6 +368,8 @@ def discover_hosts(cfg) -> HostSet:
     from constellation_assets.io.mer_catalog import read_mer_catalog
 
     inj = cfg.injection
+    if _mer_mode(inj):
+        return _discover_hosts_mer(cfg)
     size = inj.stamp_size_pix
     half = size // 2
     problems: list[str] = []
@@ -443,12 +450,13 @@ def discover_hosts(cfg) -> HostSet:
 
 def _check_bands(inj) -> list[str]:
     problems = []
+    from constellation_assets.sim.field import canonical_band
+
     for b in inj.bands:
-        if b not in HOST_BANDS:
+        if canonical_band(b) not in HOST_BANDS:
             problems.append(
-                f"band {b!r}: no host pixels. Only {list(HOST_BANDS)} cutouts come from the Q1 VIS frames; "
-                "NISP bands (Y, J, H) need the MER mosaics, which the synthetic field does not provide. "
-                "Set injection.bands to ['VIS']"
+                f"band {b!r}: no host pixels. Host cutouts exist for {list(HOST_BANDS)} (aliases Y, J, H): VIS "
+                "from the Q1 VIS frames, all bands from the MER mosaics when NISP bands are configured"
             )
         fwhm = inj.psf_fwhm_arcsec.get(b)
         if fwhm is None or not (math.isfinite(fwhm) and fwhm > 0):
@@ -719,9 +727,19 @@ def _cutout(px: _QuadrantPixels, host: Host, size: int) -> tuple[np.ndarray, flo
 
 
 def _render_arcs(
-    cfg, tasks: Sequence[Task], params: Sequence[TaskParameters], quads: dict, bank
+    cfg,
+    tasks: Sequence[Task],
+    params: Sequence[TaskParameters],
+    quads: dict,
+    bank,
+    band_mags: np.ndarray | None = None,
+    band_zp: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Noiseless arcs (B, n_bands, H, W) float32 in ADU and magnifications (B,)."""
+    """Noiseless arcs (B, n_bands, H, W) float32 in ADU and magnifications (B,).
+
+    ``band_mags`` / ``band_zp`` (B, n_bands): per-band source magnitudes and zero points (MER-mosaic hosts);
+    without them every band gets ``source_mag`` at the host quadrant's zero point.
+    """
     from constellation_assets.sim.psf import PSFSpec
     from constellation_assets.sim.render import LensParams, render_stamps
     from constellation_assets.sim.sources import SourceComponents, flux_from_mag
@@ -756,6 +774,8 @@ def _render_arcs(
             "cannot be put in ADU; use calibrated VIS frames (MAGZEROP = AB magnitude of 1 ADU/s)"
         )
     flux = np.stack([flux_from_mag(arr("source_mag"), zp) for _ in inj.bands], axis=1)
+    if band_mags is not None and band_zp is not None:
+        flux = flux_from_mag(band_mags, band_zp)
     psfs = [PSFSpec(inj.psf_model, float(inj.psf_fwhm_arcsec[b]), float(inj.moffat_beta)) for b in inj.bands]
     res = render_stamps(
         comps,
@@ -794,6 +814,10 @@ class RenderedTask:
     noise_sigma_adu: float
     background_adu: float
     zero_point_mag: float
+    #: MER-mosaic hosts only (per band, in ``injection.bands`` order)
+    band_zero_point_mag: list[float] | None = None
+    band_noise_sigma: list[float] | None = None
+    band_source_mag: list[float] | None = None
 
 
 def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[RenderedTask]:
@@ -803,6 +827,8 @@ def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[
     params = [draw_task_parameters(t, cfg, n_src) for t in tasks]
     if not tasks:
         return []
+    if _mer_mode(inj):
+        return _render_tasks_mer(cfg, tasks, params, hosts, bank)
     arcs, mags = _render_arcs(cfg, tasks, params, hosts.quadrants, bank)
     out = []
     by_quad: dict[tuple[str, str], list[int]] = {}
@@ -848,10 +874,249 @@ def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[
 
 
 # --------------------------------------------------------------------------------------------------
+# NISP bands: hosts from the background-subtracted MER mosaics (helper H12)
+
+#: Injected sources' SED slope alpha (f_nu ~ lambda**alpha): lensed sources are mostly blue star-forming
+#: galaxies; colours m_band - m_VIS = -2.5 alpha log10(lambda_band / lambda_VIS) (``sim.field.band_colour_mag``).
+SOURCE_SED_ALPHA_RANGE = (-0.5, 1.5)
+#: The band of ``source_mag_range`` (and of ``source_mag``).
+SOURCE_REFERENCE_BAND = "VIS"
+MER_HOST_HDU = "MER_MOSAIC"
+
+
+def _mer_mode(inj) -> bool:
+    """True when any configured band is not VIS: every band's host then comes from the MER mosaics."""
+    from constellation_assets.sim.field import canonical_band
+
+    return any(canonical_band(b) != "VIS" for b in inj.bands)
+
+
+def mer_base_uri(cfg) -> str:
+    """Where the MER mosaics are: ``{q1 root}/MER/`` next to ``data.vis_base_uri`` (the Q1 layout)."""
+    from constellation_assets.io.q1 import default_mer_base_uri
+
+    return default_mer_base_uri(cfg.data.vis_base_uri)
+
+
+def source_sed_alpha(task_id: str, seed_base: int) -> float:
+    """The source's SED slope, drawn per task from its own generator (independent of the lens draws)."""
+    rng = np.random.Generator(np.random.PCG64(_hash_u64(f"{task_id}|source-sed|{seed_base}")))
+    return float(rng.uniform(*SOURCE_SED_ALPHA_RANGE))
+
+
+def source_band_mags(task_id: str, seed_base: int, source_mag: float, bands: Sequence[str]) -> np.ndarray:
+    """Source AB magnitude per band: ``source_mag`` (VIS) plus the power-law colour of the task's SED."""
+    from constellation_assets.sim.field import band_colour_mag
+
+    alpha = source_sed_alpha(task_id, seed_base)
+    return np.array([source_mag + float(band_colour_mag(b, alpha, SOURCE_REFERENCE_BAND)) for b in bands])
+
+
+def _discover_hosts_mer(cfg) -> HostSet:
+    """Hosts placed on the tile's MER mosaics (all configured bands must exist and share one pixel grid)."""
+    from constellation_assets.io.mer_catalog import read_mer_catalog
+    from constellation_assets.io.q1 import discover_mer_mosaics, read_mosaic_info
+    from constellation_assets.sim.field import canonical_band
+
+    inj = cfg.injection
+    size = inj.stamp_size_pix
+    half = size // 2
+    base = mer_base_uri(cfg)
+    so = cfg.storage_options(base)
+    problems: list[str] = []
+    hosts: list[Host] = []
+    quads: dict[tuple[str, str], Quadrant] = {}
+    mosaics: dict[tuple[str, str], dict[str, Any]] = {}
+    for tile_id in cfg.selected_tile_ids:
+        found = discover_mer_mosaics(base, tile_id, so, bands=[canonical_band(b) for b in inj.bands])
+        missing = [b for b in inj.bands if canonical_band(b) not in found]
+        if missing:
+            problems.append(
+                f"tile {tile_id}: {', '.join(f'band {b!r}' for b in missing)}: no MER mosaic "
+                f"(EUC_MER_BGSUB-MOSAIC-{{VIS|NIR-Y|NIR-J|NIR-H}}_TILE{tile_id}-*.fits) under "
+                f"{join_uri(base, str(tile_id))!r}. Bands other than VIS take every band's host from the "
+                "background-subtracted MER mosaics: point data.vis_base_uri at a Q1 root that has q1/MER/, "
+                "generate the demo field with field.write_mer_mosaics: true (`constellation simulate-field "
+                "--force`), or set injection.bands to ['VIS']"
+            )
+            continue
+        infos = {b: read_mosaic_info(found[canonical_band(b)], so) for b in inj.bands}
+        ref = infos[inj.bands[0]]
+        grid_keys = (
+            "NAXIS1",
+            "NAXIS2",
+            "CRPIX1",
+            "CRPIX2",
+            "CRVAL1",
+            "CRVAL2",
+            "CD1_1",
+            "CD1_2",
+            "CD2_1",
+            "CD2_2",
+        )
+        off = [
+            b
+            for b, m in infos.items()
+            if any(
+                not math.isclose(
+                    float(m.header.get(k, 0.0)), float(ref.header.get(k, 0.0)), rel_tol=1e-9, abs_tol=1e-12
+                )
+                for k in grid_keys
+            )
+        ]
+        if off:
+            problems.append(
+                f"tile {tile_id}: MER mosaics of band(s) {off} are not on the pixel grid of {inj.bands[0]!r} "
+                '(NAXIS/CRPIX/CRVAL/CD differ); use the MER BGSUB mosaics of one tile (all resampled to 0.1")'
+            )
+            continue
+        bad_zp = [b for b, m in infos.items() if not math.isfinite(m.zero_point_mag)]
+        if bad_zp:
+            problems.append(
+                f"tile {tile_id}: MER mosaic(s) of band(s) {bad_zp} have no MAGZERO in the header, so arc fluxes "
+                "cannot be put in mosaic units"
+            )
+            continue
+        key = (ref.uri, MER_HOST_HDU)
+        quads[key] = Quadrant(
+            frame_uri=ref.uri,
+            hdu=MER_HOST_HDU,
+            nx_pix=ref.nx_pix,
+            ny_pix=ref.ny_pix,
+            zero_point_mag=ref.zero_point_mag,
+            gain_e_per_adu=_header_float(ref.header, "GAIN", float("nan")),
+            header=ref.header.tostring(),
+        )
+        mosaics[key] = infos
+        cat_uri = _find_mer_catalog(cfg, tile_id)
+        if cat_uri is None:
+            problems.append(
+                f"tile {tile_id}: no MER final catalog (EUC_MER_FINAL-CAT_TILE{tile_id}-*.fits) under "
+                f"{join_uri(cfg.data.catalog_base_uri, str(tile_id))!r}; check data.catalog_base_uri and tile_ids"
+            )
+            continue
+        table = read_mer_catalog(cat_uri, cfg.storage_options(cat_uri), columns=_HOST_COLUMNS)
+        sel = select_host_rows(table, inj)
+        ids = table.column("OBJECT_ID").to_numpy()[sel]
+        ra = table.column("RIGHT_ASCENSION").to_numpy()[sel]
+        dec = table.column("DECLINATION").to_numpy()[sel]
+        mag = table.column("MAG_DETECTION").to_numpy()[sel]
+        sma = table.column("SEMIMAJOR_AXIS").to_numpy()[sel]
+        x, y = ref.wcs().all_world2pix(ra, dec, 0)
+        xc, yc = np.round(x), np.round(y)
+        with np.errstate(invalid="ignore"):
+            inside = (
+                np.isfinite(x)
+                & np.isfinite(y)
+                & (xc - half >= 0)
+                & (xc - half + size <= ref.nx_pix)
+                & (yc - half >= 0)
+                & (yc - half + size <= ref.ny_pix)
+            )
+        for i in np.nonzero(inside)[0]:
+            hosts.append(
+                Host(
+                    int(tile_id),
+                    int(ids[i]),
+                    float(ra[i]),
+                    float(dec[i]),
+                    float(mag[i]),
+                    float(sma[i]),
+                    ref.uri,
+                    MER_HOST_HDU,
+                    float(x[i]),
+                    float(y[i]),
+                )
+            )
+    hosts.sort(key=lambda h: (h.tile_id, h.object_id))
+    return HostSet(hosts=hosts, quadrants=quads, problems=problems, mosaics=mosaics)
+
+
+def _mer_cutouts(cfg, hosts: HostSet, tasks: Sequence[Task]) -> dict[str, tuple[np.ndarray, list[float]]]:
+    """Per host: (n_bands, H, W) cutouts (one row-range read per band) and the per-band noise sigma."""
+    from astropy.stats import sigma_clipped_stats
+
+    from constellation_assets.io.q1 import read_mosaic_cutout
+
+    inj = cfg.injection
+    size = inj.stamp_size_pix
+    out: dict[str, tuple[np.ndarray, list[float]]] = {}
+    for t in tasks:
+        h = t.host
+        if h.host_id in out:
+            continue
+        infos = hosts.mosaics[(h.frame_uri, h.hdu)]
+        x0 = int(round(h.x_pix)) - size // 2
+        y0 = int(round(h.y_pix)) - size // 2
+        cubes, sig = [], []
+        for b in inj.bands:
+            info = infos[b]
+            c = read_mosaic_cutout(info, x0, y0, size, size, cfg.storage_options(info.uri)).data
+            cubes.append(c)
+            _, _, std = sigma_clipped_stats(c, sigma=3.0, maxiters=5)
+            sig.append(float(std))
+        out[h.host_id] = (np.stack(cubes), sig)
+    return out
+
+
+def _render_tasks_mer(cfg, tasks: Sequence[Task], params: Sequence[TaskParameters], hosts: HostSet, bank):
+    """:func:`render_tasks` for MER-mosaic hosts: per-band cutouts, zero points and source colours."""
+    inj = cfg.injection
+    zp = np.array(
+        [[hosts.mosaics[(t.host.frame_uri, t.host.hdu)][b].zero_point_mag for b in inj.bands] for t in tasks]
+    )
+    mags = np.stack(
+        [
+            source_band_mags(t.task_id, inj.seed_base, p.source_mag, inj.bands)
+            for t, p in zip(tasks, params, strict=True)
+        ]
+    )
+    arcs, magn = _render_arcs(cfg, tasks, params, hosts.quadrants, bank, band_mags=mags, band_zp=zp)
+    cut = _mer_cutouts(cfg, hosts, tasks)
+    out = []
+    for i, (t, p) in enumerate(zip(tasks, params, strict=True)):
+        host_img, sig = cut[t.host.host_id]
+        q = hosts.quadrants[(t.host.frame_uri, t.host.hdu)]
+        arc = arcs[i]
+        comp = np.empty_like(arc)
+        rng = np.random.Generator(np.random.PCG64(p.noise_seed))
+        for b in range(len(inj.bands)):
+            noisy = arc[b].astype(np.float64)
+            gain = _header_float(
+                hosts.mosaics[(t.host.frame_uri, t.host.hdu)][inj.bands[b]].header, "GAIN", float("nan")
+            )
+            if inj.arc_poisson_noise and math.isfinite(gain) and gain > 0:
+                noisy = rng.poisson(np.clip(noisy, 0.0, None) * gain).astype(np.float64) / gain
+            comp[b] = (host_img[b] + noisy).astype(np.float32)
+        snr = [
+            float(np.sqrt(np.sum(arc[b].astype(np.float64) ** 2)) / sig[b]) if sig[b] > 0 else float("nan")
+            for b in range(len(inj.bands))
+        ]
+        out.append(
+            RenderedTask(
+                task=t,
+                params=p,
+                host=host_img.astype(np.float32),
+                arc=arc,
+                composite=comp,
+                magnification=float(magn[i]),
+                arc_snr=snr,
+                noise_sigma_adu=float(sig[0]),
+                background_adu=0.0,
+                zero_point_mag=q.zero_point_mag,
+                band_zero_point_mag=[float(z) for z in zp[i]],
+                band_noise_sigma=[float(s) for s in sig],
+                band_source_mag=[float(m) for m in mags[i]],
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Shards
 
 
-def _schema(bands: Sequence[str], size: int):
+def _schema(bands: Sequence[str], size: int, per_band_mer: bool = False):
     import pyarrow as pa
 
     fields = [
@@ -902,6 +1167,10 @@ def _schema(bands: Sequence[str], size: int):
     for b in bands:
         fields.append((f"arc_snr_{b}", pa.float64()))
         fields.append((f"psf_fwhm_arcsec_{b}", pa.float64()))
+        if per_band_mer:  # MER-mosaic hosts: per-band zero point, noise and source magnitude
+            fields.append((f"zero_point_mag_{b}", pa.float64()))
+            fields.append((f"noise_sigma_{b}", pa.float64()))
+            fields.append((f"source_mag_{b}", pa.float64()))
     for b in bands:
         fields.append((f"image_{b}", pa.binary(size * size * 4)))
     return pa.schema([pa.field(n, t) for n, t in fields])
@@ -911,7 +1180,7 @@ def _rows_table(cfg, rendered: Sequence[RenderedTask]):
     import pyarrow as pa
 
     inj = cfg.injection
-    schema = _schema(inj.bands, inj.stamp_size_pix)
+    schema = _schema(inj.bands, inj.stamp_size_pix, _mer_mode(inj))
     cols: dict[str, list] = {f.name: [] for f in schema}
     for r in rendered:
         t, p, h = r.task, r.params, r.task.host
@@ -970,6 +1239,10 @@ def _rows_table(cfg, rendered: Sequence[RenderedTask]):
         for j, b in enumerate(inj.bands):
             vals[f"arc_snr_{b}"] = r.arc_snr[j]
             vals[f"psf_fwhm_arcsec_{b}"] = float(inj.psf_fwhm_arcsec[b])
+            if r.band_zero_point_mag is not None:
+                vals[f"zero_point_mag_{b}"] = r.band_zero_point_mag[j]
+                vals[f"noise_sigma_{b}"] = r.band_noise_sigma[j]
+                vals[f"source_mag_{b}"] = r.band_source_mag[j]
             vals[f"image_{b}"] = np.ascontiguousarray(r.composite[j], dtype="<f4").tobytes()
         for k in cols:
             cols[k].append(vals[k])
