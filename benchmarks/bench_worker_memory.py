@@ -7,7 +7,11 @@ cosmic-ray flags), then runs ``python -m constellation_assets.shear.worker`` on 
 process and reports that process's peak RSS (the worker must stay < 4 GB per sub-tile) and seconds.
 
     python benchmarks/bench_worker_memory.py [--sources 4000] [--exposures 3] [--batch-size 1024 4096]
-        [--device cpu] [--workdir DIR] [--quadrant 2048 2066]
+        [--device cpu] [--workdir DIR] [--quadrant 2048 2066] [--repeat N] [--reuse]
+
+``--repeat N`` runs each batch size N times (fresh process each) and prints every run plus the median,
+with the 1-minute load average at its start: on a shared machine the timings move with the load.
+``--reuse`` keeps an existing sub-tile in ``--workdir`` instead of writing it again.
 """
 
 from __future__ import annotations
@@ -227,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quadrant", type=int, nargs=2, default=[2048, 2066], metavar=("NX", "NY"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true", help="reuse the sub-tile already in --workdir")
     a = ap.parse_args(argv)
     tmp = None
     if a.workdir:
@@ -236,20 +242,32 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench-worker-")
         workdir = Path(tmp.name)
     t0 = time.perf_counter()
-    manifest = make_subtile(workdir, a.sources, a.exposures, tuple(a.quadrant))
-    print(f"synthetic sub-tile: {a.sources} sources, {a.exposures} exposures, quadrants {a.quadrant[0]}x{a.quadrant[1]} "
-          f"(written in {time.perf_counter() - t0:.0f} s)")  # fmt: skip
-    rows = [(bs, run_worker(manifest, workdir, bs, a.device)) for bs in a.batch_size]
-    hdr = f"{'device':>6} {'batch':>6} {'sources':>8} {'stamps':>7} {'infer s':>8} {'wall s':>7} {'ms/stamp':>9} {'peak RSS MB':>12} {'< 4 GB':>7}"
+    manifest = workdir / "manifest.yaml"
+    if not (a.reuse and manifest.exists()):
+        manifest = make_subtile(workdir, a.sources, a.exposures, tuple(a.quadrant))
+        print(f"synthetic sub-tile: {a.sources} sources, {a.exposures} exposures, quadrants {a.quadrant[0]}x{a.quadrant[1]} "
+              f"(written in {time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    rows = []
+    for bs in a.batch_size:
+        for _ in range(max(1, a.repeat)):
+            load = os.getloadavg()[0]
+            rows.append((bs, load, run_worker(manifest, workdir, bs, a.device)))
+    hdr = f"{'device':>6} {'batch':>6} {'sources':>8} {'stamps':>7} {'infer s':>8} {'wall s':>7} {'ms/stamp':>9} {'peak RSS MB':>12} {'< 4 GB':>7} {'load':>5}"
     print(hdr)
     print("-" * len(hdr))
-    for bs, r in rows:
+    for bs, load, r in rows:
         peak = max(
             r["peak_rss_mb"] or 0, r["process_peak_rss_mb"] if math.isfinite(r["process_peak_rss_mb"]) else 0
         )
         ms = 1000 * r["seconds"] / max(r["n_stamps"], 1)
         print(f"{r['device']:>6} {bs:>6} {r['n_sources']:>8} {r['n_stamps']:>7} {r['seconds']:>8.1f} {r['wall_s']:>7.1f} "
-              f"{ms:>9.2f} {peak:>12.0f} {'yes' if peak < 4096 else 'NO':>7}")  # fmt: skip
+              f"{ms:>9.2f} {peak:>12.0f} {'yes' if peak < 4096 else 'NO':>7} {load:>5.1f}")  # fmt: skip
+    if a.repeat > 1:
+        for bs in a.batch_size:
+            secs = sorted(r["seconds"] for b, _, r in rows if b == bs)
+            print(
+                f"batch {bs}: infer s median {secs[len(secs) // 2]:.1f}, min {secs[0]:.1f} over {len(secs)} runs"
+            )
     if tmp:
         tmp.cleanup()
     return 0

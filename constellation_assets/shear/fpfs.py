@@ -42,13 +42,17 @@ selection or weight response.
 
 Compute: one real FFT per stamp, one complex multiply for the recentring phase (per-stamp PSFs: one
 more for ``1/P``) and one small real matmul against the precomputed weight matrix (a shared PSF's
-``1/P`` is folded into it).  Everything stays in torch on ``device``; the noise covariance, e and R
-are computed in float64.  With ``precision="float32"`` the FFT and the moment matmul run in float32:
-its rounding (~1e-7 relative) is far below the 1e-4 level of shear calibration.
+``1/P`` is folded into it).  Per-stamp PSFs are transformed batch by batch next to their stamps, in
+the working precision, with ``1/P = s conj(Q) / |Q|^2`` from the raw transform ``Q`` and the PSF sum
+``s`` (no complex division or square root; see :func:`_prepare_psf_batch`).  Everything stays in
+torch on ``device``; the noise covariance, e and R are computed in float64.  With
+``precision="float32"`` the FFTs, ``1/P`` and the moment matmul run in float32: its rounding (~1e-7
+relative) is far below the 1e-4 level of shear calibration.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +211,21 @@ def _weights_ri(weights: torch.Tensor, inv_psf_flat: torch.Tensor | None, dtype:
     return out.reshape(-1, weights.shape[1]).to(dtype)
 
 
+def _pair_weights(weights: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """(K, 25) float64 products ``wa wb`` divided once by the half-plane multiplicity (see below)."""
+    pair = weights[:, :, None] * weights[:, None, :]  # (K, 5, 5)
+    inv_mult = torch.where(mult > 0, 1.0 / mult.clamp_min(1.0), torch.zeros_like(mult))
+    return pair.reshape(pair.shape[0], -1) * inv_mult[:, None]
+
+
+def _cov_from_inv_psf2(
+    inv_psf2: torch.Tensor, pair: torch.Tensor, npix: int, noise_var: torch.Tensor
+) -> torch.Tensor:
+    """``Cov = sigma_n^2 Npix sum_k wa wb / |P|^2``: (B, 5, 5) float64 from ``1/|P|^2`` ((B or 1), K)."""
+    cov = (inv_psf2.to(torch.float64) @ pair).reshape(-1, 5, 5)
+    return cov * (noise_var * npix)[:, None, None]
+
+
 def _noise_covariance(
     inv_psf2: torch.Tensor, weights: torch.Tensor, mult: torch.Tensor, npix: int, noise_var: torch.Tensor
 ) -> torch.Tensor:
@@ -217,11 +236,16 @@ def _noise_covariance(
     plane ((B or 1), K), zero where not deconvolved; the weights carry the multiplicity once each,
     so the pair product is divided by it once.
     """
-    pair = weights[:, :, None] * weights[:, None, :]  # (K, 5, 5)
-    inv_mult = torch.where(mult > 0, 1.0 / mult.clamp_min(1.0), torch.zeros_like(mult))
-    cov = (inv_psf2 * inv_mult) @ pair.reshape(pair.shape[0], -1)
-    cov = cov.reshape(-1, 5, 5)
-    return cov * (noise_var * npix)[:, None, None]
+    return _cov_from_inv_psf2(inv_psf2, _pair_weights(weights, mult), npix, noise_var)
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_tables(
+    ny: int, nx: int, pixel_scale_arcsec: float, sigma_arcsec: float, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """:func:`fourier_weights` and :func:`_pair_weights`, computed once per geometry (read-only tensors)."""
+    weights, mult, kx_pix, ky_pix = fourier_weights(ny, nx, pixel_scale_arcsec, sigma_arcsec, device)
+    return weights, mult, kx_pix, ky_pix, _pair_weights(weights, mult)
 
 
 def _prepare_psf(psf_t: torch.Tensor, psf_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,6 +262,38 @@ def _prepare_psf(psf_t: torch.Tensor, psf_floor: float) -> tuple[torch.Tensor, t
     inv_psf_f = torch.where(psf_ok, 1.0 / safe_f, torch.zeros((), dtype=psf_f.dtype, device=psf_f.device))
     inv_psf2 = (inv_psf_f.abs() ** 2).reshape(inv_psf_f.shape[0], -1)
     return inv_psf_f, inv_psf2, bad_psf
+
+
+def _prepare_psf_batch(
+    psf_b: torch.Tensor, psf_floor: float, rdtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_prepare_psf` for one batch of per-stamp PSFs, in the working precision ``rdtype``.
+
+    Same quantities, fewer passes: with the raw transform ``Q(k)`` and the PSF sum ``s`` (``P = Q / s``),
+    ``|P| > floor  <=>  |Q|^2 > (floor s)^2``, ``1/P = s conj(Q) / |Q|^2`` and ``1/|P|^2 = s^2 / |Q|^2``
+    (no complex division, no square root).  A PSF with a non-finite sum deconvolves nothing (as in
+    :func:`_prepare_psf`); a non-positive sum leaves it unnormalised; both are flagged bad.
+    Returns ``(1/P (B, ny, nxh) complex, 1/|P|^2 (B, K) rdtype, bad (B,))``.
+    """
+    b = psf_b.shape[0]
+    psf_b = psf_b.to(rdtype)
+    s = psf_b.reshape(b, -1).sum(dim=1)
+    nonfinite = ~torch.isfinite(s)
+    bad = nonfinite | (s <= 0)
+    if bool(nonfinite.any()):
+        psf_b = torch.where(
+            nonfinite[:, None, None], torch.zeros((), dtype=rdtype, device=psf_b.device), psf_b
+        )
+    s = torch.where(bad, torch.ones_like(s), s)[:, None, None]
+    q_f = torch.fft.rfft2(psf_b)
+    q_ri = torch.view_as_real(q_f)
+    q2 = q_ri[..., 0].square() + q_ri[..., 1].square()
+    # 1/|Q|^2 where |Q| > floor s, else 0 (1/inf).
+    inv_q2 = torch.where(q2 > (psf_floor * s).square(), q2, torch.inf).reciprocal_()
+    conj = torch.tensor([1.0, -1.0], dtype=rdtype, device=q2.device)
+    inv_f = torch.view_as_complex(q_ri * ((inv_q2 * s)[..., None] * conj))  # s conj(Q) / |Q|^2
+    inv_p2 = (inv_q2 * s.square()).reshape(b, -1)
+    return inv_f, inv_p2, bad
 
 
 def moment_noise_covariance(
@@ -325,8 +381,8 @@ def measure_stamps(
         snr_min: cut on the measured ``snr`` (0: no cut); the selection response goes into ``r11``.
         noise_bias_correction: apply the second-order noise-bias correction.
         batch_size: stamps per FFT batch (bounds memory).
-        precision: FFT and moment precision, "float32" (default, ~2x faster) or "float64"; e, R and the
-            noise covariance are always float64.
+        precision: FFT, ``1/P`` and moment precision, "float32" (default, ~2x faster) or "float64"; e, R
+            and the noise covariance sums are always float64.
         return_moments: also return the raw moments ``m00, m2c, m2s, a1, a2``.
 
     Returns:
@@ -335,7 +391,7 @@ def measure_stamps(
         ``g1 = sum(weight*e1) / sum(weight*r11)`` (see :func:`ensemble_shear`).
     """
     dev = resolve_device(device)
-    rdtype, cdtype = _dtypes(precision)
+    rdtype, _ = _dtypes(precision)
     # Stamps stay where they are (host memory for numpy input) and travel to the device one batch at a
     # time, so device memory is bounded by batch_size whatever N is.
     host = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
@@ -351,7 +407,11 @@ def measure_stamps(
         raise ValueError(
             f"sigma_arcsec={sigma_arcsec} and pixel_scale_arcsec={pixel_scale_arcsec} must be > 0"
         )
-    psf_t = _as_tensor(psf, "psf", dev, torch.float64)
+    # Per-stamp PSFs stay on the host (like the stamps) and travel one batch at a time.
+    psf_host = psf.device if isinstance(psf, torch.Tensor) else torch.device("cpu")
+    psf_t = _as_tensor(psf, "psf", psf_host, None)
+    if not psf_t.is_floating_point():
+        psf_t = psf_t.to(torch.float64)
     if psf_t.ndim == 2:
         psf_t = psf_t[None]
     if psf_t.ndim != 3 or psf_t.shape[1:] != (ny, nx) or psf_t.shape[0] not in (1, n):
@@ -369,18 +429,24 @@ def measure_stamps(
         if offs.shape != (n, 2):
             raise ValueError(f"offsets_pix must have shape ({n}, 2) as (dx, dy); got {tuple(offs.shape)}")
 
-    weights, mult, kx_pix, ky_pix = fourier_weights(ny, nx, pixel_scale_arcsec, sigma_arcsec, dev)
-
-    inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_t, psf_floor)
-    shared_psf = inv_psf_f.shape[0] == 1
-    if shared_psf:
-        w_ri = _weights_ri(weights, inv_psf_f.reshape(-1), rdtype)
-    else:
-        w_ri = _weights_ri(weights, None, rdtype)
-        inv_psf_f = inv_psf_f.to(cdtype)
+    weights, mult, kx_pix, ky_pix, pair = _weight_tables(
+        ny, nx, float(pixel_scale_arcsec), float(sigma_arcsec), dev
+    )
+    with_noise = bool((noise > 0).any())
 
     moments = torch.empty((n, 5), dtype=torch.float64, device=dev)
     finite = torch.empty(n, dtype=torch.bool, device=dev)
+    shared_psf = psf_t.shape[0] == 1
+    if shared_psf:
+        inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_t.to(dev, torch.float64), psf_floor)
+        w_ri = _weights_ri(weights, inv_psf_f.reshape(-1), rdtype)
+        cov = _cov_from_inv_psf2(inv_psf2, pair, npix=ny * nx, noise_var=noise**2) if with_noise else None
+    else:
+        # Per-stamp PSFs: 1/P(k), 1/|P|^2 and the noise covariance are built batch by batch, in the working
+        # precision, next to the stamps they deconvolve (memory bounded by batch_size, one pass each).
+        w_ri = _weights_ri(weights, None, rdtype)
+        cov = torch.empty((n, 5, 5), dtype=torch.float64, device=dev) if with_noise else None
+        bad_psf = torch.empty(n, dtype=torch.bool, device=dev)
     for start in range(0, n, max(1, int(batch_size))):
         stop = min(n, start + int(batch_size))
         batch = imgs[start:stop].to(device=dev, dtype=rdtype, non_blocking=True)
@@ -389,17 +455,18 @@ def measure_stamps(
         finite[start:stop] = fin
         if not bool(fin.all()):
             batch = torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)
+        inv_f = None
+        if not shared_psf:
+            inv_f, q2, bad_psf[start:stop] = _prepare_psf_batch(
+                psf_t[start:stop].to(device=dev, non_blocking=True), psf_floor, rdtype
+            )
+            if cov is not None:
+                cov[start:stop] = _cov_from_inv_psf2(q2, pair, ny * nx, noise[start:stop] ** 2)
+            del q2
         moments[start:stop] = _moments_batch(
-            batch,
-            None if shared_psf else inv_psf_f[start:stop],
-            w_ri,
-            kx_pix,
-            ky_pix,
-            None if offs is None else offs[start:stop],
+            batch, inv_f, w_ri, kx_pix, ky_pix, None if offs is None else offs[start:stop]
         )
 
-    npix = ny * nx
-    cov = _noise_covariance(inv_psf2, weights, mult, npix, noise**2) if bool((noise > 0).any()) else None
     if cov is not None and cov.shape[0] == 1:
         cov = cov.expand(n, 5, 5)
     if cov is not None:

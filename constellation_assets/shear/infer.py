@@ -256,6 +256,12 @@ class _BatchMeasurer:
 
     def add(self, stamps: st.ExposureStamps) -> None:
         usable = stamps.reject == 0
+        if usable.all():  # the usual case: no copy of the stamps
+            self.pending.append(stamps)
+            self.n_pending += len(stamps)
+            while self.n_pending >= self.batch_size:
+                self._flush(self.batch_size)
+            return
         rejected = stamps.select(~usable)
         if len(rejected):
             zeros = np.zeros(len(rejected))
@@ -293,8 +299,8 @@ class _BatchMeasurer:
                 out.append(self.pending.pop(0))
                 need -= len(head)
             else:
-                out.append(head.select(np.arange(need)))
-                self.pending[0] = head.select(np.arange(need, len(head)))
+                out.append(head.select(slice(0, need)))  # views, no copy
+                self.pending[0] = head.select(slice(need, len(head)))
                 need = 0
         self.n_pending -= n
         return out

@@ -4,9 +4,14 @@ Pipeline (all vectorised over sources; no per-pixel Python):
 
 1. For every quadrant of the manifest (one exposure x CCD quadrant), read only the HDUs it needs:
    SCI, RMS, FLG from the DET file, the BKG map and the PSF grid (WGT only when a quadrant has no RMS).
+   Decoded quadrants (with their WCS and native PSF grid) are kept in a process-wide LRU cache
+   (:data:`QUADRANT_CACHE`, ``CONSTELLATION_QUADRANT_CACHE_MB``, default 256) because neighbouring
+   sub-tiles measured by one worker share quadrants; on s3:// the next quadrant is fetched while the
+   current one is measured.
 2. World -> pixel for all sources at once (astropy WCS, TPV included); keep the sources whose centre lies
    on the quadrant. The local WCS Jacobian at each source (central differences of the WCS) is kept too.
-3. Cut ``stamp_size`` x ``stamp_size`` stamps with one fancy-indexing gather per array: the source lies at
+3. Cut ``stamp_size`` x ``stamp_size`` stamps with one block gather per array (strided window view; the
+   few stamps crossing the quadrant edge use a clipped per-pixel index): the source lies at
    pixel ``(H//2 + dy, W//2 + dx)`` with ``|dx|, |dy| <= 0.5`` and ``(dx, dy)`` is returned as
    ``offsets_pix`` (the estimator recentres on it in Fourier space: no resampling of the data).
 4. Subtract the background, convert ADU to microJansky per pixel with MAGZEROP/EXPTIME (so exposures share
@@ -74,6 +79,8 @@ __all__ = [
     "ExposureStamps",
     "FitsFileCache",
     "PsfGrid",
+    "QUADRANT_CACHE",
+    "QuadrantCache",
     "QuadrantImages",
     "SourceList",
     "combine_exposures",
@@ -140,6 +147,26 @@ class QuadrantImages:
     flg: np.ndarray | None  # (ny, nx) int
     header: Any  # astropy Header of the SCI HDU (WCS, GAIN, EXPTIME, MAGZEROP)
     psf: PsfGrid
+    wcs: Any = None  # astropy WCS of ``header``, built once (see :meth:`get_wcs`)
+
+    def get_wcs(self):
+        """The quadrant's astropy WCS (built on first use and kept: quadrants are shared by sub-tiles)."""
+        if self.wcs is None:
+            import warnings
+
+            from astropy.wcs import WCS, FITSFixedWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                self.wcs = WCS(self.header)
+        return self.wcs
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.sci, self.bkg, self.rms, self.wgt, self.flg, self.psf.stamps)
+        return int(sum(a.nbytes for a in arrays if a is not None)) + sum(
+            a.nbytes for a in self.psf._native_cache.values() if isinstance(a, np.ndarray)
+        )
 
 
 def flux_scale_ujy_per_adu(header: Mapping[str, Any]) -> float:
@@ -251,11 +278,29 @@ class PsfGrid:
         iy, ty = _bilinear_index(np.asarray(y, dtype=np.float64), self.y_nodes)
         tx = tx.astype(np.float32)[:, None, None]
         ty = ty.astype(np.float32)[:, None, None]
-        out = (1 - ty) * (1 - tx) * grid[iy, ix]
-        out += (1 - ty) * tx * grid[iy, ix + 1]
-        out += ty * (1 - tx) * grid[iy + 1, ix]
-        out += ty * tx * grid[iy + 1, ix + 1]
+        # Only the grid's support (a few pixels around the centre) is interpolated; the rest stays 0,
+        # exactly what the full-stamp interpolation of zeros gives.
+        r_lo, r_hi, c_lo, c_hi = self._support(size)
+        g = grid[:, :, r_lo:r_hi, c_lo:c_hi]
+        box = (1 - ty) * (1 - tx) * g[iy, ix]
+        box += (1 - ty) * tx * g[iy, ix + 1]
+        box += ty * (1 - tx) * g[iy + 1, ix]
+        box += ty * tx * g[iy + 1, ix + 1]
+        out = np.zeros((len(ix), size, size), dtype=np.float32)
+        out[:, r_lo:r_hi, c_lo:c_hi] = box
         return out
+
+    def _support(self, size: int) -> tuple[int, int, int, int]:
+        """Row/column bounds of the nonzero pixels of any native grid stamp."""
+        key = ("support", size)
+        if key not in self._native_cache:
+            nz = np.any(self.native(size) != 0, axis=(0, 1))
+            rows, cols = np.nonzero(nz.any(axis=1))[0], np.nonzero(nz.any(axis=0))[0]
+            if len(rows) == 0:
+                self._native_cache[key] = (0, 0, 0, 0)
+            else:
+                self._native_cache[key] = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        return self._native_cache[key]
 
 
 def _bilinear_index(v: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -413,13 +458,80 @@ def fill_masked_symmetric(
 
 
 def _masked_median(values: np.ndarray, masked: np.ndarray) -> np.ndarray:
-    """Row-wise median of the unmasked values of (N, M) (NaN for a fully masked row), vectorised."""
-    v = np.sort(np.where(masked, np.inf, values), axis=1)
-    k = (~masked).sum(axis=1)
-    lo = np.clip((k - 1) // 2, 0, None)[:, None]
-    hi = np.clip(k // 2, 0, None)[:, None]
-    med = 0.5 * (np.take_along_axis(v, lo, 1)[:, 0].astype(np.float64) + np.take_along_axis(v, hi, 1)[:, 0])
+    """Row-wise median of the unmasked values of (N, M) (NaN for a fully masked row), vectorised.
+
+    With ``m`` masked values in a row, ``m // 2`` of them are set to -inf and the others to +inf, so the
+    unmasked order statistics ``(k - 1) // 2`` and ``k // 2`` (``k = M - m``) sit at full-row positions
+    ``m // 2 + (k - 1) // 2`` and ``m // 2 + k // 2``, which are always among ``M // 2 - 1 ... M // 2``
+    (one O(M) partition instead of a sort; the same values are picked as with a sort).
+    """
+    n, m_all = values.shape
+    if n == 0 or m_all == 0:
+        return np.full(n, np.nan)
+    n_masked = masked.sum(axis=1)
+    k = m_all - n_masked
+    n_lo = n_masked // 2  # masked values sent to -inf
+    v = np.where(masked, np.inf, values)
+    rr, cc = np.nonzero(masked)  # row-major: each row's masked pixels are contiguous, in column order
+    rank = np.arange(len(rr)) - (np.cumsum(n_masked) - n_masked)[rr]
+    low = rank < n_lo[rr]
+    v[rr[low], cc[low]] = -np.inf
+    lo = np.clip(n_lo + (k - 1) // 2, 0, m_all - 1)[:, None]
+    hi = np.clip(n_lo + k // 2, 0, m_all - 1)[:, None]
+    kth = sorted({min(max(i, 0), m_all - 1) for i in ((m_all - 1) // 2 - 1, m_all // 2 - 1, m_all // 2)})
+    v = np.partition(v, kth, axis=1)
+    with np.errstate(invalid="ignore"):  # fully masked rows: -inf + inf, replaced by NaN below
+        med = 0.5 * (
+            np.take_along_axis(v, lo, 1)[:, 0].astype(np.float64) + np.take_along_axis(v, hi, 1)[:, 0]
+        )
     return np.where(k > 0, med, np.nan)
+
+
+class _StampCutter:
+    """Cut-outs of the stamps of one quadrant from each of its arrays (same geometry for all of them).
+
+    All stamps are copied in one gather of blocks from a strided window view (row copies, no per-pixel
+    index arrays); the few crossing a quadrant edge are then redone with the clipped flat-index gather
+    of :func:`cut_stamps` (pixels off the quadrant are 0 and flagged as outside).
+    """
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+        ny, nx = shape
+        h, w = rows.shape[1], cols.shape[1]
+        n = rows.shape[0]
+        self.size = (h, w)
+        r0, c0 = rows[:, 0], cols[:, 0]
+        self.windowed = ny >= h and nx >= w
+        interior = (r0 >= 0) & (c0 >= 0) & (r0 + h <= ny) & (c0 + w <= nx)
+        if not self.windowed:
+            interior[:] = False
+        self.r0 = np.clip(r0, 0, max(ny - h, 0))
+        self.c0 = np.clip(c0, 0, max(nx - w, 0))
+        self.i_edge = np.nonzero(~interior)[0]
+        self.edge_index = (
+            stamp_index(rows[self.i_edge], cols[self.i_edge], shape) if len(self.i_edge) else None
+        )
+        self.inside = np.ones((n, h, w), dtype=bool)
+        if self.edge_index is not None:
+            self.inside[self.i_edge] = self.edge_index[1]
+
+    def cut(self, image: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) stamps of ``image`` in ``dtype`` (native byte order; None keeps the image's kind)."""
+        image = np.asarray(image)
+        if dtype is None:
+            dtype = image.dtype.newbyteorder("=")
+        h, w = self.size
+        if self.windowed:
+            out = np.lib.stride_tricks.sliding_window_view(image, (h, w))[self.r0, self.c0]
+            out = out.astype(dtype, copy=False)
+        else:
+            out = np.empty((len(self.r0), h, w), dtype=dtype)
+        if self.edge_index is not None:
+            flat, inside = self.edge_index
+            edge = image.reshape(-1).take(flat)
+            edge[~inside] = 0
+            out[self.i_edge] = edge
+        return out, self.inside
 
 
 def _center_masked(mask: np.ndarray, offsets: np.ndarray, radius: float) -> np.ndarray:
@@ -478,14 +590,8 @@ def quadrant_stamps(
     wcs=None,
 ) -> ExposureStamps:
     """Cut, clean and describe the stamps of every source whose centre lies on this quadrant."""
-    from astropy.wcs import WCS, FITSFixedWarning
-
     if wcs is None:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(quad.header)
+        wcs = quad.get_wcs()
     ny, nx = quad.sci.shape
     x, y = wcs.all_world2pix(sources.ra_deg, sources.dec_deg, 0)
     x = np.asarray(x, dtype=np.float64)
@@ -502,19 +608,19 @@ def quadrant_stamps(
     rows, cols, offsets = stamp_grid(x, y, size)
 
     scale = flux_scale_ujy_per_adu(quad.header)
-    index = stamp_index(rows, cols, quad.sci.shape)
-    sci, inside = cut_stamps(quad.sci, rows, cols, index=index)
+    cutter = _StampCutter(rows, cols, quad.sci.shape)
+    sci, inside = cutter.cut(quad.sci)
     if quad.bkg is not None:
-        sci -= cut_stamps(quad.bkg, rows, cols, index=index)[0]
+        sci -= cutter.cut(quad.bkg)[0]
     mask = ~inside | ~np.isfinite(sci)
     if quad.flg is not None:
-        flg = cut_stamps(quad.flg, rows, cols, dtype=np.int64, index=index)[0]
+        flg = cutter.cut(quad.flg, dtype=None)[0]
         mask |= (flg & FLG_MASK_BITS) != 0
         del flg
     if quad.rms is not None:
-        noise = cut_stamps(quad.rms, rows, cols, index=index)[0]
+        noise = cutter.cut(quad.rms)[0]
     elif quad.wgt is not None:
-        w = cut_stamps(quad.wgt, rows, cols, index=index)[0]
+        w = cutter.cut(quad.wgt)[0]
         with np.errstate(divide="ignore", invalid="ignore"):
             noise = np.where(w > 0, 1.0 / np.sqrt(w), np.nan).astype(np.float32)
         del w
@@ -622,11 +728,8 @@ class _FitsSource:
             if name in index:
                 hdu = self._hdul[index[name]]
                 data = hdu.data
-                arr = (
-                    None
-                    if data is None
-                    else np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False)
-                )
+                # FITS byte order is kept (no full-array swap): stamps are converted when cut out.
+                arr = None if data is None else np.asarray(data)
                 with contextlib.suppress(AttributeError):
                     del hdu.data  # the open HDUList must not keep every quadrant read so far
                 return arr, hdu.header
@@ -751,6 +854,101 @@ def _read_with_q1(entry: Mapping[str, Any], storage_options: dict | None) -> dic
     return read_quadrant_hdus(dict(entry), storage_options=storage_options)
 
 
+class QuadrantCache:
+    """Process-wide LRU cache of decoded quadrants (arrays, header, WCS, PSF grid and its native stamps).
+
+    Neighbouring sub-tiles overlap (extended areas) and share most quadrants, and a worker measures all
+    the sub-tiles of a tile in one process: each quadrant is then read, decoded and its WCS/PSF grid
+    prepared once instead of once per sub-tile. Bounded by ``max_bytes`` of arrays (least recently used
+    dropped first); ``CONSTELLATION_QUADRANT_CACHE_MB`` sets the default budget (0 disables it). Entries
+    are keyed by the manifest entry (paths, HDU names and offsets) and each local file's size and
+    modification time (for s3:// its ETag), so a rewritten file is read again.
+    """
+
+    def __init__(self, max_bytes: int):
+        import threading
+
+        self.max_bytes = int(max_bytes)
+        self._items: dict[Any, QuadrantImages] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key) -> QuadrantImages | None:
+        if key is None or self.max_bytes <= 0:
+            return None
+        with self._lock:
+            quad = self._items.pop(key, None)
+            if quad is None:
+                self.misses += 1
+                return None
+            self._items[key] = quad  # most recently used last
+            self.hits += 1
+            return quad
+
+    def put(self, key, quad: QuadrantImages) -> None:
+        if key is None or self.max_bytes <= 0:
+            return
+        size = quad.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            while self._items and self._bytes + size > self.max_bytes:
+                self._bytes -= self._items.pop(next(iter(self._items))).nbytes
+            self._items[key] = quad
+            self._bytes += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def _cache_budget_bytes() -> int:
+    import os
+
+    try:
+        return int(float(os.environ.get("CONSTELLATION_QUADRANT_CACHE_MB", "256")) * 2**20)
+    except ValueError:
+        return 256 * 2**20
+
+
+#: The process-wide quadrant cache used by :func:`iter_manifest_stamps`.
+QUADRANT_CACHE = QuadrantCache(_cache_budget_bytes())
+
+
+def _quadrant_cache_key(entry: Mapping[str, Any], storage_options: dict | None) -> tuple | None:
+    """Cache key of a manifest quadrant entry (None: do not cache)."""
+    import json
+    import os
+
+    from constellation_assets.io.uri import get_fs, is_s3
+
+    if QUADRANT_CACHE.max_bytes <= 0:
+        return None
+    versions = []
+    try:
+        for k in ("sci_path", "bkg_path", "psf_path", "wgt_path"):
+            uri = entry.get(k)
+            if not uri:
+                continue
+            uri = str(uri)
+            if is_s3(uri):
+                fs, path = get_fs(uri, storage_options)
+                info = fs.info(path)
+                versions.append((uri, str(info.get("ETag") or info.get("LastModified")), info.get("size")))
+            else:
+                stat = os.stat(uri)
+                versions.append((uri, stat.st_mtime_ns, stat.st_size))
+    except Exception:  # unreadable here: the reader reports the error, without caching
+        return None
+    return json.dumps(dict(entry), sort_keys=True, default=str), tuple(versions)
+
+
 # --------------------------------------------------------------------------------------------------
 # Manifest -> stamps
 
@@ -817,14 +1015,41 @@ def iter_manifest_stamps(
 
     ``storage_options``: fsspec options, or a function of the URI giving them (``cfg.storage_options``).
     """
-    with FitsFileCache(storage_options) as files:
-        for entry in manifest.get("quadrants") or []:
-            opts = (
-                storage_options(str(entry.get("sci_path", "")))
-                if callable(storage_options)
-                else storage_options
-            )
-            quad = reader(entry, opts) if reader else read_quadrant_images(entry, opts, files)
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = list(manifest.get("quadrants") or [])
+
+    def load(entry: Mapping[str, Any], files: FitsFileCache) -> QuadrantImages:
+        opts = (
+            storage_options(str(entry.get("sci_path", ""))) if callable(storage_options) else storage_options
+        )
+        if reader:
+            return reader(entry, opts)
+        key = _quadrant_cache_key(entry, opts)
+        quad = QUADRANT_CACHE.get(key)
+        if quad is None:
+            quad = read_quadrant_images(entry, opts, files)
+            quad.get_wcs()  # built here, in the prefetch thread, and cached with the quadrant
+            quad.psf.native(int(stamp_size))
+            QUADRANT_CACHE.put(key, quad)
+        return quad
+
+    # Quadrants on object storage: the next one is fetched (network I/O, decoding, WCS) in a background
+    # thread while this one is cut and measured (reads stay strictly one after the other, at most one
+    # quadrant ahead). Local files are read in line: page-cache reads are CPU-bound copies, and a second
+    # thread only competes with the estimator for the same cores.
+    from constellation_assets.io.uri import is_s3
+
+    ahead = any(is_s3(str(e.get("sci_path", ""))) for e in entries)
+    pool_cm = ThreadPoolExecutor(1, "quadrant-prefetch") if ahead else contextlib.nullcontext()
+    with FitsFileCache(storage_options) as files, pool_cm as pool:
+        nxt = pool.submit(load, entries[0], files) if ahead and entries else None
+        for i, entry in enumerate(entries):
+            if ahead:
+                quad = nxt.result()
+                nxt = pool.submit(load, entries[i + 1], files) if i + 1 < len(entries) else None
+            else:
+                quad = load(entry, files)
             stamps = quadrant_stamps(
                 quad,
                 sources,
