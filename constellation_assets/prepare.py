@@ -57,6 +57,10 @@ __all__ = [
 MANIFEST_VERSION = 1
 
 
+#: libyaml's safe loader (about 10x faster on large manifests), or the pure-Python safe loader.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class ManifestError(ValueError):
     """A manifest is invalid. The message names the file and the problem."""
 
@@ -179,7 +183,7 @@ def load_manifest(
     except DataAccessError:
         raise
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SAFE_LOADER)  # safe: no tags/objects (libyaml when available)
     except yaml.YAMLError as exc:
         raise ManifestError(f"manifest {uri} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -38,3 +38,20 @@ def test_single_source_subtile_is_unmeasured_not_failed():
     # a well-populated sub-tile with a NaN shear is still an error
     bad = rows.with_columns(pl.lit(10).alias("N_SOURCES"))
     assert not check_finite_shear(subtiles=bad).passed
+
+
+def test_empty_subtile_with_empty_catalog(tmp_path):
+    import pyarrow.parquet as pq
+
+    from constellation_assets.shear.stamps import sources_from_manifest
+
+    schema = pa.schema(
+        [("OBJECT_ID", pa.int64()), ("RIGHT_ASCENSION", pa.float64()), ("DECLINATION", pa.float64())]
+    )
+    cat = tmp_path / "sources.parquet"
+    pq.write_table(schema.empty_table(), cat)
+    sources, in_core = sources_from_manifest(
+        {"source_catalog": str(cat), "source_ids": [], "core_source_ids": []}
+    )
+    assert len(in_core) == 0
+    assert len(sources.object_id) == len(sources.ra_deg) == len(sources.dec_deg) == 0

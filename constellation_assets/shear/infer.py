@@ -124,23 +124,9 @@ def load_manifest(uri: str, storage_options: dict | None = None, cfg=None) -> di
 
     With ``cfg``, every path in the manifest must lie under the configured data roots or the output root.
     """
-    try:
-        from constellation_assets.prepare import load_manifest as _load
-    except ImportError:  # pragma: no cover - prepare ships with the package
-        _load = None
-    if _load is not None:
-        return _load(uri, storage_options=storage_options, cfg=cfg)
-    import yaml
+    from constellation_assets.prepare import load_manifest as _load
 
-    from constellation_assets.io.uri import read_text
-
-    data = yaml.safe_load(read_text(uri, storage_options))
-    required = ("tile_id", "sub_tile_row", "sub_tile_col", "quadrants", "source_catalog")
-    if not isinstance(data, dict) or any(k not in data for k in required):
-        raise ValueError(
-            f"manifest {uri} is not a sub-tile manifest (needs keys {list(required)}); re-run `constellation prepare`"
-        )
-    return data
+    return _load(uri, storage_options=storage_options, cfg=cfg)
 
 
 def result_uri_for(cfg, tile_id: int, row: int, col: int) -> str:

@@ -683,6 +683,37 @@ def _hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
     return ([str(explicit)] if explicit else []) + names
 
 
+_CORRUPT_FITS_HINT = "the file is corrupt or truncated: download/regenerate it, then re-run this sub-tile"
+
+#: Plausible detector pixel scales (arcsec); a WCS outside this range has wrong units (e.g. CUNIT arcsec on
+#: degree CD values) and would silently put every source in the wrong place.
+PIXEL_SCALE_RANGE_ARCSEC = (0.01, 2.0)
+
+
+def check_wcs_units(header: Mapping[str, Any], uri: str, hdu: str = "") -> None:
+    """Reject a quadrant WCS whose units are not degrees or whose pixel scale is implausible."""
+    from constellation_assets.io.uri import DataAccessError
+
+    units = [str(header.get(f"CUNIT{i}", "deg")).strip().lower() for i in (1, 2)]
+    if any(u not in ("deg", "") for u in units):
+        raise DataAccessError(
+            uri,
+            f"WCS of {hdu or 'the SCI HDU'} has CUNIT1/2 = {units}; celestial axes must be in degrees",
+            "fix the header units (CUNITi = 'deg' with CD/CDELT in degrees) or regenerate the file",
+        )
+    cd = [[float(header.get(f"CD{i}_{j}", 0.0)) for j in (1, 2)] for i in (1, 2)]
+    if not any(cd[0] + cd[1]):
+        cd = [[float(header.get("CDELT1", 0.0)), 0.0], [0.0, float(header.get("CDELT2", 0.0))]]
+    scale_arcsec = abs(cd[0][0] * cd[1][1] - cd[0][1] * cd[1][0]) ** 0.5 * 3600.0
+    lo, hi = PIXEL_SCALE_RANGE_ARCSEC
+    if scale_arcsec and not lo <= scale_arcsec <= hi:
+        raise DataAccessError(
+            uri,
+            f"WCS of {hdu or 'the SCI HDU'} gives a pixel scale of {scale_arcsec:.3g} arcsec (expected {lo}-{hi})",
+            "check the header units of the CD matrix (degrees per pixel) or regenerate the file",
+        )
+
+
 class _FitsSource:
     """One open FITS file (local or fsspec); only the HDUs asked for are read, by EXTNAME via an index built once."""
 
@@ -723,11 +754,25 @@ class _FitsSource:
         return self._index
 
     def read(self, names: list[str]) -> tuple[np.ndarray, Any] | None:
-        index = self._names()
+        from constellation_assets.io.uri import DataAccessError
+
+        try:
+            index = self._names()
+        except (OSError, ValueError, TypeError, IndexError) as exc:
+            raise DataAccessError(
+                self.uri, f"FITS headers unreadable ({type(exc).__name__}: {exc})", _CORRUPT_FITS_HINT
+            ) from exc
         for name in names:
             if name in index:
                 hdu = self._hdul[index[name]]
-                data = hdu.data
+                try:
+                    data = hdu.data
+                except (OSError, ValueError, TypeError, IndexError) as exc:
+                    raise DataAccessError(
+                        self.uri,
+                        f"HDU {name} unreadable: truncated or corrupt FITS ({type(exc).__name__}: {exc})",
+                        _CORRUPT_FITS_HINT,
+                    ) from exc
                 # FITS byte order is kept (no full-array swap): stamps are converted when cut out.
                 arr = None if data is None else np.asarray(data)
                 with contextlib.suppress(AttributeError):
@@ -822,6 +867,7 @@ def read_quadrant_images(
             )
     sci, header = arrays["sci"]
     psf_img, psf_header = arrays["psf"]
+    check_wcs_units(header, str(entry.get("sci_path")), f"quadrant {det}")
 
     def _get(kind):
         got = arrays.get(kind)
@@ -978,7 +1024,9 @@ def sources_from_manifest(
     ra = table["RIGHT_ASCENSION"].to_numpy().astype(np.float64)
     dec = table["DECLINATION"].to_numpy().astype(np.float64)
     ids = manifest.get("source_ids")
-    if ids is not None:
+    if ids is not None and len(ids) == 0:  # an empty sub-tile (possibly with an empty catalog): no sources
+        oid, ra, dec = oid[:0], ra[:0], dec[:0]
+    elif ids is not None:
         ids = np.asarray(ids, dtype=np.int64)
         order = np.argsort(oid, kind="stable")
         pos = np.searchsorted(oid[order], ids)
