@@ -19,7 +19,9 @@ Algorithm, per batch of stamps (all in torch, on any device):
 3. Per band, the sub-pixel image is convolved (zero-padded FFT, no wrap-around) with the PSF integrated
    over sub-pixels, then summed into native pixels. Because the kernel is pixel-integrated, the result is
    ``sum_n I(x_n) h^2 ePSF(x_p - x_n)`` with the exact pixel-convolved PSF ``ePSF``: only the source
-   integral is a quadrature, which is what makes undersampled PSFs (Euclid VIS) correct.
+   integral is a quadrature, which is what makes undersampled PSFs (Euclid VIS) correct. The summation
+   into native pixels is folded into the spectra (box filter + decimation, :func:`_convolve_binned`), so
+   only one forward FFT per stamp runs at sub-pixel resolution; the kernels' spectra are computed once.
 4. Images are multiplied by the per-band flux in ADU (:func:`~constellation_assets.sim.sources.flux_from_mag`
    with the band's zero point and the source's magnitude in that band).
 
@@ -29,20 +31,30 @@ converge with oversampling (4 vs 8) to < 1e-3; SIS magnifications to < 0.3 %.
 
 The source morphology is the same in every band (colour is a flux ratio), so the ray-shooting and the
 source evaluation are done once per stamp and only the convolution is per band.
+
+Performance: per-stamp source and lens parameters (Sersic b_n, I_e, rotations) are computed once per
+chunk and gathered by row for the refined cells; elementwise work is done in place where possible. On CPU
+the stamps are rendered in chunks of a few stamps (cache-sized working set), the chunks spread over the
+torch CPU threads, each chunk single-threaded, so the bytes do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from constellation_assets.sim.lensing import shear_deflection_torch, sie_deflection_torch
+from constellation_assets.sim.lensing import _E_SERIES
 from constellation_assets.sim.psf import PSFSpec, moffat_alpha_arcsec
-from constellation_assets.sim.sources import SourceComponents, sersic_sb_torch
+from constellation_assets.sim.sources import SourceComponents, sersic_b, sersic_ie
+
+# Stamps per chunk on CPU devices (see render_stamps).
+_CPU_CHUNK_STAMPS = 4
 
 # Fraction of the PSF flux allowed outside the automatically sized kernel. Analytic kernels are not
 # renormalised: light beyond the kernel is lost, as it would be beyond a stamp.
@@ -149,20 +161,6 @@ def _fast_fft_len(n: int) -> int:
     return best
 
 
-def _fft_convolve(img: torch.Tensor, kernels: torch.Tensor, n_fft: tuple[int, int]) -> torch.Tensor:
-    """Convolution of img (B, 1, N, M) with kernels (n_bands or (B, n_bands), K, K) centred at (K//2, K//2).
-
-    Computed as a circular convolution of size ``n_fft`` (>= the image plus half the kernel for the
-    result on the image's support to be the linear convolution).
-    """
-    k = kernels.shape[-1]
-    c = k // 2
-    kpad = torch.zeros((*kernels.shape[:-2], *n_fft), dtype=kernels.dtype, device=kernels.device)
-    kpad[..., :k, :k] = kernels
-    kpad = torch.roll(kpad, shifts=(-c, -c), dims=(-2, -1))
-    return torch.fft.irfft2(torch.fft.rfft2(img, s=n_fft) * torch.fft.rfft2(kpad), s=n_fft)
-
-
 def render_stamps(
     sources: SourceComponents,
     flux_adu,
@@ -207,7 +205,9 @@ def render_stamps(
         render_margin_pix: the source is evaluated on the stamp plus this margin (native pixels); light
             of source parts further out is not scattered into the stamp. The FFT is zero-padded for the
             whole kernel, so nothing wraps around.
-        batch_size: stamps rendered per chunk.
+        batch_size: stamps rendered per chunk (on CPU devices at most 4, which keeps the working set in
+            cache; the bytes do not depend on the number of CPU threads, other chunkings change them
+            by float32 rounding only).
     Returns:
         :class:`RenderResult` with ``images_adu`` (B, n_bands, H, W) float tensor on ``device`` and the
         magnification (B,).
@@ -277,66 +277,312 @@ def render_stamps(
     sub_area = cell**2
     # exact cell integrals when the sub-pixels are summed before convolving (or never convolved)
     own_cell = kernels is None or c != f
+    rows, cols = (h + 2 * m) * c, (w + 2 * m) * c  # image at the convolution resolution
+    if kernels is not None:
+        n_fft = (
+            _conv_fft_len(rows, kernels.shape[-2], m * c, (m + h) * c, c),
+            _conv_fft_len(cols, kernels.shape[-1], m * c, (m + w) * c, c),
+        )
+        # the kernels' spectra are shared by every chunk (unless there is one PSF per stamp)
+        khat = None if per_stamp_psf else _kernel_spectra(kernels, n_fft, c)
 
     images = torch.empty((bsz, n_bands, h, w), dtype=dtype, device=device)
     magnification = torch.empty((bsz,), dtype=dtype, device=device)
-    for start in range(0, bsz, batch_size):
-        sl = slice(start, min(start + batch_size, bsz))
-        nb = sl.stop - sl.start
-        src = sources.select(sl)
-        lp = lens.select(sl) if lens is not None else None
-        bx, by = _ray_shoot(x.expand(nb, *x.shape), y.expand(nb, *y.shape), lp)
-        if core_refinement > 1:
-            sb, rho = sersic_sb_torch(
-                bx,
-                by,
-                src,
-                dtype=dtype,
-                device=device,
-                core_compact_arcsec=_CORE_COMPACT * cell,
-                core_min_n=_CORE_MIN_N,
-            )
-            fine = _refine_cores(sb, rho, x, y, src, lp, cell, core_refinement, own_cell=own_cell) * sub_area
-        else:
-            fine = sersic_sb_torch(bx, by, src, dtype=dtype, device=device) * sub_area
-        del bx, by  # fine: (nb, (H+2m) f, (W+2m) f) flux per sub-pixel for a unit-flux source
+    refine = core_refinement > 1
+
+    def render_chunk(sl: slice) -> None:
+        sp = _SourceParams(sources.select(sl), dtype, device, _CORE_COMPACT * cell if refine else None)
+        lt = _LensTensors(lens.select(sl), dtype, device) if lens is not None else None
+        bx, by = lt.shoot(x, y, 3) if lt is not None else (x[None], y[None])
+        sb, rho = sp.surface_brightness(bx, by, want_rho=refine)
+        del bx, by
+        if refine:
+            sb = _refine_cores(sb, rho, x, y, sp, lt, cell, core_refinement, own_cell=own_cell)
+        del rho
+        fine = sb.mul_(sub_area)  # (nb, (H+2m) f, (W+2m) f) flux per sub-pixel for a unit-flux source
         magnification[sl] = fine.sum(dim=(-2, -1))
-        work = _bin(fine, f // c)[:, None]  # (nb, 1, (H+2m) c, (W+2m) c)
+        work = _bin(fine, f // c)  # (nb, (H+2m) c, (W+2m) c)
+        del sb, fine
         if kernels is not None:
-            kc = kernels.shape[-1]
-            rows, cols = work.shape[-2:]
-            # zero padding by more than half the kernel: the kept region never sees wrapped-around light
-            n_fft = (_fast_fft_len(rows + kc // 2 + 1), _fast_fft_len(cols + kc // 2 + 1))
-            k_use = kernels[sl] if per_stamp_psf else (kernels[None] if kernels.ndim == 3 else kernels)
-            work = _fft_convolve(work, k_use, n_fft)[..., :rows, :cols]
+            kh = _kernel_spectra(kernels[sl], n_fft, c) if per_stamp_psf else khat
+            native = _convolve_binned(work, kh, n_fft, c, (m, m + h, m, m + w))
         else:
-            work = work.expand(nb, n_bands, *work.shape[-2:])
-        native = _bin(work, c)[..., m : m + h, m : m + w]
+            native = _bin(work, c)[:, None, m : m + h, m : m + w]
+        del work
         band_flux = torch.as_tensor(flux[sl], dtype=dtype, device=device)[:, :, None, None]
         images[sl] = native * band_flux
+
+    if device.type != "cpu":
+        for start in range(0, bsz, batch_size):
+            render_chunk(slice(start, min(start + batch_size, bsz)))
+        return RenderResult(images_adu=images, magnification=magnification)
+    # CPU: every elementwise pass over a large chunk streams from memory, and the threads of one op
+    # synchronise after every pass. Chunks of a few stamps keep the working set (a few MB) in cache, and
+    # the CPU threads render different chunks, each single-threaded (so the bytes do not depend on the
+    # number of threads either).
+    chunk = max(1, min(batch_size, _CPU_CHUNK_STAMPS))
+    slices = [slice(s, min(s + chunk, bsz)) for s in range(0, bsz, chunk)]
+    n_workers = min(torch.get_num_threads(), len(slices))
+    if n_workers <= 1 or torch.get_num_threads() <= 1:
+        with _single_thread():
+            for sl in slices:
+                render_chunk(sl)
+        return RenderResult(images_adu=images, magnification=magnification)
+
+    def worker(part: list[slice]) -> None:
+        with _single_thread():
+            for sl in part:
+                render_chunk(sl)
+
+    with _single_thread(), ThreadPoolExecutor(n_workers) as pool:
+        # interleaved parts balance the load; .result() re-raises a worker's exception
+        for fut in [pool.submit(worker, slices[i::n_workers]) for i in range(n_workers)]:
+            fut.result()
     return RenderResult(images_adu=images, magnification=magnification)
 
 
-def _ray_shoot(x: torch.Tensor, y: torch.Tensor, lens: LensParams | None):
-    """Image-plane (B, ...) positions -> source-plane positions through SIE + external shear."""
-    if lens is None:
-        return x, y
-    if (
-        x.ndim == 2
-    ):  # (P, S) points with per-row lenses: the deflection functions batch over axis 0 of 3-D grids
-        bx, by = _ray_shoot(x[:, None, :], y[:, None, :], lens)
-        return bx[:, 0, :], by[:, 0, :]
-    dtype, device = x.dtype, x.device
-    centre = torch.as_tensor(
-        np.stack([lens.center_x_arcsec, lens.center_y_arcsec], axis=1), dtype=dtype, device=device
-    )
-    ax, ay = sie_deflection_torch(x, y, lens.theta_e_arcsec, lens.q, lens.phi_rad, centre)
-    # theta_E = 0 means no main deflector
-    has_lens = torch.as_tensor(lens.theta_e_arcsec > 0, device=device).reshape(-1, *([1] * (x.ndim - 1)))
-    ax = torch.where(has_lens, ax, torch.zeros_like(ax))
-    ay = torch.where(has_lens, ay, torch.zeros_like(ay))
-    sx, sy = shear_deflection_torch(x, y, lens.gamma1, lens.gamma2, centre)
-    return x - ax - sx, y - ay - sy
+@contextmanager
+def _single_thread():
+    """torch intra-op threads set to 1 (in this thread; restored on exit)."""
+    prev = torch.get_num_threads()
+    if prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _conv_fft_len(n: int, k: int, keep0: int, keep1: int, factor: int) -> int:
+    """FFT length (a multiple of ``factor``) for which the circular convolution of an image of ``n`` samples
+    with a kernel of ``k`` samples (centred at k // 2) equals the linear one on samples [keep0, keep1)."""
+    kc = k // 2
+    need = max(k - kc + n - 1 - keep0, keep1 + kc) + 1
+    return factor * _fast_fft_len(-(-need // factor))
+
+
+def _kernel_spectra(kernels: torch.Tensor, n_fft: tuple[int, int], factor: int) -> torch.Tensor:
+    """rfft2 of kernels (..., K, K) centred at (K//2, K//2), zero-padded to n_fft, times the spectrum of
+    the ``factor``-row box sum and 1 / factor (see :func:`_convolve_binned`)."""
+    k = kernels.shape[-1]
+    kc = k // 2
+    kpad = torch.zeros((*kernels.shape[:-2], *n_fft), dtype=kernels.dtype, device=kernels.device)
+    kpad[..., :k, :k] = kernels
+    kpad = torch.roll(kpad, shifts=(-kc, -kc), dims=(-2, -1))
+    khat = torch.fft.rfft2(kpad)
+    n1 = n_fft[0]
+    # Z[i] = sum_{a < factor} Y[i + a]  <=>  Z^[k] = Y^[k] sum_a exp(2 pi i k a / n1)
+    freq = torch.arange(n1, dtype=torch.float64)[:, None] * torch.arange(factor, dtype=torch.float64)[None, :]
+    box = torch.exp(2j * math.pi * freq / n1).sum(dim=1) / factor
+    return khat * box.to(dtype=khat.dtype, device=khat.device)[:, None]
+
+
+def _convolve_binned(
+    img: torch.Tensor,
+    khat: torch.Tensor,
+    n_fft: tuple[int, int],
+    factor: int,
+    keep: tuple[int, int, int, int],
+) -> torch.Tensor:
+    """``_bin(conv(img, kernel), factor)[..., r0:r1, c0:c1]`` per band, ``keep = (r0, r1, c0, c1)`` in binned
+    pixels: img (B, N, M), khat from :func:`_kernel_spectra` ((n_bands, ...) shared or (B, n_bands, ...)
+    per stamp). Returns (B, n_bands, r1 - r0, c1 - c0).
+
+    The f x f binning of the fine convolution is a box filter followed by decimation. Along rows it is
+    done in Fourier space (box spectrum in ``khat``; decimation = folding the spectrum onto n1 / f
+    frequencies), so the inverse transforms run on f times fewer rows, and only on the kept ones; along
+    columns it is a plain sum of the inverse-transformed rows. The same numbers as the fine-resolution
+    convolution then binning, up to rounding, at a fraction of the cost of the full-size inverse FFTs.
+    """
+    r0, r1, c0, c1 = keep
+    bsz = img.shape[0]
+    n1, n2 = n_fft
+    nf = n1 // factor
+    spec = torch.fft.rfft2(img, s=n_fft)  # (B, n1, n2 // 2 + 1)
+    wcols = spec.shape[-1]
+    spec = spec.reshape(bsz, factor, nf, wcols)
+    n_bands = khat.shape[-3]
+    folded = torch.empty((bsz, n_bands, nf, wcols), dtype=spec.dtype, device=spec.device)
+    for band in range(n_bands):
+        kb = khat[..., band, :, :]
+        kb = kb.reshape(*kb.shape[:-2], factor, nf, wcols)
+        acc = torch.mul(spec[:, 0], kb[..., 0, :, :], out=folded[:, band])
+        for mu in range(1, factor):
+            acc.addcmul_(spec[:, mu], kb[..., mu, :, :])
+    del spec
+    rows = torch.fft.ifft(folded, dim=-2)[..., r0:r1, :]  # (B, n_bands, r1 - r0, n2 // 2 + 1)
+    del folded
+    rows = torch.fft.irfft(rows, n=n2, dim=-1)[..., c0 * factor : c1 * factor]
+    return rows.reshape(*rows.shape[:-1], c1 - c0, factor).sum(dim=-1)
+
+
+class _Params:
+    """Per-stamp parameters of a chunk as one (B, F) tensor: ``take(rows)`` gathers the parameters of
+    arbitrary per-row subsets (the refined cells) with a single index_select."""
+
+    def __init__(self, columns: dict[str, np.ndarray], dtype, device):
+        names = list(columns)
+        self.index = {k: i for i, k in enumerate(names)}
+        table = np.stack([np.asarray(columns[k], dtype=float) for k in names], axis=1)
+        self.table = torch.as_tensor(table, dtype=dtype, device=device)
+
+    def take(self, rows: torch.Tensor):
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.table = self.table.index_select(0, rows)
+        return out
+
+    def col(self, name: str, ndim: int) -> torch.Tensor:
+        """Column ``name`` shaped (N, 1, ...) to broadcast against (N, ...) tensors of ``ndim`` dims."""
+        return self.table[:, self.index[name]].reshape(-1, *([1] * (ndim - 1)))
+
+
+class _SourceParams(_Params):
+    """Sersic components (b_n and I_e computed once per chunk with scipy), evaluated as
+    :func:`~constellation_assets.sim.sources.sersic_sb_torch` does."""
+
+    def __init__(self, comps: SourceComponents, dtype, device, core_compact_arcsec: float | None):
+        used = comps.flux_frac > 0
+        n_safe = np.where(used, comps.n, 1.0)
+        hlr = np.where(used, comps.hlr_arcsec, 1.0)
+        q = np.where(used, comps.q, 1.0)
+        b_n = np.where(used, sersic_b(n_safe), 0.0)
+        log_ie = np.where(used, np.log(np.maximum(sersic_ie(comps.flux_frac, hlr, n_safe), 1e-300)), -np.inf)
+        c, s = np.cos(comps.phi_rad), np.sin(comps.phi_rad)
+        # r^2 = (q x'^2 + y'^2 / q) / hlr^2 with x' = c x + s y, y' = -s x + c y, as a quadratic form in (x, y)
+        qa, qc = q / hlr**2, 1.0 / (q * hlr**2)
+        if core_compact_arcsec is not None:
+            flag = used & ((n_safe > _CORE_MIN_N) | (hlr * np.sqrt(q) < core_compact_arcsec))
+        else:
+            flag = np.zeros_like(used)
+        self.components = [k for k in range(used.shape[1]) if used[:, k].any()]
+        self.flagged = {k for k in self.components if flag[:, k].any()}
+        cols = {"cx": comps.center_arcsec[:, 0], "cy": comps.center_arcsec[:, 1]}
+        for k in self.components:
+            cols[f"axx{k}"] = qa[:, k] * c[:, k] ** 2 + qc[:, k] * s[:, k] ** 2
+            cols[f"axy{k}"] = 2.0 * (qa[:, k] - qc[:, k]) * c[:, k] * s[:, k]
+            cols[f"ayy{k}"] = qa[:, k] * s[:, k] ** 2 + qc[:, k] * c[:, k] ** 2
+            cols[f"inv2n{k}"] = 0.5 / n_safe[:, k]
+            cols[f"mbn{k}"] = -b_n[:, k]
+            cols[f"logpeak{k}"] = log_ie[:, k] + b_n[:, k]  # log(I_e) + b_n: the value at r = 0
+            # minor-axis distance^2 = q hlr^2 r^2 for cuspy / compact components, +inf for the others
+            cols[f"rho{k}"] = np.where(flag[:, k], q[:, k] * hlr[:, k] ** 2, np.inf)
+        super().__init__(cols, dtype, device)
+
+    def surface_brightness(self, x: torch.Tensor, y: torch.Tensor, want_rho: bool):
+        """Unit-flux surface brightness at source-plane (N, ...) positions (row i: stamp i of these params),
+        and the core distance rho (None unless ``want_rho``)."""
+        nd = x.ndim
+        dx = x - self.col("cx", nd)
+        dy = y - self.col("cy", nd)
+        dxx, dxy, dyy = dx * dx, dx * dy, dy * dy
+        del dx, dy
+        out = None
+        rho2 = None
+        for k in self.components:
+            r2 = dxx * self.col(f"axx{k}", nd)
+            r2.addcmul_(dxy, self.col(f"axy{k}", nd)).addcmul_(dyy, self.col(f"ayy{k}", nd))
+            r2.clamp_min_(0.0)  # the expanded form of a very flat profile can round below 0
+            if want_rho and k in self.flagged:
+                # r2 * inf for unflagged stamps: inf (r2 > 0) or nan (r2 = 0), both fail "rho < threshold"
+                d2 = r2 * self.col(f"rho{k}", nd)
+                rho2 = d2 if rho2 is None else torch.fmin(rho2, d2)
+            # exp(log(I_e) - b (r^(1/n) - 1)) keeps the bright cores of large-n profiles in float32 range
+            # r^(1/n) = exp(log(r^2) / 2n) (vectorised; pow with a tensor exponent is not)
+            sb = r2.log_().mul_(self.col(f"inv2n{k}", nd)).exp_().mul_(self.col(f"mbn{k}", nd))
+            sb = sb.add_(self.col(f"logpeak{k}", nd)).exp_()
+            out = sb if out is None else out.add_(sb)
+        if out is None:
+            out = torch.zeros_like(dxx)
+        if not want_rho:
+            return out, None
+        if rho2 is None:
+            return out, torch.full_like(out, float("inf"))
+        return out, rho2.nan_to_num_(nan=float("inf")).sqrt_()
+
+
+class _LensTensors(_Params):
+    """SIE + external shear per stamp, same conventions as
+    :func:`~constellation_assets.sim.lensing.sie_deflection_torch` and ``shear_deflection_torch``."""
+
+    def __init__(self, lens: LensParams, dtype, device):
+        q = lens.q
+        e = np.sqrt(np.clip(1.0 - q**2, 0.0, None))
+        small = e < _E_SERIES
+        e_safe = np.where(small, 1.0, e)
+        b = lens.theta_e_arcsec * np.sqrt(q)  # theta_E = 0 (no deflector): zero SIE deflection
+        has = lens.theta_e_arcsec > 0
+        self.any_small = bool(small.any())
+        self.any_lens = bool(has.any())
+        super().__init__(
+            {
+                "cx": lens.center_x_arcsec,
+                "cy": lens.center_y_arcsec,
+                "cos": np.cos(lens.phi_rad),
+                "sin": np.sin(lens.phi_rad),
+                "q2": q**2,
+                "e": e_safe,
+                "e2": np.where(small, e**2, 0.0),
+                "b_over_e": b / e_safe,
+                "b": b,
+                "small": small,
+                "g1": lens.gamma1,
+                "g2": lens.gamma2,
+                # the deflector's centre for the centre windows, at infinity without a deflector
+                "wx": np.where(has, lens.center_x_arcsec, np.inf),
+                "wy": np.where(has, lens.center_y_arcsec, np.inf),
+            },
+            dtype,
+            device,
+        )
+
+    def shoot(self, x: torch.Tensor, y: torch.Tensor, nd: int):
+        """Image-plane positions -> source-plane positions (N, ...) with ``nd`` dimensions:
+        beta = theta - alpha_SIE - alpha_shear. ``x``, ``y``: (N, ...) with one stamp per row, or a grid
+        shared by all N stamps (without the leading axis, ``nd = x.ndim + 1``)."""
+
+        def c(name):
+            return self.col(name, nd)
+
+        xc = x - c("cx")
+        yc = y - c("cy")
+        cos, sin = c("cos"), c("sin")
+        xr = xc * cos
+        xr.addcmul_(yc, sin)
+        yr = yc * cos
+        yr.addcmul_(xc, sin, value=-1.0)
+        psi = torch.addcmul(yr * yr, xr * xr, c("q2")).sqrt_().clamp_min_(1e-30)
+        u = xr.div_(psi)  # xr, yr are not needed any more
+        v = yr.div_(psi)
+        del psi
+        e = c("e")
+        ax_r = torch.atan(u * e)
+        ay_r = torch.atanh((v * e).clamp_(-1 + 1e-7, 1 - 1e-7))
+        if self.any_small:  # nearly round lenses: the series (atan(e u)/e for e -> 0)
+            e2, small, b, boe = c("e2"), c("small") > 0, c("b"), c("b_over_e")
+            ax_r = torch.where(small, (u - e2 * u**3 / 3) * b, ax_r * boe)
+            ay_r = torch.where(small, (v + e2 * v**3 / 3) * b, ay_r * boe)
+        else:
+            boe = c("b_over_e")
+            ax_r.mul_(boe)
+            ay_r.mul_(boe)
+        del u, v
+        g1, g2 = c("g1"), c("g2")
+        # beta = theta - R(phi) alpha_r - Gamma (theta - centre)
+        bx = x - ax_r * cos
+        bx.addcmul_(ay_r, sin).addcmul_(xc, g1, value=-1.0).addcmul_(yc, g2, value=-1.0)
+        by = y - ax_r * sin
+        by.addcmul_(ay_r, cos, value=-1.0).addcmul_(xc, g2, value=-1.0).addcmul_(yc, g1)
+        return bx, by
+
+    def centre_distance2(self, x, y, nd):
+        """Squared image-plane distance to the lens centre, +inf for stamps without a deflector."""
+        d2 = x - self.col("wx", nd)
+        d2.mul_(d2)
+        dy = y - self.col("wy", nd)
+        return d2.addcmul_(dy, dy)
 
 
 # Cusps and compact sources. Point sampling (the midpoint rule) is spectrally accurate for smooth
@@ -363,138 +609,139 @@ _LENS_FLAG = 10.0
 def _core_window(
     rho: torch.Tensor, cell_arcsec: float, r1: float = _CORE_R1, r2: float = _CORE_R2
 ) -> torch.Tensor:
-    t = ((rho / cell_arcsec - r1) / (r2 - r1)).clamp(0.0, 1.0)
-    return 1.0 - t * t * t * (t * (6.0 * t - 15.0) + 10.0)
+    return 1.0 - _outer_weight(rho, cell_arcsec, r1, r2)
 
 
-def _cell_moments(
-    px, py, src: SourceComponents, lens, cell_arcsec: float, refine: int, level: int, compact: float
-):
-    """Mean surface brightness and its centroid offset (arcsec) over cells of size cell centred on (px, py).
+def _outer_weight(rho: torch.Tensor, cell_arcsec: float, r1: float, r2: float) -> torch.Tensor:
+    """1 - window: 0 within r1 cells, 1 beyond r2 (C2 smootherstep between), computed in place on a new
+    tensor."""
+    t = (rho * (1.0 / (cell_arcsec * (r2 - r1)))).sub_(r1 / (r2 - r1)).clamp_(0.0, 1.0)
+    t2 = t * t
+    return t.mul(6.0).sub_(15.0).mul_(t).add_(10.0).mul_(t2).mul_(t)
 
-    Returns (mean_sb (P,), dx (P,), dy (P,)); cells near a cusp are refined recursively.
-    """
-    sb, gx, gy, _ = _subsample(px, py, src, lens, cell_arcsec, refine, level, compact)
-    mean = sb.mean(dim=-1)
+
+def _cell_moments(px, py, rows, sp, lt, cell_arcsec: float, refine: int, level: int):
+    """Mean surface brightness and its centroid offset (arcsec) over cells of size cell centred on (px, py)
+    (P,), cell p belonging to stamp ``rows[p]`` of the chunk. Returns (mean_sb, dx, dy), each (P,); cells
+    near a cusp are refined recursively."""
+    sb, _, _, _, (ox, oy), shifted = _subsample(px, py, rows, sp, lt, cell_arcsec, refine, level)
     wsum = sb.sum(dim=-1)
-    safe = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
-    dx = torch.where(wsum > 0, (sb * (gx - px[:, None])).sum(dim=-1) / safe, torch.zeros_like(wsum))
-    dy = torch.where(wsum > 0, (sb * (gy - py[:, None])).sum(dim=-1) / safe, torch.zeros_like(wsum))
-    return mean, dx, dy
+    mean = wsum / sb.shape[-1]
+    # light-weighted ray offsets: the regular offsets (a matrix-vector product) plus the centroid shifts
+    # of rays that were refined further
+    sx, sy = sb @ ox, sb @ oy
+    if shifted is not None:
+        pi, si, dx, dy = shifted
+        sx.index_add_(0, pi, sb[pi, si] * dx)
+        sy.index_add_(0, pi, sb[pi, si] * dy)
+    pos = wsum > 0
+    safe = torch.where(pos, wsum, torch.ones_like(wsum))
+    zero = torch.zeros_like(wsum)
+    return mean, torch.where(pos, sx / safe, zero), torch.where(pos, sy / safe, zero)
 
 
-def _subsample(
-    px, py, src: SourceComponents, lens, cell_arcsec: float, refine: int, level: int, compact: float
-):
-    """refine x refine rays per cell (flattened to (P, refine^2)): surface brightness, positions (shifted to the
-    light centroid where refined further) and the core distance rho of each ray.
+def _subsample(px, py, rows, sp, lt, cell_arcsec: float, refine: int, level: int):
+    """refine x refine rays per cell (flattened to (P, refine^2)) centred on (px, py) (P,).
 
-    ``compact`` (arcsec) is the top level's compactness threshold, kept at every level so that rho (and the
+    Returns the surface brightness, positions (shifted to the light centroid where refined further) and
+    core distance rho of each ray, the regular ray offsets (ox, oy) (S,) and the refined rays with their
+    centroid shifts ``(pi, si, dx, dy)`` (or None).
+
+    ``sp`` keeps the top level's compactness threshold at every level, so that rho (and the
     partition-of-unity window built on it) means the same thing everywhere."""
     dtype, device = px.dtype, px.device
     offs = ((torch.arange(refine, dtype=torch.float64) + 0.5) / refine - 0.5) * cell_arcsec
     offs = offs.to(dtype=dtype, device=device)
     oy, ox = torch.meshgrid(offs, offs, indexing="ij")
-    gx = px[:, None] + ox.reshape(1, -1)
-    gy = py[:, None] + oy.reshape(1, -1)
-    qx, qy = _ray_shoot(gx, gy, lens)
+    ox, oy = ox.reshape(-1), oy.reshape(-1)
+    gx = px[:, None] + ox
+    gy = py[:, None] + oy
+    qx, qy = lt.take(rows).shoot(gx, gy, 2) if lt is not None else (gx, gy)
     sub = cell_arcsec / refine
-    sb, rho = sersic_sb_torch(
-        qx,
-        qy,
-        src,
-        dtype=dtype,
-        device=device,
-        core_compact_arcsec=compact,
-        core_min_n=_CORE_MIN_N,
-    )
+    sb, rho = sp.take(rows).surface_brightness(qx, qy, want_rho=True)
+    del qx, qy
+    shifted = None
     if level < _CORE_LEVELS:
         pi, si = torch.nonzero(rho < _CORE_FLAG * sub, as_tuple=True)
         if pi.numel():
-            p_np = pi.cpu().numpy()
-            m, dx, dy = _cell_moments(
-                gx[pi, si],
-                gy[pi, si],
-                src.select(p_np),
-                lens.select(p_np) if lens is not None else None,
-                sub,
-                refine,
-                level + 1,
-                compact,
-            )
-            sb, gx, gy = sb.clone(), gx.clone(), gy.clone()
+            m, dx, dy = _cell_moments(gx[pi, si], gy[pi, si], rows[pi], sp, lt, sub, refine, level + 1)
             sb[pi, si] = m
-            gx[pi, si] = gx[pi, si] + dx
-            gy[pi, si] = gy[pi, si] + dy
-    return sb, gx, gy, rho
+            gx[pi, si] += dx
+            gy[pi, si] += dy
+            shifted = (pi, si, dx, dy)
+    return sb, gx, gy, rho, (ox, oy), shifted
 
 
-def _lens_centre_distance(x, y, lens: LensParams | None, per_row: bool):
-    """Image-plane distance (arcsec) to the lens centre; None without lenses.
-
-    ``per_row``: x, y are (P, S) with one lens per row; else a grid shared by all lenses -> (B, *x.shape).
-
-    The SIE deflection is discontinuous at its centre, so I(beta(theta)) is not smooth there and gets the
-    same refined treatment as a source cusp (+inf for stamps without a deflector).
-    """
-    if lens is None or not np.any(lens.theta_e_arcsec > 0):
-        return None
-    batch = lens.batch_size
-    extra = [1] * (x.ndim - 1) if per_row else [1] * x.ndim
-    cx = torch.as_tensor(lens.center_x_arcsec, dtype=x.dtype, device=x.device).reshape(batch, *extra)
-    cy = torch.as_tensor(lens.center_y_arcsec, dtype=x.dtype, device=x.device).reshape(batch, *extra)
-    dist = torch.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-    has = torch.as_tensor(lens.theta_e_arcsec > 0, device=x.device).reshape(batch, *extra)
-    return torch.where(has, dist, torch.full_like(dist, float("inf")))
+def _monomials(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """(..., 9) products dx^a dy^b, index 3 a + b, a, b <= 2."""
+    px = torch.stack([torch.ones_like(dx), dx, dx * dx], dim=-1)
+    py = torch.stack([torch.ones_like(dy), dy, dy * dy], dim=-1)
+    return (px[..., :, None] * py[..., None, :]).reshape(*dx.shape, 9)
 
 
-def _refine_cores(
-    sb, rho, x, y, src: SourceComponents, lens, cell_arcsec: float, refine: int, own_cell: bool = False
-):
+def _refine_cores(sb, rho, x, y, sp, lt, cell_arcsec: float, refine: int, own_cell: bool = False):
     """Surface brightness on the sub-pixel grid with cusps / compact sources integrated accurately.
 
     ``sb``, ``rho``: (B, N, M) point samples and core distances; ``x``, ``y``: (N, M) grid coordinates.
-    Returns an "effective" surface brightness whose sum times the cell area is the flux. With ``own_cell``
-    every ray's flux stays in its own cell (exact cell integrals, for images without a PSF) instead of the
-    moment-preserving 3 x 3 deposit (which is what a subsequent convolution wants).
+    Returns an "effective" surface brightness whose sum times the cell area is the flux (``sb`` is
+    updated in place). With ``own_cell`` every ray's flux stays in its own cell (exact cell integrals, for
+    images without a PSF) instead of the moment-preserving 3 x 3 deposit (which is what a subsequent
+    convolution wants).
+
+    The SIE deflection is discontinuous at its centre, so I(beta(theta)) is not smooth there and gets the
+    same refined treatment as a source cusp. The windows vanish outside the flagged cells (_CORE_FLAG >
+    _CORE_R2, _LENS_FLAG > _LENS_R2); the lens window is only evaluated on cells that can reach it.
     """
-    rho_lens = _lens_centre_distance(x, y, lens, per_row=False)
+    use_lens = lt is not None and lt.any_lens
     flagged = rho < _CORE_FLAG * cell_arcsec
-    if rho_lens is not None:
-        flagged |= rho_lens < _LENS_FLAG * cell_arcsec
+    if use_lens:
+        lens_d2 = lt.centre_distance2(x, y, 3)
+        flagged |= lens_d2 < (_LENS_FLAG * cell_arcsec) ** 2
     bi, iy, ix = torch.nonzero(flagged, as_tuple=True)
+    del flagged
     if bi.numel() == 0:
         return sb
-    window = _core_window(rho, cell_arcsec)
-    if rho_lens is not None:
-        window = 1.0 - (1.0 - window) * (1.0 - _core_window(rho_lens, cell_arcsec, _LENS_R1, _LENS_R2))
-    out = sb * (1.0 - window)
-    b_np = bi.cpu().numpy()
-    src_p = src.select(b_np)
-    lens_p = lens.select(b_np) if lens is not None else None
-    sub_sb, gx, gy, sub_rho = _subsample(
-        x[iy, ix], y[iy, ix], src_p, lens_p, cell_arcsec, refine, 1, _CORE_COMPACT * cell_arcsec
-    )
-    sub_window = _core_window(sub_rho, cell_arcsec)
-    if rho_lens is not None:
-        sub_lens = _lens_centre_distance(gx, gy, lens_p, per_row=True)
-        sub_window = 1.0 - (1.0 - sub_window) * (
-            1.0 - _core_window(sub_lens, cell_arcsec, _LENS_R1, _LENS_R2)
-        )
-    mass = sub_sb * sub_window / (refine * refine)  # in units of sb * cell area
+    # 1 - W = (1 - w_core)(1 - w_lens): the point-sampled part keeps sb (1 - W), the refined rays get sb W
+    keep_frac = _outer_weight(rho[bi, iy, ix], cell_arcsec, _CORE_R1, _CORE_R2)
+    near = None
+    if use_lens:
+        lens_d = lens_d2[bi, iy, ix].sqrt_()
+        del lens_d2
+        keep_frac.mul_(_outer_weight(lens_d, cell_arcsec, _LENS_R1, _LENS_R2))
+        # cells any of whose rays can be within _LENS_R2 of the centre
+        near = torch.nonzero(lens_d < (_LENS_R2 + 0.75) * cell_arcsec, as_tuple=True)[0]
+    out = sb
+    out[bi, iy, ix] = sb[bi, iy, ix] * keep_frac
+    del keep_frac
+    px, py = x[iy, ix], y[iy, ix]
+    sub_sb, gx, gy, sub_rho, (ox, oy), shifted = _subsample(px, py, bi, sp, lt, cell_arcsec, refine, 1)
+    sub_keep = _outer_weight(sub_rho, cell_arcsec, _CORE_R1, _CORE_R2)
+    del sub_rho
+    if near is not None and near.numel():
+        sub_lens = lt.take(bi[near]).centre_distance2(gx[near], gy[near], 2).sqrt_()
+        sub_keep[near] *= _outer_weight(sub_lens, cell_arcsec, _LENS_R1, _LENS_R2)
+        del sub_lens
+    # mass in units of sb * cell area
+    mass = sub_keep.neg_().add_(1.0).mul_(sub_sb).mul_(1.0 / (refine * refine))
+    del sub_sb
     n_rows, n_cols = x.shape
     if own_cell:
         # every ray of flagged cell p lies in that cell: exact cell integrals
         flat = (bi * n_rows + iy) * n_cols + ix
-        return out.reshape(-1).index_add(0, flat, mass.sum(dim=-1).to(out.dtype)).reshape(out.shape)
+        return out.reshape(-1).index_add_(0, flat, mass.sum(dim=-1).to(out.dtype)).reshape(out.shape)
     # Deposit every ray on the 3 x 3 nodes around its cell with quadratic weights. The weights are
     # quadratic in the ray's offset d from the cell centre (|d| <= 1/2 cell), so the deposit of a cell
     # only needs its rays' mass moments sum(m dx^a dy^b), a, b <= 2: W = C_y M C_x^T.
-    dx = (gx - x[iy, ix][:, None]) / cell_arcsec  # (P, S)
-    dy = (gy - y[iy, ix][:, None]) / cell_arcsec
-    px = torch.stack([torch.ones_like(dx), dx, dx * dx], dim=-1)  # (P, S, 3)
-    py = torch.stack([torch.ones_like(dy), dy, dy * dy], dim=-1)
-    moments = torch.einsum("ps,psa,psb->pab", mass, px, py)  # (P, a: x power, b: y power)
+    del gx, gy
+    # The regular rays' monomials dx^a dy^b are the same for every cell (one matrix product); rays refined
+    # further sit at their light centroid instead, corrected for separately.
+    moments = mass @ _monomials(ox / cell_arcsec, oy / cell_arcsec)  # (P, 9)
+    if shifted is not None:
+        pi, si, sdx, sdy = shifted
+        bx, by = ox[si] / cell_arcsec, oy[si] / cell_arcsec
+        diff = _monomials(bx + sdx / cell_arcsec, by + sdy / cell_arcsec) - _monomials(bx, by)
+        moments.index_add_(0, pi, diff * mass[pi, si][:, None])
+    moments = moments.reshape(-1, 3, 3)  # (P, a: x power, b: y power)
     coef = torch.tensor(
         [[0.0, -0.5, 0.5], [1.0, 0.0, -1.0], [0.0, 0.5, 0.5]], dtype=mass.dtype, device=mass.device
     )  # node k in (-1, 0, +1) x power -> weight coefficient
@@ -504,4 +751,4 @@ def _refine_cores(
     cols = (ix[:, None, None] + steps[None, None, :]).expand_as(w)
     keep = (rows >= 0) & (rows < n_rows) & (cols >= 0) & (cols < n_cols)
     flat = (bi[:, None, None].expand_as(w) * n_rows + rows) * n_cols + cols
-    return out.reshape(-1).index_add(0, flat[keep], w[keep].to(out.dtype)).reshape(out.shape)
+    return out.reshape(-1).index_add_(0, flat[keep], w[keep].to(out.dtype)).reshape(out.shape)
