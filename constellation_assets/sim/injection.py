@@ -126,7 +126,6 @@ TABLE_IDENTIFIER = ("sim", "injections")
 INJECTION_CODE_VERSION = "h8-injection-v1"
 IMAGE_ENCODING = "float32 little-endian row-major (H, W), ADU"
 _DET_RE = re.compile(r"EUC_VIS_SWL-DET-(\d{6})-(\d{2})-.*\.fits(\.gz)?$")
-_MER_RE = re.compile(r"EUC_MER_FINAL-CAT_TILE(\d+)-.*\.fits(\.gz)?$")
 _HOST_COLUMNS = [
     "OBJECT_ID",
     "RIGHT_ASCENSION",
@@ -338,9 +337,17 @@ def _read_quadrants(frame_uri: str, storage_options: dict | None) -> list[Quadra
 
 
 def _find_mer_catalog(cfg, tile_id: int) -> str | None:
-    folder = join_uri(cfg.data.catalog_base_uri, str(tile_id))
-    hits = [u for u in list_uri(folder, cfg.storage_options(folder)) if _MER_RE.search(u.rsplit("/", 1)[-1])]
-    return sorted(hits)[-1] if hits else None  # newest timestamp wins when several versions exist
+    """The tile's MER final catalog (Q1 discovery: newest timestamp, then version), or None when it has none."""
+    from constellation_assets.io.q1 import discover_mer_catalog
+    from constellation_assets.io.uri import DataAccessError
+
+    base = cfg.data.catalog_base_uri
+    try:
+        return discover_mer_catalog(base, tile_id, cfg.storage_options(base))
+    except DataAccessError as exc:
+        if exc.problem.startswith("No MER final catalog"):
+            return None
+        raise
 
 
 def select_host_rows(table, inj) -> np.ndarray:
@@ -360,12 +367,30 @@ def select_host_rows(table, inj) -> np.ndarray:
     return m
 
 
+def _host_candidates(cfg, tile_id: int, inj, problems: list[str]):
+    """Lens-like host candidates of a tile's MER catalog: (ids, ra, dec, mag, sma), or None (problem noted)."""
+    from constellation_assets.io.mer_catalog import read_mer_catalog
+
+    cat_uri = _find_mer_catalog(cfg, tile_id)
+    if cat_uri is None:
+        problems.append(
+            f"tile {tile_id}: no MER final catalog (EUC_MER_FINAL-CAT_TILE{tile_id}-*.fits) under "
+            f"{join_uri(cfg.data.catalog_base_uri, str(tile_id))!r}; check data.catalog_base_uri and tile_ids"
+        )
+        return None
+    table = read_mer_catalog(cat_uri, cfg.storage_options(cat_uri), columns=_HOST_COLUMNS)
+    sel = select_host_rows(table, inj)
+    return tuple(
+        table.column(c).to_numpy()[sel]
+        for c in ("OBJECT_ID", "RIGHT_ASCENSION", "DECLINATION", "MAG_DETECTION", "SEMIMAJOR_AXIS")
+    )
+
+
 def discover_hosts(cfg) -> HostSet:
     """Lens-like host galaxies of the configured tiles, each with the quadrant holding its whole stamp.
 
     Problems that leave a tile without hosts (no catalog, no frames) are collected in ``.problems``.
     """
-    from constellation_assets.io.mer_catalog import read_mer_catalog
 
     inj = cfg.injection
     if _mer_mode(inj):
@@ -387,20 +412,10 @@ def discover_hosts(cfg) -> HostSet:
 
     hosts: list[Host] = []
     for tile_id in cfg.selected_tile_ids:
-        cat_uri = _find_mer_catalog(cfg, tile_id)
-        if cat_uri is None:
-            problems.append(
-                f"tile {tile_id}: no MER final catalog (EUC_MER_FINAL-CAT_TILE{tile_id}-*.fits) under "
-                f"{join_uri(cfg.data.catalog_base_uri, str(tile_id))!r}; check data.catalog_base_uri and tile_ids"
-            )
+        cand = _host_candidates(cfg, tile_id, inj, problems)
+        if cand is None:
             continue
-        table = read_mer_catalog(cat_uri, cfg.storage_options(cat_uri), columns=_HOST_COLUMNS)
-        sel = select_host_rows(table, inj)
-        ids = table.column("OBJECT_ID").to_numpy()[sel]
-        ra = table.column("RIGHT_ASCENSION").to_numpy()[sel]
-        dec = table.column("DECLINATION").to_numpy()[sel]
-        mag = table.column("MAG_DETECTION").to_numpy()[sel]
-        sma = table.column("SEMIMAJOR_AXIS").to_numpy()[sel]
+        ids, ra, dec, mag, sma = cand
         placed = np.zeros(len(ids), dtype=bool)
         where: list[tuple[Quadrant, float, float] | None] = [None] * len(ids)
         for q in quads:
@@ -914,7 +929,6 @@ def source_band_mags(task_id: str, seed_base: int, source_mag: float, bands: Seq
 
 def _discover_hosts_mer(cfg) -> HostSet:
     """Hosts placed on the tile's MER mosaics (all configured bands must exist and share one pixel grid)."""
-    from constellation_assets.io.mer_catalog import read_mer_catalog
     from constellation_assets.io.q1 import discover_mer_mosaics, read_mosaic_info
     from constellation_assets.sim.field import canonical_band
 
@@ -988,20 +1002,10 @@ def _discover_hosts_mer(cfg) -> HostSet:
             header=ref.header.tostring(),
         )
         mosaics[key] = infos
-        cat_uri = _find_mer_catalog(cfg, tile_id)
-        if cat_uri is None:
-            problems.append(
-                f"tile {tile_id}: no MER final catalog (EUC_MER_FINAL-CAT_TILE{tile_id}-*.fits) under "
-                f"{join_uri(cfg.data.catalog_base_uri, str(tile_id))!r}; check data.catalog_base_uri and tile_ids"
-            )
+        cand = _host_candidates(cfg, tile_id, inj, problems)
+        if cand is None:
             continue
-        table = read_mer_catalog(cat_uri, cfg.storage_options(cat_uri), columns=_HOST_COLUMNS)
-        sel = select_host_rows(table, inj)
-        ids = table.column("OBJECT_ID").to_numpy()[sel]
-        ra = table.column("RIGHT_ASCENSION").to_numpy()[sel]
-        dec = table.column("DECLINATION").to_numpy()[sel]
-        mag = table.column("MAG_DETECTION").to_numpy()[sel]
-        sma = table.column("SEMIMAJOR_AXIS").to_numpy()[sel]
+        ids, ra, dec, mag, sma = cand
         x, y = ref.wcs().all_world2pix(ra, dec, 0)
         xc, yc = np.round(x), np.round(y)
         with np.errstate(invalid="ignore"):
