@@ -127,25 +127,37 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def hash_payload(cfg) -> dict:
-    """The output-determining part of a config (what :func:`config_hash` hashes)."""
-    return _strip(cfg.model_dump(mode="json"))
+def hash_payload(cfg, sections: tuple[str, ...] | None = None) -> dict:
+    """The output-determining part of a config (what :func:`config_hash` hashes).
+
+    ``sections`` limits it to the top-level keys a stage's outputs depend on (e.g. an injection run does not
+    depend on the shear estimator settings); None hashes every section.
+    """
+    body = cfg.model_dump(mode="json")
+    if sections is not None:
+        body = {k: v for k, v in body.items() if k in sections}
+    return _strip(body)
 
 
-def config_hash(cfg, extra: dict | None = None) -> str:
+def config_hash(cfg, extra: dict | None = None, sections: tuple[str, ...] | None = None) -> str:
     """Stable sha256 (first 16 hex) over the output-determining settings (and ``extra``, e.g. a bank hash)."""
-    payload = {"config": hash_payload(cfg), "extra": extra or {}}
+    payload = {"config": hash_payload(cfg, sections), "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def effective_config_record(cfg, stage: str, extra: dict | None = None) -> dict:
-    """The effective-config record of a run: config + provenance, redacted, JSON-serialisable."""
+def effective_config_record(
+    cfg, stage: str, extra: dict | None = None, sections: tuple[str, ...] | None = None
+) -> dict:
+    """The effective-config record of a run: config + provenance, redacted, JSON-serialisable.
+
+    The record always holds the whole config; ``sections`` only narrows what ``config_hash`` covers.
+    """
     record: dict[str, Any] = {
         "record_type": "constellation.run_config/v1",
         "stage_dir": stage,
         "execution_timestamp_utc": utc_timestamp(),
-        "config_hash": config_hash(cfg, extra),
+        "config_hash": config_hash(cfg, extra, sections),
         "versions": versions(),
         "git_commit": git_commit(),
     }

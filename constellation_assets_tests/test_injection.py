@@ -292,3 +292,17 @@ def test_s3_output_and_reproduce_on_moto(tmp_path, field_data, moto_s3):
     assert images["VIS"].shape[1:] == (32, 32)
     rep = inj.reproduce(res.run_config_uri, f"s3://{bucket}/repro", force=True, storage_options=so)
     assert rep.identical, (rep.mismatched, rep.missing)
+
+
+def test_injection_hash_ignores_unrelated_sections():
+    """An injection run's outputs do not depend on the shear settings: changing them must not refuse a re-run."""
+    from constellation_assets.config import load_config
+    from constellation_assets.provenance import config_hash
+    from constellation_assets.sim.injection import INJECTION_HASH_SECTIONS
+
+    a = load_config({"variant": "v1"})
+    b = load_config({"variant": "v1", "shear": {"snr_min": 5.0}, "calibration": {"n_galaxies": 10}})
+    c = load_config({"variant": "v1", "injection": {"seed_base": 7}})
+    assert config_hash(a, {}, INJECTION_HASH_SECTIONS) == config_hash(b, {}, INJECTION_HASH_SECTIONS)
+    assert config_hash(a, {}, INJECTION_HASH_SECTIONS) != config_hash(c, {}, INJECTION_HASH_SECTIONS)
+    assert config_hash(a) != config_hash(b)  # the whole-config hash still sees them

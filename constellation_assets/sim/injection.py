@@ -86,6 +86,10 @@ from constellation_assets.provenance import (
 
 log = logging.getLogger(__name__)
 
+#: What an injection run's outputs depend on (its config_hash covers these; the hosts and the COSMOS bank enter
+#: through the hash's ``extra``): changing, say, the shear estimator settings does not invalidate a run.
+INJECTION_HASH_SECTIONS = ("field_name", "tile_ids", "injection")
+
 __all__ = [
     "HOST_BANDS",
     "INJECTION_CODE_VERSION",
@@ -1464,7 +1468,7 @@ def run_injection(
     hosts = hosts if hosts is not None else discover_hosts(cfg)
     bank = _load_bank(cfg) if inj.source_mode == "cosmos" else None
     extra = _hash_extra(cfg, hosts, bank)
-    h = config_hash(cfg, extra)
+    h = config_hash(cfg, extra, INJECTION_HASH_SECTIONS)
     rc_uri = run_config_uri(out, inj.stage_dir, inj.variant, inj.experiment_id)
     action = check_idempotency(rc_uri, h, inj.force, so)
     all_shards = shards_of(cfg)
@@ -1559,7 +1563,7 @@ def run_injection(
             u = shard_uri(cfg, s, k)
             if _rel(cfg, u) not in shas:
                 shas[_rel(cfg, u)] = hashlib.sha256(read_bytes(u, so)).hexdigest()
-        record = effective_config_record(cfg, inj.stage_dir, extra)
+        record = effective_config_record(cfg, inj.stage_dir, extra, INJECTION_HASH_SECTIONS)
         record["extra"] = {
             **extra,
             "n_rows": len(tasks),
@@ -1815,7 +1819,7 @@ def preflight(cfg, benchmark_stamps: int = 4) -> PreflightReport:
             info["existing_run_config"] = rc
             info["existing_config_hash"] = old
             if hosts is not None and (inj.source_mode == "sersic" or bank is not None):
-                new = config_hash(cfg, _hash_extra(cfg, hosts, bank))
+                new = config_hash(cfg, _hash_extra(cfg, hosts, bank), INJECTION_HASH_SECTIONS)
                 info["config_hash"] = new
                 if new != old and not inj.force:
                     problems.append(
