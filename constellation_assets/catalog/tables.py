@@ -236,34 +236,23 @@ def tile_partition_spec(schema: Schema) -> PartitionSpec:
 
 # Rows are written sorted by (DEC, RA): files and row groups get narrow DEC ranges first, which is
 # what a cone / box query prunes on (RA ranges widen near the poles, DEC ranges do not).
-SOURCES_SORT_ORDER = SortOrder(
-    SortField(
-        source_id=6,
-        transform=IdentityTransform(),
-        direction=SortDirection.ASC,
-        null_order=NullOrder.NULLS_LAST,
-    ),
-    SortField(
-        source_id=5,
-        transform=IdentityTransform(),
-        direction=SortDirection.ASC,
-        null_order=NullOrder.NULLS_LAST,
-    ),
-)
-SUBTILES_SORT_ORDER = SortOrder(
-    SortField(
-        source_id=5,
-        transform=IdentityTransform(),
-        direction=SortDirection.ASC,
-        null_order=NullOrder.NULLS_LAST,
-    ),
-    SortField(
-        source_id=4,
-        transform=IdentityTransform(),
-        direction=SortDirection.ASC,
-        null_order=NullOrder.NULLS_LAST,
-    ),
-)
+def dec_ra_sort_order(schema: Schema) -> SortOrder:
+    """Ascending (DEC, RA) sort order, field ids looked up by name in ``schema``."""
+    return SortOrder(
+        *(
+            SortField(
+                source_id=schema.find_field(name).field_id,
+                transform=IdentityTransform(),
+                direction=SortDirection.ASC,
+                null_order=NullOrder.NULLS_LAST,
+            )
+            for name in ("DEC", "RA")
+        )
+    )
+
+
+SOURCES_SORT_ORDER = dec_ra_sort_order(SOURCES_ICEBERG_SCHEMA)
+SUBTILES_SORT_ORDER = dec_ra_sort_order(SUBTILES_ICEBERG_SCHEMA)
 
 
 def table_identifier(namespace: str, name: str) -> tuple[str, str]:
