@@ -334,3 +334,29 @@ def test_external_engine_bad_shapes_are_clear_errors(prepared, tmp_path):
     cfg = _engine_cfg(base, tmp_path, "ok", g=(1.5, 0.0))
     with pytest.raises(ExternalEngineError, match="reduced shear"):
         infer_manifest(cfg, uri)
+
+
+def test_quadrant_entry_reads_exposure_and_exptime_when_the_index_has_them(prepared):
+    """Quadrant index rows with the ``exposure``/``exptime`` columns (short exposures) and without them."""
+    from constellation_assets.prepare import ManifestQuadrant, _quadrant_entry
+
+    _, res, _ = prepared
+    row = pq.read_table(res.quadrants_uri).slice(0, 1).to_pylist()[0]
+    assert "exposure" not in row or row["exposure"] in (1, None)
+    plain = ManifestQuadrant.model_validate(
+        _quadrant_entry({k: v for k, v in row.items() if k != "exposure"})
+    )
+    assert plain.exposure == 1
+    short = _quadrant_entry({**row, "exposure": 2, "exptime": 89.52})
+    q = ManifestQuadrant.model_validate(short)
+    assert q.exposure == 2 and q.exptime_s == pytest.approx(89.52)
+    assert (
+        q.quadrant == row["det_id"]
+        and q.obs_id == f"{row['obs_id']:06d}"
+        and q.dither == f"{row['dither']:02d}"
+    )
+    jsonschema.Draft202012Validator(
+        _our_schema()["$defs"]["quadrant"] | {"$defs": _our_schema()["$defs"]}
+    ).validate(short)
+    with pytest.raises(ValueError, match="exposure"):
+        ManifestQuadrant.model_validate({**short, "exposure": 3})
