@@ -200,8 +200,8 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     manifest_version: int = MANIFEST_VERSION
     tile_id: int
-    sub_tile_row: int = Field(ge=0)
-    sub_tile_col: int = Field(ge=0)
+    sub_tile_row: int = Field(ge=0, le=63)
+    sub_tile_col: int = Field(ge=0, le=63)
     sky_bounds: SkyBounds
     quadrants: list[ManifestQuadrant]
     source_catalog: str = Field(min_length=1)
@@ -226,6 +226,8 @@ class Manifest(BaseModel):
             raise ValueError(f"tile_id must be a 9-digit MER tile id, got {self.tile_id}")
         if len(set(self.source_ids)) != len(self.source_ids):
             raise ValueError("source_ids has duplicates")
+        if len(set(self.core_source_ids)) != len(self.core_source_ids):
+            raise ValueError("core_source_ids has duplicates")
         extra = set(self.core_source_ids) - set(self.source_ids)
         if extra:
             raise ValueError(f"{len(extra)} core_source_ids are not in source_ids (e.g. {sorted(extra)[:3]})")
