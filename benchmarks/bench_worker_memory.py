@@ -148,7 +148,9 @@ def make_subtile(workdir: Path, n_sources: int, n_exp: int, nq: tuple[int, int],
                     }
                 )
                 psf_h.append(fits.ImageHDU(psf, ph))
-                quadrants.append({"ccd": ccd, "quadrant": quad, "obs_id": 2689, "dither": k})
+                quadrants.append(
+                    {"ccd": ccd, "quadrant": f"{ccd}.{quad}", "obs_id": "002689", "dither": f"{k:02d}"}
+                )
         paths = {
             "sci_path": folder / f"EUC_VIS_SWL-DET-{stem}",
             "bkg_path": folder / f"EUC_VIS_SWL-BKG-{stem}",
@@ -159,28 +161,21 @@ def make_subtile(workdir: Path, n_sources: int, n_exp: int, nq: tuple[int, int],
         fits.HDUList(psf_h).writeto(paths["psf_path"], overwrite=True)
         for qd in quadrants:
             if qd["dither"] == k:
-                qd.update({key: str(v) for key, v in paths.items()}, wgt_path=None)
+                qd.update({key: str(v) for key, v in paths.items()}, wgt_path="")
     half = half_deg - 1 / 60
     manifest = {
         "tile_id": 102044185,
         "sub_tile_row": 0,
         "sub_tile_col": 0,
         "sky_bounds": {
-            "core": {
-                "ra_min": RA0 - half,
-                "ra_max": RA0 + half,
-                "dec_min": DEC0 - half,
-                "dec_max": DEC0 + half,
-            },
-            "extended": {
-                "ra_min": float(ra.min()),
-                "ra_max": float(ra.max()),
-                "dec_min": float(dec.min()),
-                "dec_max": float(dec.max()),
-            },
+            "core_ra": [RA0 - half, RA0 + half],
+            "core_dec": [DEC0 - half, DEC0 + half],
+            "extended_ra": [float(ra.min()), float(ra.max())],
+            "extended_dec": [float(dec.min()), float(dec.max())],
         },
         "quadrants": quadrants,
         "source_catalog": str(cat_path),
+        "sources_uri": str(cat_path),
         "source_ids": ids.tolist(),
         "core_source_ids": ids[np.abs(dec - DEC0) < half].tolist(),
     }

@@ -550,7 +550,18 @@ def _section_fields() -> dict[str, type[BaseModel]]:
 
 
 #: The seed's CLI/JSON names that differ from ours.
-ALIASES = {"output_s3": "injection.output_uri", "sweep_partitions": "injection.partitions"}
+ALIASES = {
+    "output_s3": "injection.output_uri",
+    "sweep_partitions": "injection.partitions",
+    # the seed's shear-pipeline config (PipelineConfig of the Constellation seed), as flags
+    "data.s3_region": "data.s3.region",
+    "data.s3_no_sign_request": "data.s3.anon",
+    "output.catalog_namespace": "output.namespace",
+    "output.storage_base_uri": "output.root_uri",
+    "output.extraction_dir": "output.tile_dir",
+    "tiling.mer_tile_size_arcmin": "tiling.tile_extended_arcmin",
+    "tiling.mer_core_size_arcmin": "tiling.tile_core_arcmin",
+}
 
 
 def resolve_override_key(key: str) -> tuple[str, ...]:
@@ -576,7 +587,7 @@ def resolve_override_key(key: str) -> tuple[str, ...]:
         raise ConfigError(
             f"Ambiguous key {key!r}: it exists in sections {hits}; write it as e.g. '{hits[0]}.{key}'"
         )
-    raise ConfigError(_unknown_key_message(key, _all_keys()))
+    raise ConfigError(_unknown_key_message(key, _top_level_keys()))
 
 
 def _check_path(parts: tuple[str, ...]) -> None:
@@ -593,22 +604,36 @@ def _check_path(parts: tuple[str, ...]) -> None:
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
-def _all_keys() -> list[str]:
-    keys = list(PipelineConfig.model_fields)
-    for sec, model in _section_fields().items():
-        keys += [f"{sec}.{k}" for k in model.model_fields] + list(model.model_fields)
-    return keys
+def _top_level_keys() -> list[str]:
+    """Keys valid at the top level of a file: the sections and fields, and the seed's flat injection keys."""
+    return list(PipelineConfig.model_fields) + list(InjectionConfig.model_fields)
+
+
+#: A section's keys are listed in an unknown-key error when it has at most this many.
+_LIST_SECTION_KEYS_MAX = 25
 
 
 def _unknown_key_message(key: str, valid: list[str], prefix: str = "") -> str:
+    """``Unknown config key ...`` with the 3 closest keys of the same section (difflib), never a flat list."""
     leaf = key.rsplit(".", 1)[-1]
-    cands = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.5)
+    leaves = sorted({v.rsplit(".", 1)[-1] for v in valid})
+    cands = difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.5)
     where = f" in section '{prefix}'" if prefix else ""
     msg = f"Unknown config key {key!r}{where}."
     if cands:
-        full = f"{prefix}.{cands[0]}" if prefix else cands[0]
-        msg += f" Did you mean {full!r}?"
-    msg += " Valid keys: " + ", ".join(sorted({v.rsplit(".", 1)[-1] for v in valid})[:40])
+        if prefix:
+            names = [f"{prefix}.{c}" for c in cands]
+        else:  # a bare name accepted at the top level is shown where it lives
+            names = [c if c in PipelineConfig.model_fields else f"injection.{c}" for c in cands]
+        quoted = [repr(n) for n in names]
+        msg += " Did you mean " + (
+            quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        )
+        msg += "?"
+    if prefix and len(leaves) <= _LIST_SECTION_KEYS_MAX:
+        msg += f" Keys of section '{prefix}': " + ", ".join(leaves)
+    elif not prefix:
+        msg += " Top-level keys: " + ", ".join(PipelineConfig.model_fields)
     return msg
 
 
@@ -638,10 +663,112 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+#: The seed's shear-pipeline keys (section, key) that are renamed here: -> (section, ..., key).
+SEED_RENAMES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "s3_region"): ("data", "s3", "region"),
+    ("data", "s3_no_sign_request"): ("data", "s3", "anon"),
+    ("output", "catalog_namespace"): ("output", "namespace"),
+    ("output", "storage_base_uri"): ("output", "root_uri"),
+    # the seed extracts per-sub-tile inputs there; our nearest is the per-tile products folder
+    ("output", "extraction_dir"): ("output", "tile_dir"),
+    ("tiling", "mer_tile_size_arcmin"): ("tiling", "tile_extended_arcmin"),
+    ("tiling", "mer_core_size_arcmin"): ("tiling", "tile_core_arcmin"),
+}
+
+#: The seed's top-level workflow settings (Flyte) that have no meaning here: accepted, logged, dropped.
+SEED_IGNORED_TOP = {
+    "max_parallelism": "Flyte workflow parallelism (here: compute.workers and the Dagster run queue)",
+    "quadrant_concurrency": "Flyte map-task concurrency of the header reads",
+}
+
+_MOCK_SHINE_REFUSED = (
+    "mock_shine: true is not supported: inference here is real. The built-in engine measures shear with "
+    "the FPFS estimator (inference.engine: builtin, the default); to run SHINE, set inference.engine: "
+    "external and inference.command (see constellation_assets/shear/infer.py). Remove mock_shine or set "
+    "it to false."
+)
+
+
+def _migrate_seed_keys(raw: dict, source: str) -> dict:
+    """Map the seed's shear-pipeline config keys onto ours; log once (INFO) the mapping applied.
+
+    Renames (:data:`SEED_RENAMES`), plus: ``data.mer_base_uri`` must be where the MER mosaics are found here
+    (``{root}/q1/MER/`` next to ``data.vis_base_uri``) and is then dropped; ``output.catalog_table`` names the
+    seed's one per-sub-tile table, which here is ``{namespace}.subtiles`` (the per-source rows go to
+    ``{namespace}.sources``); ``mock_shine: true`` is refused, ``false`` dropped; with the seed's local
+    ``output.catalog_warehouse`` and no ``output.catalog_uri``, the catalog is the seed's SQLite file
+    ``{warehouse}/catalog.db``; outputs on S3 (``storage_base_uri``) are written with credentials even when
+    the input data is read anonymously (``s3_no_sign_request`` concerns the data bucket only).
+    """
+    applied: list[str] = []
+    out = copy.deepcopy(raw)
+    if "mock_shine" in out:
+        flag = out.pop("mock_shine")
+        if flag is True or str(flag).strip().lower() in ("true", "1", "yes"):
+            raise ConfigError(f"{_MOCK_SHINE_REFUSED} (in {source})")
+        applied.append(f"mock_shine={flag!r} ignored (inference is real)")
+    for key, why in SEED_IGNORED_TOP.items():
+        if key in out:
+            applied.append(f"{key}={out.pop(key)!r} ignored ({why})")
+    seed_output = False
+    for (sec, key), target in SEED_RENAMES.items():
+        section = out.get(sec)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        value = section.pop(key)
+        present, current = _get_path(out, target)
+        if present and current != value:
+            raise ConfigError(
+                f"Config {source}: {sec}.{key}={value!r} (the seed's name) and {'.'.join(target)}={current!r} "
+                "disagree; keep one of them"
+            )
+        _set_path(out, target, value)
+        applied.append(f"{sec}.{key} -> {'.'.join(target)}")
+        seed_output = seed_output or sec == "output"
+    data = out.get("data")
+    if isinstance(data, dict) and "mer_base_uri" in data:
+        from constellation_assets.io.q1 import default_mer_base_uri
+
+        mer = str(data.pop("mer_base_uri"))
+        vis = str(data.get("vis_base_uri", DataConfig.model_fields["vis_base_uri"].default))
+        ours = default_mer_base_uri(vis)
+        if mer.rstrip("/") != ours.rstrip("/"):
+            raise ConfigError(
+                f"Config {source}: data.mer_base_uri={mer!r} is not where the MER mosaics are read here: they "
+                f"are found next to data.vis_base_uri, at {ours!r} (the Q1 layout {{root}}/q1/VIS/ and "
+                "{root}/q1/MER/); point data.vis_base_uri at the same Q1 root or drop data.mer_base_uri"
+            )
+        applied.append(f"data.mer_base_uri -> the MER mosaics next to data.vis_base_uri ({ours})")
+    output = out.get("output")
+    if isinstance(output, dict) and "catalog_table" in output:
+        table = output.pop("catalog_table")
+        ns = output.get("namespace", OutputConfig.model_fields["namespace"].default)
+        applied.append(
+            f"output.catalog_table={table!r} -> {ns}.subtiles (one row per sub-tile; per-source rows: {ns}.sources)"
+        )
+        seed_output = True
+    if isinstance(output, dict) and seed_output:
+        wh = output.get("catalog_warehouse")
+        if wh and not is_s3(str(wh)) and not output.get("catalog_uri"):
+            db = Path(str(wh)).expanduser().absolute() / "catalog.db"
+            output["catalog_uri"] = f"sqlite:///{db}"
+            applied.append(f"output.catalog_warehouse -> SQLite catalog {db} (the seed's catalog file)")
+        if is_s3(str(output.get("root_uri", ""))) and "s3" not in output:
+            region = (data or {}).get("s3", {}).get("region") if isinstance(data, dict) else None
+            output["s3"] = {"anon": False, **({"region": region} if region else {})}
+            applied.append(
+                "output.root_uri on S3 -> output.s3.anon=false (outputs are written with credentials)"
+            )
+    if applied:
+        log.info("config %s: the seed's keys mapped: %s", source, "; ".join(applied))
+    return out
+
+
 def _normalise_file_dict(raw: dict, source: str) -> dict:
-    """Strip provenance keys and move the seed's flat injection keys into their section."""
+    """Strip provenance keys, map the seed's pipeline keys and move its flat injection keys into their section."""
     if not isinstance(raw, dict):
         raise ConfigError(f"Config {source} must be a mapping at the top level, got {type(raw).__name__}")
+    raw = _migrate_seed_keys(raw, source)
     out: dict = {}
     for k, v in raw.items():
         if k in PROVENANCE_KEYS:

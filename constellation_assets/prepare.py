@@ -7,7 +7,8 @@
   OWNED, IN_CORE;
 - ``{output.tiles}/{tile_id}/tile_quadrants.parquet``: the VIS quadrants whose footprint (from each
   quadrant's WCS header) overlaps the tile's extended area, with the byte offsets of every HDU;
-- ``{output.manifests}/{tile_id}/{tile_id}_{row}_{col}.yaml``: one manifest per sub-tile (schema: :class:`Manifest`).
+- ``{output.manifests}/{tile_id}/{tile_id}_{row}_{col}.yaml``: one manifest per sub-tile (schema: :class:`Manifest`,
+  the seed's manifest contract with SHINE plus our fields; JSON Schema ``schemas/manifest-v2.json``).
 
 Manifests are written last, and a tile whose manifests all exist with the same inputs hash is skipped
 (``force=True`` rewrites), so re-running is idempotent and an interrupted run never looks complete.
@@ -22,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,8 +45,12 @@ __all__ = [
     "MANIFEST_VERSION",
     "Manifest",
     "ManifestError",
+    "ManifestQuadrant",
     "PrepareResult",
+    "SkyBounds",
+    "core_centre_deg",
     "load_manifest",
+    "manifest_schema_path",
     "manifest_uri",
     "prepare",
     "prepare_tile",
@@ -54,7 +59,9 @@ __all__ = [
     "tile_sources_uri",
 ]
 
-MANIFEST_VERSION = 1
+#: 1: nested sky_bounds boxes, source_catalog = the prepared Parquet, quadrant = letter.
+#: 2: the seed's contract (core_ra/... pairs, MER catalog URI, quadrant = HDU prefix) + sources_uri.
+MANIFEST_VERSION = 2
 
 
 #: libyaml's safe loader (about 10x faster on large manifests), or the pure-Python safe loader.
@@ -68,48 +75,140 @@ class ManifestError(ValueError):
 # ------------------------------------------------------------------------------------------- schema
 
 
-class _Box(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ra_min: float
-    ra_max: float
-    dec_min: float
-    dec_max: float
+def _ra_dec_pair(v: Any, what: str, lo: float, hi: float) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"{what} must be a [min, max] pair in degrees, got {v!r}")
+    a, b = float(v[0]), float(v[1])
+    if not (lo <= a <= hi and lo <= b <= hi):
+        raise ValueError(f"{what} must lie in [{lo:g}, {hi:g}] deg, got {[a, b]}")
+    return a, b
 
 
-class _SkyBounds(BaseModel):
+class SkyBounds(BaseModel):
+    """The seed's ``sky_bounds``: ``core_ra``, ``core_dec``, ``extended_ra``, ``extended_dec`` as [min, max] deg.
+
+    RA pairs with ``min > max`` wrap through RA = 0 (e.g. [359.9, 0.1]); Dec pairs have ``min <= max``.
+    """
+
     model_config = ConfigDict(extra="forbid")
-    core: _Box
-    extended: _Box
+    core_ra: tuple[float, float]
+    core_dec: tuple[float, float]
+    extended_ra: tuple[float, float]
+    extended_dec: tuple[float, float]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"core", "extended"} & set(data):
+            raise ValueError(
+                "sky_bounds has the manifest_version 1 layout ({core: {ra_min, ...}, extended: {...}}); "
+                "manifests now use the seed's core_ra/core_dec/extended_ra/extended_dec [min, max] pairs: "
+                "re-run `constellation prepare --force`"
+            )
+        if isinstance(data, dict):
+            out = dict(data)
+            for k in ("core_ra", "extended_ra"):
+                if k in out:
+                    out[k] = _ra_dec_pair(out[k], k, 0.0, 360.0)
+            for k in ("core_dec", "extended_dec"):
+                if k in out:
+                    out[k] = _ra_dec_pair(out[k], k, -90.0, 90.0)
+                    if out[k][0] > out[k][1]:
+                        raise ValueError(f"{k} must be [min, max] with min <= max, got {list(out[k])}")
+            return out
+        return data
+
+    @classmethod
+    def from_boxes(cls, core, extended) -> SkyBounds:
+        """From two RA/Dec boxes (objects with ra_min/ra_max/dec_min/dec_max, or their dicts)."""
+
+        def get(b, k):
+            return float(b[k] if isinstance(b, dict) else getattr(b, k))
+
+        return cls(
+            core_ra=(get(core, "ra_min"), get(core, "ra_max")),
+            core_dec=(get(core, "dec_min"), get(core, "dec_max")),
+            extended_ra=(get(extended, "ra_min"), get(extended, "ra_max")),
+            extended_dec=(get(extended, "dec_min"), get(extended, "dec_max")),
+        )
+
+
+#: Q1 file names spell obs_id with 6 digits and the dither with 2 (``...-DET-002688-00-1-...``).
+_OBS_ID_DIGITS, _DITHER_DIGITS = 6, 2
 
 
 class ManifestQuadrant(BaseModel):
-    """One exposure quadrant: files, identity and the byte offsets of its HDUs (``{kind}_hdu`` etc.)."""
+    """One exposure quadrant: the seed's fields, then ours (exposure, EXPTIME, HDU names and byte offsets).
+
+    Seed fields: ``sci_path`` (DET file), ``bkg_path``, ``wgt_path``, ``psf_path`` (the observation's PSF
+    file; ``""`` when a companion file is absent, as in the seed), ``quadrant`` (the HDU prefix ``3-4.F``),
+    ``obs_id`` and ``dither`` (strings as in Q1 file names: ``002688``, ``00``), ``ccd`` (``3-4``).
+    Ours: ``exposure`` (1 = long science exposure, 2 = short one of the same dither), ``exptime_s``,
+    ``det_id`` (= ``quadrant``), ``naxis1``/``naxis2`` and ``{sci,rms,flg,bkg,wgt,psf}_{hdu,header_offset,
+    data_offset,data_size}`` (byte-range reads without opening the files).
+    """
 
     model_config = ConfigDict(extra="allow")
-    sci_path: str
-    bkg_path: str | None
-    wgt_path: str | None
-    psf_path: str | None
-    quadrant: Literal["E", "F", "G", "H"]
-    obs_id: int
-    dither: int
+    sci_path: str = Field(min_length=1)
+    bkg_path: str
+    wgt_path: str
+    psf_path: str
+    quadrant: str = Field(pattern=r"^\d-\d\.[EFGH]$")
+    obs_id: str = Field(pattern=r"^\d+$")
+    dither: str = Field(pattern=r"^\d+$")
     ccd: str = Field(pattern=r"^\d-\d$")
+    exposure: int = Field(1, ge=1, le=2)
+    exptime_s: float | None = None
     det_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for k in ("bkg_path", "wgt_path", "psf_path"):
+            if out.get(k, "") is None:
+                out[k] = ""  # an absent companion file is "" in the seed's contract
+        for k, digits in (("obs_id", _OBS_ID_DIGITS), ("dither", _DITHER_DIGITS)):
+            v = out.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                out[k] = f"{v:0{digits}d}"
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManifestQuadrant:
+        if self.quadrant.split(".")[0] != self.ccd:
+            raise ValueError(f"quadrant {self.quadrant!r} is not on ccd {self.ccd!r}")
+        if self.det_id is not None and self.det_id != self.quadrant:
+            raise ValueError(f"det_id {self.det_id!r} differs from quadrant {self.quadrant!r}")
+        return self
 
 
 class Manifest(BaseModel):
-    """Sub-tile manifest (Constellation -> inference engine), euclid-q1.md schema plus provenance fields."""
+    """Sub-tile manifest (Constellation -> inference engine).
+
+    The seed's contract (euclid-q1.md "Manifest"; JSON Schema ``constellation_assets/schemas/manifest-v2.json``):
+    ``tile_id``, ``sub_tile_row``, ``sub_tile_col``, ``sky_bounds`` (:class:`SkyBounds`), ``quadrants``
+    (:class:`ManifestQuadrant`), ``source_catalog`` (the tile's MER final catalog), ``source_ids`` and
+    ``core_source_ids`` (MER OBJECT_IDs). Ours on top: ``manifest_version``, ``source_catalogs`` (every MER
+    catalog the sources come from: the tile's first, then neighbours' for sources of the extended area),
+    ``sources_uri`` (the prepared per-tile source Parquet the built-in engine reads), counts,
+    ``inputs_hash`` and the opaque ``inference`` / ``gal`` sections.
+    """
 
     model_config = ConfigDict(extra="forbid")
     manifest_version: int = MANIFEST_VERSION
     tile_id: int
-    sub_tile_row: int = Field(ge=0)
-    sub_tile_col: int = Field(ge=0)
-    sky_bounds: _SkyBounds
+    sub_tile_row: int = Field(ge=0, le=63)
+    sub_tile_col: int = Field(ge=0, le=63)
+    sky_bounds: SkyBounds
     quadrants: list[ManifestQuadrant]
-    source_catalog: str
+    source_catalog: str = Field(min_length=1)
     source_ids: list[int]
     core_source_ids: list[int]
+    source_catalogs: list[str] = Field(default_factory=list)
+    sources_uri: str | None = None
     n_sources: int | None = None
     n_core_sources: int | None = None
     inputs_hash: str | None = None
@@ -118,20 +217,64 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
+        if self.manifest_version != MANIFEST_VERSION:
+            raise ValueError(
+                f"manifest_version {self.manifest_version} is not the supported version {MANIFEST_VERSION}; "
+                "re-run `constellation prepare --force`"
+            )
         if not (100_000_000 <= self.tile_id <= 999_999_999):
             raise ValueError(f"tile_id must be a 9-digit MER tile id, got {self.tile_id}")
         if len(set(self.source_ids)) != len(self.source_ids):
             raise ValueError("source_ids has duplicates")
+        if len(set(self.core_source_ids)) != len(self.core_source_ids):
+            raise ValueError("core_source_ids has duplicates")
         extra = set(self.core_source_ids) - set(self.source_ids)
         if extra:
             raise ValueError(f"{len(extra)} core_source_ids are not in source_ids (e.g. {sorted(extra)[:3]})")
         return self
 
     def paths(self) -> list[str]:
-        out = [self.source_catalog]
+        out = [self.source_catalog, *self.source_catalogs]
+        if self.sources_uri:
+            out.append(self.sources_uri)
         for q in self.quadrants:
             out += [p for p in (q.sci_path, q.bkg_path, q.wgt_path, q.psf_path) if p]
         return out
+
+
+# Name kept for code written against the first manifest layout.
+_SkyBounds = SkyBounds
+
+
+def manifest_schema_path():
+    """Path of the JSON Schema of the current manifest version (shipped with the package)."""
+    from pathlib import Path
+
+    return Path(__file__).parent / "schemas" / f"manifest-v{MANIFEST_VERSION}.json"
+
+
+def core_centre_deg(manifest) -> tuple[float, float]:
+    """(RA, Dec) in degrees of the centre of a manifest's core box (NaN when it has no core bounds).
+
+    Reads the seed's ``sky_bounds.core_ra/core_dec`` pairs, and the nested boxes of version-1 manifests
+    (``sky_bounds.core.ra_min`` ...) so that such dicts still give their centre. RA wraps through 0.
+    """
+    import math
+
+    sb = (manifest.get("sky_bounds") if isinstance(manifest, dict) else None) or {}
+    try:
+        if "core_ra" in sb:
+            ra0, ra1 = (float(x) for x in sb["core_ra"])
+            dec0, dec1 = (float(x) for x in sb["core_dec"])
+        else:
+            core = sb["core"]
+            ra0, ra1 = float(core["ra_min"]), float(core["ra_max"])
+            dec0, dec1 = float(core["dec_min"]), float(core["dec_max"])
+    except (KeyError, TypeError, ValueError):
+        return math.nan, math.nan
+    if ra1 < ra0:  # wraps through RA = 0
+        ra1 += 360.0
+    return ((ra0 + ra1) / 2.0) % 360.0, (dec0 + dec1) / 2.0
 
 
 def _norm_root(uri: str) -> str:
@@ -360,15 +503,32 @@ def _existing_complete(cfg, tile_id: int, grid, inputs_hash: str) -> list[str] |
     return uris
 
 
-_MANIFEST_QUAD_KEYS = (
-    "sci_path", "bkg_path", "wgt_path", "psf_path", "quadrant", "obs_id", "dither", "ccd", "det_id",
-    "naxis1", "naxis2",
-)  # fmt: skip
+_MANIFEST_PATH_KEYS = ("sci_path", "bkg_path", "wgt_path", "psf_path")
 _HDU_KINDS = ("sci", "rms", "flg", "bkg", "wgt", "psf")
 
 
 def _quadrant_entry(row: dict) -> dict:
-    e = {k: row[k] for k in _MANIFEST_QUAD_KEYS}
+    """Manifest quadrant entry (:class:`ManifestQuadrant`) from a quadrant index row (io.q1.INDEX_SCHEMA).
+
+    Index rows without ``exposure`` / ``exptime`` (older index caches) are long exposures (1), EXPTIME unknown.
+    """
+    det_id = row.get("det_id") or f"{row['ccd']}.{row['quadrant']}"
+    exposure = row.get("exposure")
+    exptime = row.get("exptime")
+    e = {k: row.get(k) or "" for k in _MANIFEST_PATH_KEYS}
+    e.update(
+        {
+            "quadrant": det_id,  # the seed's HDU prefix, e.g. "3-4.F"
+            "obs_id": f"{int(row['obs_id']):0{_OBS_ID_DIGITS}d}",
+            "dither": f"{int(row['dither']):0{_DITHER_DIGITS}d}",
+            "ccd": row["ccd"],
+            "exposure": int(exposure) if exposure is not None else 1,
+            "exptime_s": float(exptime) if exptime is not None else None,
+            "det_id": det_id,
+            "naxis1": row.get("naxis1"),
+            "naxis2": row.get("naxis2"),
+        }
+    )
     for kind in _HDU_KINDS:
         for suffix in ("hdu", "header_offset", "data_offset", "data_size"):
             e[f"{kind}_{suffix}"] = row[f"{kind}_{suffix}"]
@@ -438,11 +598,13 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
             tile_id=tile_id,
             sub_tile_row=st.row,
             sub_tile_col=st.col,
-            sky_bounds=st.sky_bounds(),
+            sky_bounds=SkyBounds.from_boxes(st.core, st.extended),
             quadrants=entries,
-            source_catalog=s_uri,
+            source_catalog=cat_uri,
             source_ids=[int(x) for x in oid[all_idx]],
             core_source_ids=[int(x) for x in oid[core_idx]],
+            source_catalogs=list(catalogs),
+            sources_uri=s_uri,
             n_sources=int(len(all_idx)),
             n_core_sources=int(len(core_idx)),
             inputs_hash=ihash,

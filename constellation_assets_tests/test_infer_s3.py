@@ -27,7 +27,7 @@ def test_infer_manifest_on_s3(tmp_path, moto_s3):
     for q in m["quadrants"]:
         for k in ("sci_path", "bkg_path", "psf_path"):
             q[k] = upload(q[k])
-    m["source_catalog"] = upload(m["source_catalog"])
+    m["source_catalog"] = m["sources_uri"] = upload(m["source_catalog"])
     client.put_object(Bucket=bucket, Key="manifests/m.yaml", Body=yaml.safe_dump(m).encode())
     s3 = {"endpoint_url": moto_s3["endpoint_url"], "region": "us-east-1"}
     cfg = load_config(

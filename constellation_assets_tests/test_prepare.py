@@ -39,13 +39,17 @@ def test_manifests_schema_and_content(prepared):
     for m, u in zip(manifests, res.manifest_uris, strict=True):
         assert Path(u).name == f"{TILE}_{m['sub_tile_row']}_{m['sub_tile_col']}.yaml"
         assert Path(u).parent == Path(cfg.output.manifests) / str(TILE)
-        assert set(m["sky_bounds"]) == {"core", "extended"}
-        assert m["source_catalog"] == res.sources_uri
+        assert set(m["sky_bounds"]) == {"core_ra", "core_dec", "extended_ra", "extended_dec"}
+        assert m["source_catalog"] == res.catalog_uri and m["source_catalog"].endswith(".fits")
+        assert m["source_catalogs"][0] == res.catalog_uri and m["sources_uri"] == res.sources_uri
+        assert m["manifest_version"] == 2
         assert m["inference"] == {"engine": "shine", "n_steps": 3} and m["gal"] == {"model": "sersic"}
         for q in m["quadrants"]:
             for k in ("sci_path", "bkg_path", "wgt_path", "psf_path", "quadrant", "obs_id", "dither", "ccd"):
-                assert q[k] is not None
-            assert q["sci_hdu"] == f"{q['ccd']}.{q['quadrant']}.SCI" and q["sci_data_size"] > 0
+                assert isinstance(q[k], str) and q[k]
+            assert q["quadrant"] == f"{q['ccd']}.{q['quadrant'][-1]}" == q["det_id"]
+            assert q["sci_hdu"] == f"{q['quadrant']}.SCI" and q["sci_data_size"] > 0
+            assert q["exposure"] == 1
     with_sources = [m for m in manifests if m["core_source_ids"]]
     assert with_sources and all(m["quadrants"] for m in with_sources)
 
@@ -74,12 +78,12 @@ def test_quadrants_in_manifest_overlap_the_subtile(prepared):
     quads = pq.read_table(res.quadrants_uri).to_pylist()
     for u in res.manifest_uris:
         m = load_manifest(u)
-        ext = m["sky_bounds"]["extended"]
-        listed = {(q["obs_id"], q["dither"], q["det_id"]) for q in m["quadrants"]}
+        (ra_min, ra_max), (dec_min, dec_max) = m["sky_bounds"]["extended_ra"], m["sky_bounds"]["extended_dec"]
+        listed = {(int(q["obs_id"]), int(q["dither"]), q["det_id"]) for q in m["quadrants"]}
         for q in quads:
             b = quadrant_box(q)
-            overlaps = not (b.dec_max < ext["dec_min"] or b.dec_min > ext["dec_max"]) and not (
-                b.ra_max < ext["ra_min"] or b.ra_min > ext["ra_max"]
+            overlaps = not (b.dec_max < dec_min or b.dec_min > dec_max) and not (
+                b.ra_max < ra_min or b.ra_min > ra_max
             )
             assert ((q["obs_id"], q["dither"], q["det_id"]) in listed) == overlaps
 

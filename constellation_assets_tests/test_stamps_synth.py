@@ -139,12 +139,12 @@ def write_exposure(folder: Path, obs_id: int, dither: int, arrays, nx=NQ, ny=NQ)
     return {
         "sci_path": str(paths["DET"]),
         "bkg_path": str(paths["BKG"]),
-        "wgt_path": None,
+        "wgt_path": "",
         "psf_path": str(paths["PSF"]),
-        "quadrant": QUAD,
+        "quadrant": det,
         "ccd": CCD,
-        "obs_id": obs_id,
-        "dither": dither,
+        "obs_id": f"{obs_id:06d}",
+        "dither": f"{dither:02d}",
     }
 
 
@@ -186,21 +186,14 @@ def write_manifest(folder: Path, quadrants, ra, dec, tile_id=102044185, row=1, c
         "sub_tile_row": row,
         "sub_tile_col": col,
         "sky_bounds": {
-            "core": {
-                "ra_min": float(np.min(ra)),
-                "ra_max": float(np.max(ra)),
-                "dec_min": float(np.min(dec)),
-                "dec_max": float(np.max(dec)),
-            },
-            "extended": {
-                "ra_min": float(np.min(ra)) - 0.01,
-                "ra_max": float(np.max(ra)) + 0.01,
-                "dec_min": float(np.min(dec)) - 0.01,
-                "dec_max": float(np.max(dec)) + 0.01,
-            },
+            "core_ra": [float(np.min(ra)), float(np.max(ra))],
+            "core_dec": [float(np.min(dec)), float(np.max(dec))],
+            "extended_ra": [float(np.min(ra)) - 0.01, float(np.max(ra)) + 0.01],
+            "extended_dec": [float(np.min(dec)) - 0.01, float(np.max(dec)) + 0.01],
         },
         "quadrants": list(quadrants),
         "source_catalog": str(cat),
+        "sources_uri": str(cat),
         "source_ids": ids.tolist(),
         "core_source_ids": core.tolist(),
         "inference": {},

@@ -43,6 +43,7 @@ from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import And, BooleanExpression, EqualTo
 from pyiceberg.table import Table
 
+from constellation_assets.catalog.external import read_result_file
 from constellation_assets.catalog.schema import (
     SOURCES_TABLE_ARROW_SCHEMA,
     SUBTILES_PER_TILE,
@@ -50,7 +51,6 @@ from constellation_assets.catalog.schema import (
     ResultFileError,
     conform_table,
     parse_subtile_result_name,
-    read_subtile_result,
     subtiles_table,
     tile_bucket,
 )
@@ -185,9 +185,18 @@ def _find_snapshot(table: Table, snapshot_properties: Mapping[str, str]):
 
 
 def load_tile_results(
-    tile_id: int, result_uris: Iterable[str], storage_options: dict | None = None
+    tile_id: int,
+    result_uris: Iterable[str],
+    storage_options: dict | None = None,
+    *,
+    run_id: str | None = None,
+    config_hash: str | None = None,
 ) -> tuple[pa.Table, pa.Table, int, list[tuple[int, int]]]:
     """Read one tile's result files -> (core sources for shear.sources, sub-tile rows, n dropped, missing).
+
+    A file may also be the seed's per-sub-tile result (one row, e.g. written by SHINE; see
+    :mod:`constellation_assets.catalog.external`): it adds its row to the sub-tiles and no sources; when it
+    carries no RUN_ID/CONFIG_HASH, ``run_id``/``config_hash`` (this assembly's) are recorded for it.
 
     Raises AssemblyError naming the offending file when a file belongs to another tile, a sub-tile
     appears twice, a file is unreadable, or an OBJECT_ID occurs in more than one core.
@@ -213,12 +222,15 @@ def load_tile_results(
         seen[(row, col)] = uri
     # Reads are I/O bound (S3 round trips): a few threads, results kept in input order.
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(uris)))) as pool:
-        futures = [pool.submit(read_subtile_result, uri, storage_options) for uri in uris]
+        futures = [pool.submit(read_result_file, uri, storage_options) for uri in uris]
         try:
             loaded = [f.result() for f in futures]
         except ResultFileError as exc:
             raise AssemblyError(str(exc)) from exc
     for uri, (rows, summary) in zip(uris, loaded, strict=True):
+        if summary.get("result_shape") == "subtile":
+            summary["run_id"] = summary.get("run_id") or run_id or "external"
+            summary["config_hash"] = summary.get("config_hash") or config_hash or "unknown"
         core = rows.filter(rows["IN_CORE"])
         n_dropped += rows.num_rows - core.num_rows
         run_id = str(summary["run_id"])
@@ -280,7 +292,9 @@ def assemble_tile(
     """
     start = time.perf_counter()
     tile_id = int(tile_id)
-    sources, subtiles, n_dropped, missing = load_tile_results(tile_id, list(result_uris), storage_options)
+    sources, subtiles, n_dropped, missing = load_tile_results(
+        tile_id, list(result_uris), storage_options, run_id=str(run_id), config_hash=str(config_hash)
+    )
     if require_complete and missing:
         raise AssemblyError(
             f"tile {tile_id} is missing sub-tile result(s) {missing}; run the shear stage for them first"

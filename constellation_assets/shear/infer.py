@@ -11,8 +11,17 @@ Engines (``inference.engine`` in the config, an opaque section):
     and combined per source by inverse variance.
 ``external``
     A configured command (e.g. SHINE) run once per manifest as a subprocess; it must write a Parquet file
-    with the per-source columns of ``SOURCE_RESULT_SCHEMA`` (optionally with the sub-tile summary as JSON
-    in the key-value metadata ``constellation``). Config::
+    of one of two shapes (told apart by their columns):
+
+    - per-source rows with the columns of ``SOURCE_RESULT_SCHEMA`` (optionally with the sub-tile summary
+      as JSON in the key-value metadata ``constellation``);
+    - the seed's per-sub-tile result (SHINE fits one constant shear per sub-tile): exactly one row with
+      the columns of :data:`constellation_assets.catalog.external.SHINE_RESULT_SCHEMA` (TILE_ID,
+      SUBTILE_ROW, SUBTILE_COL, RA, DEC, G1, G2, G1_ERR, G2_ERR, N_SOURCES, METHOD, CONVERGENCE). Its
+      values are kept as the engine wrote them (METHOD and CONVERGENCE included); the result file then has
+      no per-source rows, so the sub-tile adds a row to ``shear.subtiles`` and none to ``shear.sources``.
+
+    Config::
 
         inference:
           engine: external
@@ -160,15 +169,10 @@ def _manifest_hash(manifest: Mapping[str, Any]) -> str:
 
 
 def _core_centre(manifest: Mapping[str, Any]) -> tuple[float, float]:
-    core = (manifest.get("sky_bounds") or {}).get("core") or {}
-    try:
-        ra0, ra1 = float(core["ra_min"]), float(core["ra_max"])
-        dec0, dec1 = float(core["dec_min"]), float(core["dec_max"])
-    except (KeyError, TypeError, ValueError):
-        return math.nan, math.nan
-    if ra1 < ra0:  # wraps through RA = 0
-        ra1 += 360.0
-    return ((ra0 + ra1) / 2.0) % 360.0, (dec0 + dec1) / 2.0
+    """(RA, Dec) deg of the manifest's core box centre (``sky_bounds.core_ra`` / ``core_dec``)."""
+    from constellation_assets.prepare import core_centre_deg
+
+    return core_centre_deg(dict(manifest))
 
 
 class _PeakMemory:
@@ -355,7 +359,8 @@ def measure_manifest(
     import pyarrow as pa
 
     opts = storage_options or cfg.storage_options
-    sources, in_core = st.sources_from_manifest(manifest, opts(str(manifest.get("source_catalog", ""))))
+    sources_uri = manifest.get("sources_uri") or manifest.get("source_catalog") or ""
+    sources, in_core = st.sources_from_manifest(manifest, opts(str(sources_uri)))
     n = len(sources)
     covered = np.zeros(n, dtype=np.int64)
     measurer = _BatchMeasurer(device, batch_size, _estimator_kwargs(cfg), progress)
@@ -466,6 +471,7 @@ def run_external(
     import pyarrow.parquet as pq
     import yaml
 
+    from constellation_assets.catalog.external import result_shape, subtile_summary_from_table
     from constellation_assets.catalog.schema import SOURCE_RESULT_SCHEMA, SUMMARY_METADATA_KEY, conform_table
 
     inf = dict(cfg.inference or {})
@@ -541,6 +547,21 @@ def run_external(
         raw = (table.schema.metadata or {}).get(SUMMARY_METADATA_KEY)
         what = f"external engine result for {manifest_uri}"
         try:
+            if result_shape(table.schema, what) == "subtile":
+                # The seed's SHINE result: one row, one constant shear for the sub-tile (no per-source rows).
+                summary = subtile_summary_from_table(
+                    table,
+                    what,
+                    expect=(manifest["tile_id"], manifest["sub_tile_row"], manifest["sub_tile_col"]),
+                    sky_bounds=manifest.get("sky_bounds"),
+                )
+                for key in ("TILE_ID", "SUBTILE_ROW", "SUBTILE_COL", "run_id", "config_hash"):
+                    summary.pop(key, None)
+                log.info(
+                    "external engine returned the per-sub-tile result (METHOD %s, N_SOURCES %d)",
+                    summary["METHOD"], summary["N_SOURCES"],
+                )  # fmt: skip
+                return SOURCE_RESULT_SCHEMA.empty_table(), summary
             table = conform_table(table, SOURCE_RESULT_SCHEMA, what)
         except ValueError as exc:
             raise ExternalEngineError(str(exc)) from exc

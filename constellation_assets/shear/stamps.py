@@ -669,8 +669,14 @@ def quadrant_stamps(
 # Reading quadrants (only the HDUs needed)
 
 
+def _det_id(entry: Mapping[str, Any]) -> str:
+    """HDU prefix of a manifest quadrant entry: ``quadrant`` is ``3-4.F`` (or, in index rows, the letter)."""
+    quad = str(entry.get("quadrant"))
+    return quad if "." in quad else f"{entry.get('ccd')}.{quad}"
+
+
 def _hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
-    det = f"{entry.get('ccd')}.{entry.get('quadrant')}"
+    det = _det_id(entry)
     explicit = entry.get(f"{kind}_hdu") or (entry.get("hdus") or {}).get(kind)
     names = {
         "sci": [f"{det}.SCI"],
@@ -833,7 +839,7 @@ def read_quadrant_images(
     """
     from constellation_assets.io.uri import DataAccessError
 
-    det = f"{entry.get('ccd')}.{entry.get('quadrant')}"
+    det = _det_id(entry)
     key = f"{entry.get('obs_id')}-{entry.get('dither')}-{det}"
     exposure = f"{entry.get('obs_id')}-{entry.get('dither')}"
     arrays = _read_with_q1(entry, storage_options)
@@ -1002,20 +1008,30 @@ def _quadrant_cache_key(entry: Mapping[str, Any], storage_options: dict | None) 
 def sources_from_manifest(
     manifest: Mapping[str, Any], storage_options: dict | None = None
 ) -> tuple[SourceList, np.ndarray]:
-    """The manifest's sources (its ``source_ids`` rows of ``source_catalog``) and the IN_CORE mask."""
+    """The manifest's sources (its ``source_ids`` rows) and the IN_CORE mask.
+
+    Read from ``sources_uri`` (the prepared Parquet of the tile's sources, which also holds the neighbours'
+    sources of the extended area), else from ``source_catalog`` (Parquet, or a MER final catalog FITS).
+    """
     import pyarrow.parquet as pq
 
     from constellation_assets.io.uri import DataAccessError, open_uri
 
-    uri = manifest.get("source_catalog")
+    uri = manifest.get("sources_uri") or manifest.get("source_catalog")
     if not uri:
         raise ValueError(
-            "manifest has no 'source_catalog' (Parquet of the tile's sources); re-run `constellation prepare`"
+            "manifest has neither 'sources_uri' (Parquet of the tile's sources) nor 'source_catalog'; "
+            "re-run `constellation prepare`"
         )
     cols = ["OBJECT_ID", "RIGHT_ASCENSION", "DECLINATION"]
     try:
-        with open_uri(str(uri), "rb", storage_options) as fh:
-            table = pq.read_table(fh, columns=cols)
+        if str(uri).lower().endswith((".fits", ".fits.gz", ".fit")):
+            from constellation_assets.io.mer_catalog import read_mer_catalog
+
+            table = read_mer_catalog(str(uri), storage_options, columns=cols)
+        else:
+            with open_uri(str(uri), "rb", storage_options) as fh:
+                table = pq.read_table(fh, columns=cols)
     except (KeyError, ValueError) as exc:
         raise DataAccessError(
             str(uri), f"source catalog lacks columns {cols} ({exc})", "re-run `constellation prepare`"
