@@ -361,8 +361,8 @@ def _existing_complete(cfg, tile_id: int, grid, inputs_hash: str) -> list[str] |
 
 
 _MANIFEST_QUAD_KEYS = (
-    "sci_path", "bkg_path", "wgt_path", "psf_path", "quadrant", "obs_id", "dither", "ccd", "det_id",
-    "naxis1", "naxis2",
+    "sci_path", "bkg_path", "wgt_path", "psf_path", "quadrant", "obs_id", "dither", "exposure", "ccd",
+    "det_id", "naxis1", "naxis2",
 )  # fmt: skip
 _HDU_KINDS = ("sci", "rms", "flg", "bkg", "wgt", "psf")
 
@@ -400,7 +400,11 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
     tile = mer_tile(tile_id, tc.tile_core_arcmin, tc.tile_extended_arcmin)
 
     vis_so = cfg.storage_options(cfg.data.vis_base_uri)
-    exposures = discover_vis_exposures(cfg.data.vis_base_uri, storage_options=vis_so)
+    exposures = discover_vis_exposures(
+        cfg.data.vis_base_uri,
+        storage_options=vis_so,
+        include_short_exposures=cfg.data.include_short_exposures,
+    )
     sources, n_rows, cat_uri, catalogs, part = _select_sources(cfg, tile, grid, margin)
     ihash = _inputs_hash(cfg, tile_id, catalogs, exposures, grid, margin)
 

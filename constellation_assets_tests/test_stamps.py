@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from constellation_assets import euclid
 from constellation_assets.shear import stamps as st
 from constellation_assets_tests import test_stamps_synth as syn
 
@@ -112,10 +113,13 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     )
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     sci2, flg2 = sci.copy(), flg.copy()
-    # Source 0: a cosmic ray (bit 4) 3 pixels right of the centre, plus a bit-9 pixel (not a shear mask bit).
+    # Source 0: a cosmic ray (bit 4) 3 pixels right of the centre, a CR_REGION pixel (bit 9, masked) below it
+    # and a pixel with only the informational bits QUADEDGE | STARSIGNAL | OBJECTS (not masked) above it.
     sci2[iy[0], ix[0] + 3] += 5000.0
     flg2[iy[0], ix[0] + 3] = 1 << 4
-    flg2[iy[0] + 5, ix[0]] = 1 << 9
+    flg2[iy[0] - 5, ix[0]] = euclid.FLG_CR_REGION
+    sci2[iy[0] - 5, ix[0]] += 300.0
+    flg2[iy[0] + 5, ix[0]] = euclid.FLG_QUADEDGE | euclid.FLG_STARSIGNAL | euclid.FLG_OBJECTS
     # Source 1: hot pixel on the centre.
     flg2[iy[1], ix[1]] = 1 << 1
     # Source 2: NaN pixel in the wings (masked as invalid even without a flag).
@@ -127,8 +131,9 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     # Masked pixel filled with its point-symmetric partner (round Gaussian: ~ the clean value).
     filled = s.images[0, c, c + 3]
     assert abs(filled - clean.images[0, c, c + 3]) < 0.03 * clean.images[0, c, c + 3]
-    assert s.images[0, c + 5, c] == clean.images[0, c + 5, c]  # bit 9 is not a shear mask bit
-    assert s.reject[0] == 0 and s.masked_fraction[0] == pytest.approx(1 / SIZE**2)
+    assert s.images[0, c + 5, c] == clean.images[0, c + 5, c]  # informational bits do not mask
+    assert abs(s.images[0, c - 5, c] - clean.images[0, c - 5, c]) < 0.15 * clean.images[0, c - 5, c]  # wing
+    assert s.reject[0] == 0 and s.masked_fraction[0] == pytest.approx(2 / SIZE**2)
     assert s.reject[1] & st.REJECT_CENTER_MASKED
     assert s.reject[2] == 0 and np.isfinite(s.images[2]).all()
     assert (
@@ -141,6 +146,36 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     era, edec = WCS(hh).all_pix2world([-0.3], [80.4], 0)
     se = st.quadrant_stamps(quad, _sources(era, edec), SIZE)
     assert se.reject[0] & st.REJECT_CENTER_MASKED and se.masked_fraction[0] >= 0.5
+
+
+@pytest.mark.parametrize(
+    ("bit", "masked"),
+    [
+        ("QUADEDGE", False),
+        ("STARSIGNAL", False),
+        ("OBJECTS", False),
+        ("BAD_CLUSTER", True),
+        ("CR_REGION", True),
+        ("NO_DATA", True),
+        ("SATXTALKGHOST", True),
+        ("ADCMAX", True),
+        ("STITCHBLOCK", True),
+        ("INVALID", True),
+    ],
+)
+def test_flag_mask_uses_the_esa_bit_map(bit, masked):
+    """QUADEDGE (bit 6) marks good pixels near a quadrant edge; BAD_CLUSTER, CR_REGION, NO_DATA ... are defects."""
+    assert st.FLG_MASK_BITS == euclid.FLG_MASK_BITS
+    h = syn.wcs_header()
+    ra, dec, x, y = syn.galaxy_positions(1, h, seed=3, margin=40)
+    sci, rms, flg, bkg, hh = syn.render_quadrant(h, [(ra[0], dec[0], 30000.0, 0.2, 0.0, 0.0)])
+    ix, iy = int(round(x[0])), int(round(y[0]))
+    flg[iy + 6 : iy + 8, ix - 10 : ix + 10] = euclid.FLG_BITS[bit]
+    psf = st.PsfGrid.from_image(*syn.psf_grid_image(), (syn.NQ, syn.NQ))
+    s = st.quadrant_stamps(
+        st.QuadrantImages("k", "e", sci, bkg, rms, None, flg, hh, psf), _sources(ra, dec), SIZE
+    )
+    assert s.masked_fraction[0] == pytest.approx(40 / SIZE**2 if masked else 0.0)
 
 
 def test_edge_source_symmetric_fill_keeps_shape():
