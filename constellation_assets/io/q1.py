@@ -925,11 +925,12 @@ def primary_header(uri: str, storage_options: dict | None = None):
 PRIMARY_FALLBACK_KEYS = ("EXPTIME", "MAGZEROP", "GAIN", "RDNOISE", "SATLEVEL")
 
 
-def _complete_from_primary(header, uri: str, storage_options: dict | None) -> None:
+def _complete_from_primary(header, uri: str, storage_options: dict | None, walked: bool = False) -> None:
     missing = [k for k in PRIMARY_FALLBACK_KEYS if k not in header]
     if not missing:
         return
-    prim = primary_header(uri, storage_options)
+    table = hdu_table(uri, storage_options) if walked else {}
+    prim = table["PRIMARY"].header if "PRIMARY" in table else primary_header(uri, storage_options)
     for k in missing:
         if k in prim:
             header[k] = prim[k]
@@ -950,19 +951,21 @@ def read_quadrant_hdus(
         kinds = ["sci", "rms", "flg", "bkg", "psf"]
     kinds = list(kinds)
     out: dict[str, tuple[np.ndarray, Any]] = {}
+    sci_walked = False
     for kind in kinds:
         q = None
         if entry.get(f"{kind}_hdu") is not None and entry.get(f"{kind}_header_offset") is not None:
             q = read_quadrant_row(entry, kind, storage_options)
         elif entry.get(_PATH_KEY[kind]):
             q = read_hdu(str(entry[_PATH_KEY[kind]]), hdu_candidates(entry, kind), storage_options)
+            sci_walked |= kind == "sci"
         if q is not None:
             out[kind] = (q.data, q.header)
     if "rms" in kinds and "rms" not in out and "wgt" not in kinds and entry.get("wgt_path"):
         got = read_quadrant_hdus(entry, storage_options, ["wgt"])
         out.update(got)
     if "sci" in out:
-        _complete_from_primary(out["sci"][1], str(entry["sci_path"]), storage_options)
+        _complete_from_primary(out["sci"][1], str(entry["sci_path"]), storage_options, sci_walked)
     return out
 
 
