@@ -425,6 +425,7 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
         storage_options=vis_so,
         cache_storage_options=cfg.storage_options(cfg.output.root_uri),
         progress=index_progress,
+        overlap_box=tile.extended,
     )
     quads = quadrants_overlapping(index, tile.extended)
     quads = quads.append_column("TILE_ID", pa.array(np.full(quads.num_rows, tile_id, dtype=np.int64)))

@@ -448,3 +448,24 @@ def test_real_layout_on_s3(moto_s3, tmp_path):
     assert hdus["sci"][1]["EXPTIME"] == 89.52 and hdus["psf"][0].shape == (189, 189)
     got = q1.read_exposure_quadrant(exps[1], row["det_id"], ("sci", "bkg"), so)
     assert np.array_equal(got["sci"][0], hdus["sci"][0])
+
+
+def test_pointing_prefilter_skips_exposures_that_cannot_overlap(field_root, byte_counter, caplog):
+    cfg, _ = field_root
+    exps = q1.discover_vis_exposures(cfg.data.vis_base_uri)
+    full = q1.build_quadrant_index(exps)
+    near = q1.build_quadrant_index(exps, overlap_box=mer_tile(TILE).extended)
+    assert near.equals(full)  # every exposure of the tile's own field is kept
+    byte_counter["requests"] = 0
+    far_box = mer_tile(102018211).extended  # EDF-S, ~24 deg away
+    with caplog.at_level("INFO", logger="constellation_assets.io.q1"):
+        far = q1.build_quadrant_index(exps, overlap_box=far_box)
+    assert far.num_rows == 0
+    # Only the headers up to the first SCI quadrant of each DET file were read (instead of 52 HDUs each).
+    assert byte_counter["requests"] <= 4 * len(exps)
+    assert any("cannot overlap" in r.getMessage() for r in caplog.records)
+    # The test is conservative: a box just beyond the footprint but within the focal-plane span is kept.
+    ra, dec = q1.exposure_reference_position(exps[0])
+    box = SkyBox((ra + 0.5) % 360, (ra + 0.6) % 360, dec - 0.05, dec + 0.05)
+    assert q1.exposure_may_overlap(exps[0], box)
+    assert not q1.exposure_may_overlap(exps[0], SkyBox((ra + 5) % 360, (ra + 5.1) % 360, dec, dec + 0.1))

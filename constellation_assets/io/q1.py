@@ -17,7 +17,7 @@ import dataclasses
 import io
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "QuadrantData",
     "QuadrantHeader",
     "SHORT_EXPOSURE_INDEX",
+    "VIS_FOCAL_PLANE_SPAN_DEG",
     "VisExposure",
     "build_quadrant_index",
     "default_mer_base_uri",
@@ -59,7 +60,9 @@ __all__ = [
     "discover_observations",
     "discover_vis_exposures",
     "exposure_entry",
+    "exposure_may_overlap",
     "exposure_quadrant_headers",
+    "exposure_reference_position",
     "exptime_s",
     "fits_hdu_offsets",
     "hdu_candidates",
@@ -360,8 +363,13 @@ class HduInfo:
     header: Any  # astropy Header
 
 
-def fits_hdu_offsets(uri: str, storage_options: dict | None = None) -> list[HduInfo]:
-    """Walk a FITS file's HDUs reading only headers (range requests); data are skipped by size."""
+def fits_hdu_offsets(
+    uri: str, storage_options: dict | None = None, stop: Callable[[HduInfo], bool] | None = None
+) -> list[HduInfo]:
+    """Walk a FITS file's HDUs reading only headers (range requests); data are skipped by size.
+
+    ``stop``: end the walk after the first HDU for which it is true (that HDU included).
+    """
     fs, path = get_fs(uri, storage_options)
     try:
         size = int(fs.size(path))
@@ -396,6 +404,8 @@ def fits_hdu_offsets(uri: str, storage_options: dict | None = None) -> list[HduI
         dsize = _data_size(header)
         name = str(header.get("EXTNAME", "PRIMARY" if not out else "")).strip()
         out.append(HduInfo(len(out), name, offset, offset + hlen, dsize, header))
+        if stop is not None and stop(out[-1]):
+            break
         offset += hlen + _padded(dsize)
         if offset > size:
             raise Q1FormatError(
@@ -624,22 +634,73 @@ def _cache_uri(cache_base: str, exp: VisExposure) -> str:
     return join_uri(cache_base, str(exp.obs_id), f"{stem}.quadrants.parquet")
 
 
+#: Largest angular distance (deg) between two points of the VIS focal plane (a 0.787 x 0.709 deg field,
+#: diagonal 1.06 deg), with a margin: no quadrant of an exposure lies farther than this from any other.
+VIS_FOCAL_PLANE_SPAN_DEG = 1.1
+
+
+def _sep_deg(ra1, dec1, ra2, dec2) -> float:
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
+    return float(np.degrees(2 * np.arcsin(np.sqrt(min(1.0, h)))))
+
+
+def exposure_reference_position(exp: VisExposure, storage_options: dict | None = None) -> tuple[float, float]:
+    """(RA, Dec) in deg of the centre of the first SCI quadrant of the DET file: a few header requests only."""
+    hdus = fits_hdu_offsets(exp.det_uri, storage_options, stop=lambda h: h.name.endswith(".SCI"))
+    if not hdus or not hdus[-1].name.endswith(".SCI"):
+        raise Q1FormatError(
+            exp.det_uri,
+            "No quadrant SCI extensions ('{row}-{col}.{quad}.SCI') in this DET file",
+            "point data.vis_base_uri at Q1 VIS calibrated frames (EUC_VIS_SWL-DET-*)",
+        )
+    ra, dec, _, _ = _footprint(hdus[-1].header)
+    return ra, dec
+
+
+def exposure_may_overlap(exp: VisExposure, box, storage_options: dict | None = None) -> bool:
+    """False only when no quadrant of the exposure can touch ``box`` (a ``SkyBox``).
+
+    Conservative pointing test: the first SCI quadrant's centre must lie within the focal-plane span
+    (:data:`VIS_FOCAL_PLANE_SPAN_DEG`) plus the box's half-diagonal of the box centre.
+    """
+    ra, dec = exposure_reference_position(exp, storage_options)
+    ra_c = (box.ra_min + 0.5 * box.ra_width_deg) % 360.0
+    dec_c = 0.5 * (box.dec_min + box.dec_max)
+    if box.ra_width_deg >= 180.0 or max(abs(box.dec_min), abs(box.dec_max)) > 89.0:
+        return True
+    corners = [
+        (box.ra_min, box.dec_min),
+        (box.ra_min, box.dec_max),
+        (box.ra_max, box.dec_min),
+        (box.ra_max, box.dec_max),
+    ]
+    half_diag = max(_sep_deg(ra_c, dec_c, r, d) for r, d in corners)
+    return _sep_deg(ra, dec, ra_c, dec_c) <= VIS_FOCAL_PLANE_SPAN_DEG + half_diag
+
+
 def build_quadrant_index(
     exposures: Sequence[VisExposure],
     cache_uri: str | None = None,
     storage_options: dict | None = None,
     cache_storage_options: dict | None = None,
     progress: bool = False,
+    overlap_box=None,
 ) -> pa.Table:
     """Quadrant footprint index of the given exposures, cached as one Parquet per DET file under ``cache_uri``.
 
     The cache key is the DET file name (it carries the processing timestamp), so a reprocessed file gets a new
     entry. Cached entries whose companion files changed are rebuilt.
+
+    ``overlap_box`` (a ``SkyBox``, e.g. a tile's extended area): an exposure without a cache entry is first
+    tested with :func:`exposure_may_overlap` (a few header requests) and left out when it cannot overlap
+    the box, instead of walking its ~430 HDU headers. Cached entries are returned whole.
     """
     import pyarrow.parquet as pq
 
     tables = []
     hdu_tables: dict[str, list[HduInfo]] = {}
+    n_far = 0
     it: Iterable[VisExposure] = exposures
     bar = None
     if progress and exposures:
@@ -668,6 +729,15 @@ def build_quadrant_index(
                 except Exception as exc:  # unreadable cache entry: rebuild it
                     log.warning("quadrant index cache %s unreadable (%s): rebuilding", cu, exc)
                     table = None
+            if (
+                table is None
+                and overlap_box is not None
+                and not exposure_may_overlap(exp, overlap_box, storage_options)
+            ):
+                n_far += 1
+                if bar is not None:
+                    bar.advance(task)
+                continue
             if table is None:
                 table = index_exposure(exp, storage_options, hdu_tables)
                 if cu:
@@ -680,6 +750,12 @@ def build_quadrant_index(
     finally:
         if bar is not None:
             bar.stop()
+    if n_far:
+        log.info(
+            "quadrant index: %d of %d exposures cannot overlap the area (pointing), not indexed",
+            n_far,
+            len(exposures),
+        )
     if not tables:
         return INDEX_SCHEMA.empty_table()
     return pa.concat_tables(tables)
