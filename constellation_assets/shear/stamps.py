@@ -113,6 +113,8 @@ FLG_MASK_BITS = _euclid.FLG_MASK_BITS
 #: A PSF model stamp whose outermost pixel ring holds more than this fraction of its flux is cut where light
 #: remains (logged per PSF HDU).
 PSF_BORDER_WARN_FRACTION = 1e-3
+#: PSF files already reported as truncated (a warning per file; its other quadrants are logged at DEBUG).
+_PSF_CUT_WARNED: set[str] = set()
 CENTER_RADIUS_PIX_DEFAULT = 2.0
 MAX_MASKED_FRACTION_DEFAULT = 0.5
 APERTURE_RADIUS_PIX_DEFAULT = 8.0
@@ -250,7 +252,11 @@ class PsfGrid:
         n_cut = int((ring > PSF_BORDER_WARN_FRACTION).sum())
         if n_cut:
             fib = grid.flux_in_box[~bad[..., 0, 0]]
-            log.warning(
+            file_key = (source or "PSF grid").split("[", 1)[0]
+            level = logging.DEBUG if file_key in _PSF_CUT_WARNED else logging.WARNING
+            _PSF_CUT_WARNED.add(file_key)
+            log.log(
+                level,
                 "%s: PSF model cut where light remains: in %d of %d stamps the border ring of the %d x %d box "
                 "holds > %.0e of the flux (max %.2g); stamp sums %.3f-%.3f (psf_flux_in_box)",
                 source or "PSF grid", n_cut, ring.size, stamps.shape[-2], stamps.shape[-1],
