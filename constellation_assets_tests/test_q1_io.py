@@ -371,6 +371,7 @@ def test_exposure_api_for_injection_reads_by_name(tmp_path, byte_counter):
     assert (exp.obs_id, exp.dither, exp.exposure) == (2704, 0, 2)
     assert exp.bkg_uri == str(files[(0, 2)]["BKG"]) and exp.psf_uri == str(files["PSF"])
     assert exp == next(e for e in q1.discover_vis_exposures(str(vis)) if e.det_uri == str(det))
+    assert exp.exptime_s is None and q1.exposure_with_exptime(exp).exptime_s == 89.52
     q1.HDU_TABLES.clear()
     heads = q1.exposure_quadrant_headers(exp)
     assert [h.det_id for h in heads] == sorted(QUADS) and all(h.sci_hdu == f"{h.det_id}.SCI" for h in heads)
@@ -443,7 +444,7 @@ def test_real_layout_on_s3(moto_s3, tmp_path):
     assert len(q1.discover_vis_exposures(vis, storage_options=so, include_short_exposures=False)) == 2
     index = q1.build_quadrant_index(exps, storage_options=so)
     assert sorted(set(index.column("exptime_s").to_pylist())) == [89.52, 560.52]
-    row = index.filter(pa.compute.equal(index.column("exposure"), 2)).to_pylist()[0]
+    row = next(r for r in index.to_pylist() if r["exposure"] == 2)
     hdus = q1.read_quadrant_hdus(row, so)
     assert hdus["sci"][1]["EXPTIME"] == 89.52 and hdus["psf"][0].shape == (189, 189)
     got = q1.read_exposure_quadrant(exps[1], row["det_id"], ("sci", "bkg"), so)

@@ -63,6 +63,7 @@ __all__ = [
     "exposure_may_overlap",
     "exposure_quadrant_headers",
     "exposure_reference_position",
+    "exposure_with_exptime",
     "exptime_s",
     "fits_hdu_offsets",
     "hdu_candidates",
@@ -895,9 +896,9 @@ def read_quadrant_row(row: dict, kind: str = "sci", storage_options: dict | None
     )
 
 
-#: HDU names tried per kind when an entry has no byte offsets: the entry's own ``{kind}_hdu`` first, then the
-#: Q1 names (``3-4.F.SCI`` etc. in DET files, ``3-4.F`` in the BKG / WGT / PSF files).
 def hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
+    """HDU names tried for ``kind`` when an entry has no byte offsets: the entry's own ``{kind}_hdu`` first,
+    then the Q1 names (``3-4.F.SCI`` etc. in DET files, ``3-4.F`` in the BKG / WGT / PSF files)."""
     det = f"{entry.get('ccd')}.{entry.get('quadrant')}"
     explicit = entry.get(f"{kind}_hdu") or (entry.get("hdus") or {}).get(kind)
     names = {
@@ -1114,6 +1115,19 @@ def exposure_quadrant_headers(
             )
         )
     return sorted(out, key=lambda q: q.det_id)
+
+
+def exposure_with_exptime(exp: VisExposure, storage_options: dict | None = None) -> VisExposure:
+    """``exp`` with ``exptime_s`` from its DET primary header (one header request), checked against the name.
+
+    Falls back to the first SCI header (cached walk) when the primary header has no EXPTIME.
+    """
+    t = exptime_s(primary_header(exp.det_uri, storage_options))
+    if t is None:
+        heads = exposure_quadrant_headers(exp, storage_options)
+        t = heads[0].exptime_s if heads else None
+    _exptime_check(exp, t)
+    return dataclasses.replace(exp, exptime_s=t)
 
 
 def exposure_entry(exp: VisExposure, det_id: str) -> dict:
