@@ -141,6 +141,12 @@ class DataConfig(_Section):
         ".constellation/data/q1/catalogs/MER_FINAL_CATALOG/",
         description="prefix holding {tile_id}/ MER final catalogs",
     )
+    include_short_exposures: bool = Field(
+        True,
+        description="use the short (~90 s, DET '-{dither}-2-') VIS exposures as well as the nominal ~560 s ones: "
+        "they are real photons, measured with their own noise and PSF and combined by inverse variance "
+        "(false keeps only the '-1-' exposures, as SHINE does; the exclusion is logged)",
+    )
     s3: S3Config = Field(default_factory=S3Config)
 
     @property

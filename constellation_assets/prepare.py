@@ -514,7 +514,7 @@ def _quadrant_entry(row: dict) -> dict:
     """
     det_id = row.get("det_id") or f"{row['ccd']}.{row['quadrant']}"
     exposure = row.get("exposure")
-    exptime = row.get("exptime")
+    exptime = row.get("exptime_s", row.get("exptime"))
     e = {k: row.get(k) or "" for k in _MANIFEST_PATH_KEYS}
     e.update(
         {
@@ -560,7 +560,11 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
     tile = mer_tile(tile_id, tc.tile_core_arcmin, tc.tile_extended_arcmin)
 
     vis_so = cfg.storage_options(cfg.data.vis_base_uri)
-    exposures = discover_vis_exposures(cfg.data.vis_base_uri, storage_options=vis_so)
+    exposures = discover_vis_exposures(
+        cfg.data.vis_base_uri,
+        storage_options=vis_so,
+        include_short_exposures=cfg.data.include_short_exposures,
+    )
     sources, n_rows, cat_uri, catalogs, part = _select_sources(cfg, tile, grid, margin)
     ihash = _inputs_hash(cfg, tile_id, catalogs, exposures, grid, margin)
 
@@ -581,6 +585,7 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
         storage_options=vis_so,
         cache_storage_options=cfg.storage_options(cfg.output.root_uri),
         progress=index_progress,
+        overlap_box=tile.extended,
     )
     quads = quadrants_overlapping(index, tile.extended)
     quads = quads.append_column("TILE_ID", pa.array(np.full(quads.num_rows, tile_id, dtype=np.int64)))

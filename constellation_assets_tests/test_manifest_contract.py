@@ -347,7 +347,7 @@ def test_quadrant_entry_reads_exposure_and_exptime_when_the_index_has_them(prepa
         _quadrant_entry({k: v for k, v in row.items() if k != "exposure"})
     )
     assert plain.exposure == 1
-    short = _quadrant_entry({**row, "exposure": 2, "exptime": 89.52})
+    short = _quadrant_entry({**row, "exposure": 2, "exptime_s": 89.52})
     q = ManifestQuadrant.model_validate(short)
     assert q.exposure == 2 and q.exptime_s == pytest.approx(89.52)
     assert (

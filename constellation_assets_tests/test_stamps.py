@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from constellation_assets import euclid
 from constellation_assets.shear import stamps as st
 from constellation_assets_tests import test_stamps_synth as syn
 
@@ -112,10 +113,13 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     )
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     sci2, flg2 = sci.copy(), flg.copy()
-    # Source 0: a cosmic ray (bit 4) 3 pixels right of the centre, plus a bit-9 pixel (not a shear mask bit).
+    # Source 0: a cosmic ray (bit 4) 3 pixels right of the centre, a CR_REGION pixel (bit 9, masked) below it
+    # and a pixel with only the informational bits QUADEDGE | STARSIGNAL | OBJECTS (not masked) above it.
     sci2[iy[0], ix[0] + 3] += 5000.0
     flg2[iy[0], ix[0] + 3] = 1 << 4
-    flg2[iy[0] + 5, ix[0]] = 1 << 9
+    flg2[iy[0] - 5, ix[0]] = euclid.FLG_CR_REGION
+    sci2[iy[0] - 5, ix[0]] += 300.0
+    flg2[iy[0] + 5, ix[0]] = euclid.FLG_QUADEDGE | euclid.FLG_STARSIGNAL | euclid.FLG_OBJECTS
     # Source 1: hot pixel on the centre.
     flg2[iy[1], ix[1]] = 1 << 1
     # Source 2: NaN pixel in the wings (masked as invalid even without a flag).
@@ -127,8 +131,9 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     # Masked pixel filled with its point-symmetric partner (round Gaussian: ~ the clean value).
     filled = s.images[0, c, c + 3]
     assert abs(filled - clean.images[0, c, c + 3]) < 0.03 * clean.images[0, c, c + 3]
-    assert s.images[0, c + 5, c] == clean.images[0, c + 5, c]  # bit 9 is not a shear mask bit
-    assert s.reject[0] == 0 and s.masked_fraction[0] == pytest.approx(1 / SIZE**2)
+    assert s.images[0, c + 5, c] == clean.images[0, c + 5, c]  # informational bits do not mask
+    assert abs(s.images[0, c - 5, c] - clean.images[0, c - 5, c]) < 0.15 * clean.images[0, c - 5, c]  # wing
+    assert s.reject[0] == 0 and s.masked_fraction[0] == pytest.approx(2 / SIZE**2)
     assert s.reject[1] & st.REJECT_CENTER_MASKED
     assert s.reject[2] == 0 and np.isfinite(s.images[2]).all()
     assert (
@@ -141,6 +146,36 @@ def test_flag_masking_fill_and_centre_rejection(tmp_path):
     era, edec = WCS(hh).all_pix2world([-0.3], [80.4], 0)
     se = st.quadrant_stamps(quad, _sources(era, edec), SIZE)
     assert se.reject[0] & st.REJECT_CENTER_MASKED and se.masked_fraction[0] >= 0.5
+
+
+@pytest.mark.parametrize(
+    ("bit", "masked"),
+    [
+        ("QUADEDGE", False),
+        ("STARSIGNAL", False),
+        ("OBJECTS", False),
+        ("BAD_CLUSTER", True),
+        ("CR_REGION", True),
+        ("NO_DATA", True),
+        ("SATXTALKGHOST", True),
+        ("ADCMAX", True),
+        ("STITCHBLOCK", True),
+        ("INVALID", True),
+    ],
+)
+def test_flag_mask_uses_the_esa_bit_map(bit, masked):
+    """QUADEDGE (bit 6) marks good pixels near a quadrant edge; BAD_CLUSTER, CR_REGION, NO_DATA ... are defects."""
+    assert st.FLG_MASK_BITS == euclid.FLG_MASK_BITS
+    h = syn.wcs_header()
+    ra, dec, x, y = syn.galaxy_positions(1, h, seed=3, margin=40)
+    sci, rms, flg, bkg, hh = syn.render_quadrant(h, [(ra[0], dec[0], 30000.0, 0.2, 0.0, 0.0)])
+    ix, iy = int(round(x[0])), int(round(y[0]))
+    flg[iy + 6 : iy + 8, ix - 10 : ix + 10] = euclid.FLG_BITS[bit]
+    psf = st.PsfGrid.from_image(*syn.psf_grid_image(), (syn.NQ, syn.NQ))
+    s = st.quadrant_stamps(
+        st.QuadrantImages("k", "e", sci, bkg, rms, None, flg, hh, psf), _sources(ra, dec), SIZE
+    )
+    assert s.masked_fraction[0] == pytest.approx(40 / SIZE**2 if masked else 0.0)
 
 
 def test_edge_source_symmetric_fill_keeps_shape():
@@ -247,3 +282,89 @@ def test_masked_median_matches_numpy():
     m[3] = True
     expect = np.array([np.median(v[i][~m[i]]) if (~m[i]).any() else np.nan for i in range(50)])
     np.testing.assert_allclose(st._masked_median(v, m), expect, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The real Q1 PSF product: native 9 x 9 grid of 21 x 21 stamps per quadrant, truncated, no keywords.
+
+
+def test_real_psf_grid_kept_as_stored_with_flux_in_box(caplog):
+    from astropy.io import fits
+
+    img, sums = syn.native_psf_grid()
+    assert sums.min() > 0.93 and sums.max() < 0.97  # like the Q1 PSFEx models: wings beyond 1.05" missing
+    with caplog.at_level("WARNING", logger="constellation_assets.shear.stamps"):
+        grid = st.PsfGrid.from_image(img, fits.Header(), (syn.NQ, syn.NQ), source="psf.fits[1-1.E]")
+    assert grid.stamps.shape == (9, 9, 21, 21) and grid.oversampling == 1
+    np.testing.assert_allclose(grid.x_nodes, (np.arange(9) + 0.5) * syn.NQ / 9 - 0.5)
+    np.testing.assert_allclose(grid.flux_in_box, sums, rtol=1e-5)  # no renormalisation
+    assert np.all(grid.border_fraction > 1e-3)
+    cut = [r.getMessage() for r in caplog.records if "cut where light remains" in r.getMessage()]
+    assert len(cut) == 1 and "psf.fits[1-1.E]" in cut[0] and "81 of 81" in cut[0]
+    native = grid.native(SIZE)
+    c = SIZE // 2
+    np.testing.assert_array_equal(native[2, 4, c - 10 : c + 11, c - 10 : c + 11], img[42:63, 84:105])
+    assert native[2, 4].sum() == pytest.approx(sums[2, 4], rel=1e-5)
+    x, y = grid.x_nodes[4], grid.y_nodes[2]
+    np.testing.assert_allclose(grid.at(np.array([x]), np.array([y]), SIZE)[0], native[2, 4], atol=1e-7)
+    xm, ym = 0.5 * (grid.x_nodes[4] + grid.x_nodes[5]), 0.5 * (grid.y_nodes[2] + grid.y_nodes[3])
+    mid = grid.at(np.array([xm]), np.array([ym]), SIZE)[0]
+    assert mid.sum() == pytest.approx(sums[2:4, 4:6].mean(), rel=1e-5)
+    # A stamp smaller than the model crops it, and says so.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="constellation_assets.shear.stamps"):
+        small = grid.native(15)
+    assert small[2, 4].sum() < sums[2, 4] and any("cropped" in r.getMessage() for r in caplog.records)
+    # A compact model (Gaussian, all light inside the box) sums to 1 and raises no truncation warning.
+    caplog.clear()
+    gimg, gsums = syn.native_psf_grid(beta=None, fwhm=0.17)
+    with caplog.at_level("WARNING", logger="constellation_assets.shear.stamps"):
+        g = st.PsfGrid.from_image(gimg, fits.Header(), (syn.NQ, syn.NQ))
+    assert np.all(np.abs(g.flux_in_box - 1) < 1e-4) and np.all(g.border_fraction < 1e-3)
+    assert not caplog.records
+
+
+def test_real_layout_stamps_through_the_q1_reader_only(tmp_path, monkeypatch):
+    """DET/BKG/WGT of a short exposure + the observation's PSF file: stamps from index offsets or by name,
+    with the DET primary EXPTIME, the file's PSF sums and the exposure label; no other FITS reader used."""
+    from astropy.io import fits
+
+    from constellation_assets.io import q1
+
+    h = syn.q1_wcs_header(0)
+    ra, dec, x, y = syn.galaxy_positions(5, h, seed=21, margin=30)
+    flux_adu = 20000.0
+    arrays = syn.render_quadrant(h, [(r, d, flux_adu, 0.15, 0.0, 0.0) for r, d in zip(ra, dec, strict=True)])
+    folder = tmp_path / "q1" / "VIS" / "2704"
+    paths = syn.write_q1_exposure(folder, 2704, 0, 2, "20241017T042759.344384", {"1-1.E": arrays}, 89.52)
+    assert paths["DET"].name == syn.REAL_SHORT_DET
+    psf_path = syn.write_q1_psf(folder, "20240322T192915.424564", {"1-1.E": (syn.NQ, syn.NQ)})
+    (exp,) = q1.discover_vis_exposures(str(tmp_path / "q1" / "VIS"))
+    row = q1.build_quadrant_index([exp]).to_pylist()[0]
+    assert row["psf_path"] == str(psf_path) and row["exposure"] == 2 and row["exptime_s"] == 89.52
+
+    def no_astropy_open(*a, **k):
+        raise AssertionError("FITS files must be read through constellation_assets.io.q1 (byte ranges)")
+
+    monkeypatch.setattr(fits, "open", no_astropy_open)
+    q1.HDU_TABLES.clear()
+    st.QUADRANT_CACHE.clear()
+    quad = st.read_quadrant_images(row)
+    assert quad.exposure == "2704-0-2" and quad.key == "2704-0-2-1-1.E"
+    s = st.quadrant_stamps(quad, _sources(ra, dec), SIZE)
+    assert len(s) == 5 and np.all(s.reject == 0)
+    # Flux units from the DET primary EXPTIME (the SCI header has none): ADU -> uJy with 89.52 s.
+    ujy = flux_adu * 10 ** (-0.4 * (24.57 - 23.9)) / 89.52
+    np.testing.assert_allclose(s.images.sum(axis=(1, 2)), ujy, rtol=3e-3)
+    # The PSF keeps the model's truncation; its sum is handed over per source.
+    np.testing.assert_allclose(s.psf_flux_in_box, s.psf.sum(axis=(1, 2)), rtol=1e-6)
+    assert np.all((s.psf_flux_in_box > 0.93) & (s.psf_flux_in_box < 0.97))
+    _, sums = syn.native_psf_grid()
+    assert s.psf_flux_in_box.min() >= sums.min() - 1e-6 and s.psf_flux_in_box.max() <= sums.max() + 1e-6
+    # The same quadrant by name (no offsets: what the injection hosts use) gives the same stamps.
+    by_name = st.quadrant_stamps(
+        st.read_quadrant_images(q1.exposure_entry(exp, "1-1.E")), _sources(ra, dec), SIZE
+    )
+    np.testing.assert_array_equal(by_name.images, s.images)
+    np.testing.assert_array_equal(by_name.psf, s.psf)
+    assert by_name.exposure == "2704-0-2"

@@ -202,3 +202,127 @@ def write_manifest(folder: Path, quadrants, ra, dec, tile_id=102044185, row=1, c
     path = folder / f"manifest_{tile_id}_{row}_{col}.yaml"
     path.write_text(yaml.safe_dump(m, sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The real Q1 layout (per-exposure DET/BKG/WGT, one native GRD-PSF file per observation), tiny sizes.
+
+#: Real Q1 example: ``EUC_VIS_SWL-DET-002704-00-2-0000000__20241017T042759.344384Z.fits`` (a short exposure).
+REAL_SHORT_DET = "EUC_VIS_SWL-DET-002704-00-2-0000000__20241017T042759.344384Z.fits"
+
+
+def vis_name(kind: str, obs_id: int, dither: int, exposure: int, ts: str) -> str:
+    """Q1 VIS file name of a DET / BKG / WGT file."""
+    return f"EUC_VIS_SWL-{kind}-{obs_id:06d}-{dither:02d}-{exposure}-0000000__{ts}Z.fits"
+
+
+def psf_name(ts: str) -> str:
+    """Q1 VIS PSF product name (one per observation folder)."""
+    return f"EUC_VIS_GRD-PSF-000-000000-0000000__{ts}Z.fits"
+
+
+def native_psf_grid(nx=NQ, ny=NQ, beta=1.7, n=9, s=21, fwhm=None):
+    """A Q1-like PSF HDU image (n s x n s): n x n native-pixel stamps of a Moffat(beta) effective PSF.
+
+    Each stamp is the pixel-convolved PSF point-sampled at 0.1" on an s x s box, drawn with unit total flux:
+    the box holds only part of it (beta 1.7 at FWHM ~0.2": sums ~0.95, like the Q1 PSFEx models), and the
+    stamp sums are returned too (n, n). Node (i, j) models quadrant pixel ((j + 1/2) nx / n - 1/2, ...).
+    """
+    import galsim
+
+    img = np.zeros((n * s, n * s), np.float32)
+    sums = np.zeros((n, n))
+    xs = (np.arange(n) + 0.5) * nx / n - 0.5
+    ys = (np.arange(n) + 0.5) * ny / n - 0.5
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            f = float(psf_fwhm_at(x, y, nx, ny)) if fwhm is None else float(fwhm)
+            prof = galsim.Moffat(beta=beta, fwhm=f) if beta else galsim.Gaussian(fwhm=f)
+            eff = galsim.Convolve(prof, galsim.Pixel(PIX))
+            st = eff.drawImage(nx=s, ny=s, scale=PIX, method="no_pixel").array
+            img[i * s : (i + 1) * s, j * s : (j + 1) * s] = st
+            sums[i, j] = st.astype(np.float64).sum()
+    return img, sums
+
+
+def q1_wcs_header(det_index: int = 0, nx=NQ, ny=NQ):
+    """A TAN WCS for quadrant ``det_index`` of a tiny focal plane (quadrants side by side in RA)."""
+    return wcs_header(crval=(RA0 - det_index * (nx + 10) * PIX / 3600.0 / math.cos(math.radians(DEC0)), DEC0),
+                      crpix=(nx / 2, ny / 2))  # fmt: skip
+
+
+def write_q1_exposure(
+    folder: Path,
+    obs_id: int,
+    dither: int,
+    exposure: int,
+    ts: str,
+    quads: dict,
+    exptime_s: float,
+    exptime_in_sci: bool = False,
+    companions_ts: str | None = None,
+) -> dict[str, Path]:
+    """Write the DET, BKG and WGT files of one exposure in the Q1 layout; returns {kind: path}.
+
+    ``quads``: {det_id: (sci, rms, flg, bkg, header)} (e.g. from :func:`render_quadrant`). EXPTIME goes in
+    the DET primary header (and in the SCI headers only with ``exptime_in_sci``); MAGZEROP stays a string
+    in the SCI header. The extensions are written in a scrambled order (RMS, FLG, SCI per quadrant, quadrants
+    in reverse order): readers must find HDUs by name. Companions carry their own timestamp (``companions_ts``).
+    """
+    from astropy.io import fits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cts = companions_ts or ts
+    paths = {
+        "DET": folder / vis_name("DET", obs_id, dither, exposure, ts),
+        "BKG": folder / vis_name("BKG", obs_id, dither, exposure, cts),
+        "WGT": folder / vis_name("WGT", obs_id, dither, exposure, cts),
+    }
+    prim = fits.Header()
+    prim["EXPTIME"] = exptime_s
+    prim["OBS_ID"] = obs_id
+    prim["RA"], prim["DEC"] = RA0, DEC0
+    det_hdus, bkg_hdus, wgt_hdus = [fits.PrimaryHDU(header=prim)], [fits.PrimaryHDU()], [fits.PrimaryHDU()]
+    for det_id, (sci, rms, flg, bkg, h) in reversed(list(quads.items())):
+        hs = h.copy()
+        if not exptime_in_sci:
+            hs.remove("EXPTIME", ignore_missing=True)
+        else:
+            hs["EXPTIME"] = exptime_s
+        hs["EXTNAME"] = f"{det_id}.SCI"
+        det_hdus += [
+            fits.ImageHDU(np.asarray(rms, np.float32), fits.Header({"EXTNAME": f"{det_id}.RMS"})),
+            fits.ImageHDU(np.asarray(flg, np.int32), fits.Header({"EXTNAME": f"{det_id}.FLG"})),
+            fits.ImageHDU(np.asarray(sci, np.float32), hs),
+        ]
+        bh = h.copy()
+        bh.remove("EXPTIME", ignore_missing=True)
+        bh["EXTNAME"] = det_id
+        bkg_hdus.append(fits.ImageHDU(np.asarray(bkg, np.float32), bh))
+        wgt_hdus.append(fits.ImageHDU((1.0 / np.square(rms)).astype(np.float32), fits.Header({"EXTNAME": det_id})))
+    for kind, hdus in (("DET", det_hdus), ("BKG", bkg_hdus), ("WGT", wgt_hdus)):
+        fits.HDUList(hdus).writeto(paths[kind], overwrite=True)
+    return paths
+
+
+def write_q1_psf(folder: Path, ts: str, quads: dict, beta=1.7) -> Path:
+    """The observation's PSF file: one 189 x 189 HDU per quadrant named ``{det_id}``, no grid keywords."""
+    from astropy.io import fits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / psf_name(ts)
+    hdus = [fits.PrimaryHDU()]
+    for det_id, shape in quads.items():
+        img, _ = native_psf_grid(nx=shape[1], ny=shape[0], beta=beta)
+        hdus.append(fits.ImageHDU(img, fits.Header({"EXTNAME": det_id})))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def flat_quadrant(det_index: int, nx=40, ny=42, sky=12.0):
+    """Constant sky SCI/RMS/FLG/BKG arrays and a header (for discovery and index tests)."""
+    h = q1_wcs_header(det_index, nx, ny)
+    h["MAGZEROP"] = "24.56605"
+    h["GAIN"] = 3.48
+    sci = np.full((ny, nx), sky, np.float32)
+    return sci, np.ones((ny, nx), np.float32), np.zeros((ny, nx), np.int32), np.full((ny, nx), sky, np.float32), h

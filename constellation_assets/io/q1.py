@@ -17,12 +17,13 @@ import dataclasses
 import io
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from constellation_assets.euclid import VIS_EXPTIME_NOMINAL_S
 from constellation_assets.io.uri import (
     DataAccessError,
     atomic_write_bytes,
@@ -36,47 +37,74 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DET_RE",
+    "HDU_TABLES",
+    "HduTableCache",
     "INDEX_SCHEMA",
     "MER_MOSAIC_RE",
     "MER_RE",
     "MosaicCutout",
     "MosaicInfo",
-    "default_mer_base_uri",
-    "discover_mer_mosaics",
-    "mer_band_name",
-    "read_mosaic_cutout",
-    "read_mosaic_info",
+    "PRIMARY_FALLBACK_KEYS",
     "PSF_RE",
+    "PsfGridLayout",
     "Q1FormatError",
     "QuadrantData",
+    "QuadrantHeader",
+    "SHORT_EXPOSURE_INDEX",
+    "VIS_FOCAL_PLANE_SPAN_DEG",
     "VisExposure",
     "build_quadrant_index",
+    "default_mer_base_uri",
     "discover_mer_catalog",
+    "discover_mer_mosaics",
     "discover_observations",
     "discover_vis_exposures",
+    "exposure_entry",
+    "exposure_may_overlap",
+    "exposure_quadrant_headers",
+    "exposure_reference_position",
+    "exposure_with_exptime",
+    "exptime_s",
     "fits_hdu_offsets",
+    "hdu_candidates",
+    "hdu_table",
+    "header_float",
     "index_exposure",
     "magzerop",
+    "mer_band_name",
+    "primary_header",
+    "psf_grid_layout",
+    "psf_grid_stamps",
     "quadrant_box",
     "quadrants_overlapping",
+    "read_exposure_quadrant",
+    "read_hdu",
+    "read_mosaic_cutout",
+    "read_mosaic_info",
     "read_quadrant",
     "read_quadrant_hdus",
     "read_quadrant_row",
+    "vis_exposure_of",
+    "zero_point_mag",
 ]
 
 FITS_BLOCK = 2880
 #: How much to fetch per header request (most VIS headers fit in 2-4 blocks).
 _HEADER_CHUNK = 4 * FITS_BLOCK
 
-#: ``EUC_VIS_SWL-DET-002689-00-1-0000000__20241017T042805.627891Z.fits`` (DET / BKG / WGT).
+#: ``EUC_VIS_SWL-DET-002704-00-2-0000000__20241017T042759.344384Z.fits`` (DET / BKG / WGT): observation,
+#: dither, exposure within the dither (1: nominal ~560 s; 2: short ~90 s), processing timestamp.
 DET_RE = re.compile(
-    r"^EUC_VIS_SWL-(?P<kind>DET|BKG|WGT)-(?P<obs_id>\d{6})-(?P<dither>\d{2})-(?P<rest>[0-9A-Za-z-]*?)"
-    r"__(?P<ts>\d{8}T\d{6}(?:\.\d+)?)Z\.fits(?:\.gz)?$"
+    r"^EUC_VIS_SWL-(?P<kind>DET|BKG|WGT)-(?P<obs_id>\d{6})-(?P<dither>\d{2})-(?P<exposure>\d)-"
+    r"(?P<rest>[0-9A-Za-z-]*?)__(?P<ts>\d{8}T\d{6}(?:\.\d+)?)Z\.fits(?:\.gz)?$"
 )
-#: ``EUC_VIS_GRD-PSF-...__{ts}Z.fits``: per dither (``-{obs:06d}-{dither:02d}-``) or per observation.
+#: ``EUC_VIS_GRD-PSF-000-000000-0000000__20240322T192915.424564Z.fits``: the VIS PSF model, one file per
+#: observation folder, shared by all its exposures.
 PSF_RE = re.compile(
     r"^EUC_VIS_GRD-PSF-(?P<body>[0-9A-Za-z-]*?)__(?P<ts>\d{8}T\d{6}(?:\.\d+)?)Z\.fits(?:\.gz)?$"
 )
+#: A PSF file body naming ``{obs_id:06d}-{dither:02d}``: the per-dither layout the synthetic field wrote before
+#: it adopted the per-observation product. Read as a secondary path only (see :func:`discover_vis_exposures`).
 _PSF_DITHER_RE = re.compile(r"^(?:[0-9A-Za-z]+-)*?(?P<obs_id>\d{6})-(?P<dither>\d{2})(?:-|$)")
 #: ``EUC_MER_FINAL-CAT_TILE102044185-95D31A_20240924T033645.917365Z_00.00.fits``
 MER_RE = re.compile(
@@ -86,6 +114,9 @@ MER_RE = re.compile(
 #: Quadrant extension names: ``3-4.F.SCI`` in DET files; BKG/WGT/PSF files may use ``3-4.F`` or a suffix.
 _EXT_RE = re.compile(r"^(?P<ccd>\d-\d)\.(?P<quad>[EFGH])(?:\.(?P<kind>[A-Z]+))?$")
 
+#: Exposure index (the digit after the dither in a DET name) of the short (~90 s) exposures of a VIS sequence.
+SHORT_EXPOSURE_INDEX = 2
+
 
 class Q1FormatError(DataAccessError):
     """A Q1 file exists but is not the FITS structure expected (corrupt, truncated, wrong product)."""
@@ -93,7 +124,11 @@ class Q1FormatError(DataAccessError):
 
 @dataclasses.dataclass(frozen=True)
 class VisExposure:
-    """The four files of one VIS exposure (one dither of one observation). Missing companions are None."""
+    """One VIS exposure: one DET file and its companions (BKG/WGT of the same exposure, the observation's PSF).
+
+    ``exposure`` is the index after the dither in the file name (1: nominal, 2: short); ``exptime_s`` is the
+    header EXPTIME once a header has been read (None from a listing alone). Missing companions are None.
+    """
 
     obs_id: int
     dither: int
@@ -102,6 +137,18 @@ class VisExposure:
     wgt_uri: str | None
     psf_uri: str | None
     timestamp: str  # from the DET file name
+    exposure: int = 1
+    exptime_s: float | None = None
+
+    @property
+    def key(self) -> str:
+        """``"{obs_id}-{dither}-{exposure}"``: unique per DET file of one processing version."""
+        return f"{self.obs_id}-{self.dither}-{self.exposure}"
+
+    @property
+    def is_short(self) -> bool:
+        """A short exposure by its name (index :data:`SHORT_EXPOSURE_INDEX`); EXPTIME confirms it when read."""
+        return self.exposure == SHORT_EXPOSURE_INDEX
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,68 +169,125 @@ def discover_observations(vis_base_uri: str, storage_options: dict | None = None
 
 
 def _latest(candidates: list[tuple[str, str]], what: str) -> str:
-    """Pick the newest (timestamp, uri); several versions of one product are reprocessings."""
+    """Pick the newest (timestamp, uri) of ONE product: several timestamps are reprocessing versions."""
     candidates = sorted(candidates)
     if len(candidates) > 1:
         log.warning(
-            "%s: %d versions, using the newest %s", what, len(candidates), _basename(candidates[-1][1])
+            "%s: %d processing versions, using the newest %s (ignoring %s)",
+            what,
+            len(candidates),
+            _basename(candidates[-1][1]),
+            ", ".join(_basename(u) for _, u in candidates[:-1]),
         )
     return candidates[-1][1]
 
 
-def discover_vis_exposures(
-    vis_base_uri: str, obs_ids: Iterable[int] | None = None, storage_options: dict | None = None
-) -> list[VisExposure]:
-    """Every VIS exposure (obs_id, dither) with its DET, BKG, WGT and PSF file, found by listing + regex.
+def _discover_folder(folder: str, obs_id: int, storage_options: dict | None) -> list[VisExposure]:
+    """Every DET file of one observation folder with its BKG/WGT (same dither and exposure) and PSF file."""
+    files: dict[tuple[str, int, int], list[tuple[str, str]]] = {}
+    psf_obs: list[tuple[str, str]] = []
+    psf_dither: dict[int, list[tuple[str, str]]] = {}
+    for uri in list_uri(folder, storage_options):
+        name = _basename(uri)
+        m = DET_RE.match(name)
+        if m:
+            if int(m["obs_id"]) != obs_id:
+                log.warning("skipping %s: obs_id in the name differs from its folder %s", uri, obs_id)
+                continue
+            files.setdefault((m["kind"], int(m["dither"]), int(m["exposure"])), []).append((m["ts"], uri))
+            continue
+        m = PSF_RE.match(name)
+        if m:
+            md = _PSF_DITHER_RE.match(m["body"])
+            if md and int(md["obs_id"]) == obs_id:
+                psf_dither.setdefault(int(md["dither"]), []).append((m["ts"], uri))
+            else:
+                psf_obs.append((m["ts"], uri))
+    psf_default = _latest(psf_obs, f"PSF of observation {obs_id}") if psf_obs else None
+    out: list[VisExposure] = []
+    for _kind, d, e in sorted(k for k in files if k[0] == "DET"):
+        what = f"observation {obs_id} dither {d} exposure {e}"
+        det = _latest(files[("DET", d, e)], f"DET of {what}")
 
-    A PSF file whose name carries ``{obs_id:06d}-{dither:02d}`` belongs to that dither; otherwise a single PSF
-    file in the observation folder applies to all its dithers.
+        def pick(kind, d=d, e=e, what=what):
+            c = files.get((kind, d, e))
+            return _latest(c, f"{kind} of {what}") if c else None
+
+        # The per-observation PSF product; a per-dither file (pre-merge synthetic layout) wins where present.
+        psf = (
+            _latest(psf_dither[d], f"PSF of observation {obs_id} dither {d}")
+            if d in psf_dither
+            else psf_default
+        )
+        exp = VisExposure(
+            obs_id, d, det, pick("BKG"), pick("WGT"), psf, DET_RE.match(_basename(det))["ts"], exposure=e
+        )
+        missing = [
+            k for k, v in (("BKG", exp.bkg_uri), ("WGT", exp.wgt_uri), ("PSF", exp.psf_uri)) if v is None
+        ]
+        if missing:
+            log.warning("%s: no %s file found in %s", what, "/".join(missing), folder)
+        out.append(exp)
+    return out
+
+
+def discover_vis_exposures(
+    vis_base_uri: str,
+    obs_ids: Iterable[int] | None = None,
+    storage_options: dict | None = None,
+    *,
+    include_short_exposures: bool = True,
+) -> list[VisExposure]:
+    """One :class:`VisExposure` per DET file, with its BKG/WGT/PSF files, found by listing + regex.
+
+    A dither holds up to two exposures, ``-{dither}-1-`` (nominal, ~560 s) and ``-{dither}-2-`` (short,
+    ~90 s): each is its own exposure, paired with the BKG/WGT of the same (obs, dither, exposure). Only
+    several timestamps of the SAME (obs, dither, exposure, kind) are processing versions: the newest is kept
+    and the others are logged. The observation's PSF file (``EUC_VIS_GRD-PSF-...``, one per folder) is shared
+    by all its exposures.
+
+    ``include_short_exposures``: short exposures are real photons (~16 % more depth), measured with their
+    own noise level and PSF and combined by inverse variance, so they are used by default. ``False`` drops
+    exactly the exposures with index :data:`SHORT_EXPOSURE_INDEX` (e.g. to match SHINE, which keeps the
+    ``-1-`` ones), and says so in the log.
     """
     obs_list = (
         discover_observations(vis_base_uri, storage_options) if obs_ids is None else sorted(set(obs_ids))
     )
     out: list[VisExposure] = []
     for obs_id in obs_list:
-        folder = join_uri(vis_base_uri, str(obs_id))
-        files: dict[tuple[str, int], list[tuple[str, str]]] = {}
-        psf_obs: list[tuple[str, str]] = []
-        for uri in list_uri(folder, storage_options):
-            name = _basename(uri)
-            m = DET_RE.match(name)
-            if m:
-                if int(m["obs_id"]) != obs_id:
-                    log.warning("skipping %s: obs_id in the name differs from its folder %s", uri, obs_id)
-                    continue
-                files.setdefault((m["kind"], int(m["dither"])), []).append((m["ts"], uri))
-                continue
-            m = PSF_RE.match(name)
-            if m:
-                md = _PSF_DITHER_RE.match(m["body"])
-                if md and int(md["obs_id"]) == obs_id:
-                    files.setdefault(("PSF", int(md["dither"])), []).append((m["ts"], uri))
-                else:
-                    psf_obs.append((m["ts"], uri))
-        dithers = sorted(d for (k, d) in files if k == "DET")
-        psf_default = _latest(psf_obs, f"PSF of observation {obs_id}") if psf_obs else None
-        for d in dithers:
-            det = _latest(files[("DET", d)], f"DET {obs_id}/{d}")
-            ts = DET_RE.match(_basename(det))["ts"]
-
-            def pick(kind, d=d, files=files, obs_id=obs_id):
-                c = files.get((kind, d))
-                return _latest(c, f"{kind} {obs_id}/{d}") if c else None
-
-            psf = pick("PSF") or psf_default
-            exp = VisExposure(obs_id, d, det, pick("BKG"), pick("WGT"), psf, ts)
-            missing = [
-                k for k, v in (("BKG", exp.bkg_uri), ("WGT", exp.wgt_uri), ("PSF", exp.psf_uri)) if v is None
-            ]
-            if missing:
-                log.warning(
-                    "observation %s dither %s: no %s file found in %s", obs_id, d, "/".join(missing), folder
-                )
-            out.append(exp)
+        out += _discover_folder(join_uri(vis_base_uri, str(obs_id)), obs_id, storage_options)
+    if not include_short_exposures:
+        short = [e for e in out if e.is_short]
+        if short:
+            log.info(
+                "data.include_short_exposures is false: excluding %d short exposures (exposure index %d): %s",
+                len(short),
+                SHORT_EXPOSURE_INDEX,
+                ", ".join(_basename(e.det_uri) for e in short),
+            )
+        out = [e for e in out if not e.is_short]
     return out
+
+
+def vis_exposure_of(det_uri: str, storage_options: dict | None = None) -> VisExposure:
+    """The :class:`VisExposure` (paired BKG/WGT/PSF) of one DET file, from a listing of its folder."""
+    name = _basename(det_uri)
+    m = DET_RE.match(name)
+    if not m or m["kind"] != "DET":
+        raise DataAccessError(
+            str(det_uri),
+            "Not a VIS DET file name (EUC_VIS_SWL-DET-{obs:06d}-{dither:02d}-{exposure}-...__{ts}Z.fits)",
+            "pass the URI of a Q1 VIS calibrated frame",
+        )
+    folder = str(det_uri)[: len(str(det_uri)) - len(name)].rstrip("/")
+    for exp in _discover_folder(folder, int(m["obs_id"]), storage_options):
+        if _basename(exp.det_uri) == name:
+            return exp
+        if (exp.dither, exp.exposure) == (int(m["dither"]), int(m["exposure"])):
+            # ``det_uri`` is an older processing version of this exposure: keep the file asked for.
+            return dataclasses.replace(exp, det_uri=str(det_uri), timestamp=m["ts"])
+    raise DataAccessError(str(det_uri), "DET file not found in its folder listing", "check the URI")
 
 
 def discover_mer_catalog(catalog_base_uri: str, tile_id: int, storage_options: dict | None = None) -> str:
@@ -260,8 +364,13 @@ class HduInfo:
     header: Any  # astropy Header
 
 
-def fits_hdu_offsets(uri: str, storage_options: dict | None = None) -> list[HduInfo]:
-    """Walk a FITS file's HDUs reading only headers (range requests); data are skipped by size."""
+def fits_hdu_offsets(
+    uri: str, storage_options: dict | None = None, stop: Callable[[HduInfo], bool] | None = None
+) -> list[HduInfo]:
+    """Walk a FITS file's HDUs reading only headers (range requests); data are skipped by size.
+
+    ``stop``: end the walk after the first HDU for which it is true (that HDU included).
+    """
     fs, path = get_fs(uri, storage_options)
     try:
         size = int(fs.size(path))
@@ -296,6 +405,8 @@ def fits_hdu_offsets(uri: str, storage_options: dict | None = None) -> list[HduI
         dsize = _data_size(header)
         name = str(header.get("EXTNAME", "PRIMARY" if not out else "")).strip()
         out.append(HduInfo(len(out), name, offset, offset + hlen, dsize, header))
+        if stop is not None and stop(out[-1]):
+            break
         offset += hlen + _padded(dsize)
         if offset > size:
             raise Q1FormatError(
@@ -312,6 +423,7 @@ INDEX_SCHEMA = pa.schema(
     [
         ("obs_id", pa.int64()),
         ("dither", pa.int32()),
+        ("exposure", pa.int32()),
         ("ccd", pa.string()),
         ("quadrant", pa.string()),
         ("det_id", pa.string()),
@@ -354,6 +466,7 @@ INDEX_SCHEMA = pa.schema(
         ("wgt_path", pa.string()),
         ("psf_path", pa.string()),
         ("timestamp", pa.string()),
+        ("exptime_s", pa.float64()),
     ]
 )
 
@@ -398,12 +511,64 @@ def _bounds(
     return (ra_c + float(dra.min())) % 360.0, (ra_c + float(dra.max())) % 360.0, dec_min, dec_max
 
 
-def index_exposure(exp: VisExposure, storage_options: dict | None = None) -> pa.Table:
-    """Quadrant rows of one exposure (schema :data:`INDEX_SCHEMA`), from header-only reads of its files."""
-    det = _by_det_id(fits_hdu_offsets(exp.det_uri, storage_options), "SCI")
+def header_float(header, key: str, primary=None) -> float | None:
+    """A numeric header value (Q1 stores some, e.g. MAGZEROP, as strings), else the primary header's, else None."""
+    for h in (header, primary):
+        if h is None:
+            continue
+        v = h.get(key)
+        if v is None:
+            continue
+        try:
+            return float(str(v).strip())
+        except ValueError:
+            continue
+    return None
+
+
+def exptime_s(header, primary=None) -> float | None:
+    """EXPTIME (s) of a quadrant: its SCI header, else the DET primary header; None when neither has it."""
+    return header_float(header, "EXPTIME", primary)
+
+
+def _exptime_check(exp: VisExposure, value: float | None) -> None:
+    """Warn when EXPTIME contradicts the exposure index of the name (a short exposure named nominal, ...)."""
+    if value is None:
+        log.warning("%s: no EXPTIME in its headers", exp.det_uri)
+        return
+    short = value < 0.5 * VIS_EXPTIME_NOMINAL_S
+    if short != exp.is_short:
+        log.warning(
+            "%s: EXPTIME %.1f s but exposure index %d in the name (%s expected); the header value is used",
+            exp.det_uri,
+            value,
+            exp.exposure,
+            "short" if exp.is_short else "nominal",
+        )
+
+
+def index_exposure(
+    exp: VisExposure, storage_options: dict | None = None, hdu_tables: dict | None = None
+) -> pa.Table:
+    """Quadrant rows of one exposure (schema :data:`INDEX_SCHEMA`), from header-only reads of its files.
+
+    ``hdu_tables``: {uri: HDU walk} shared between the exposures of one index build, so the observation's
+    PSF file (common to all its exposures) is walked once.
+    """
+
+    def walk(uri):
+        if hdu_tables is None:
+            return fits_hdu_offsets(uri, storage_options)
+        if uri not in hdu_tables:
+            hdu_tables[uri] = fits_hdu_offsets(uri, storage_options)
+        return hdu_tables[uri]
+
+    det_hdus = fits_hdu_offsets(exp.det_uri, storage_options)
+    primary = det_hdus[0].header if det_hdus else None
+    det = _by_det_id(det_hdus, "SCI")
     aux = {}
     for kind, uri in (("BKG", exp.bkg_uri), ("WGT", exp.wgt_uri), ("PSF", exp.psf_uri)):
-        aux[kind] = _by_det_id(fits_hdu_offsets(uri, storage_options), kind) if uri else {}
+        aux[kind] = _by_det_id(walk(uri), kind) if uri else {}
     det_ids = sorted({d for (d, k) in det if k == "SCI"})
     if not det_ids:
         raise Q1FormatError(
@@ -412,14 +577,18 @@ def index_exposure(exp: VisExposure, storage_options: dict | None = None) -> pa.
             "point data.vis_base_uri at Q1 VIS calibrated frames (EUC_VIS_SWL-DET-*)",
         )
     rows: dict[str, list] = {f.name: [] for f in INDEX_SCHEMA}
+    exptimes = []
     for det_id in det_ids:
         sci = det[(det_id, "SCI")]
         ra_c, dec_c, cra, cdec = _footprint(sci.header)
         ra_min, ra_max, dec_min, dec_max = _bounds(ra_c, cra, cdec)
         ccd, quad = det_id.split(".")
+        t_exp = exptime_s(sci.header, primary)
+        exptimes.append(t_exp)
         rec: dict[str, Any] = {
             "obs_id": exp.obs_id,
             "dither": exp.dither,
+            "exposure": exp.exposure,
             "ccd": ccd,
             "quadrant": quad,
             "det_id": det_id,
@@ -438,6 +607,7 @@ def index_exposure(exp: VisExposure, storage_options: dict | None = None) -> pa.
             "wgt_path": exp.wgt_uri,
             "psf_path": exp.psf_uri,
             "timestamp": exp.timestamp,
+            "exptime_s": t_exp,
         }
         sources = {
             "sci": det.get((det_id, "SCI")),
@@ -455,6 +625,8 @@ def index_exposure(exp: VisExposure, storage_options: dict | None = None) -> pa.
             rec[f"{key}_data_size"] = h.data_size if h else None
         for k in rows:
             rows[k].append(rec.get(k))
+    known = [t for t in exptimes if t is not None]
+    _exptime_check(exp, float(np.median(known)) if known else None)
     return pa.table(rows, schema=INDEX_SCHEMA)
 
 
@@ -463,21 +635,73 @@ def _cache_uri(cache_base: str, exp: VisExposure) -> str:
     return join_uri(cache_base, str(exp.obs_id), f"{stem}.quadrants.parquet")
 
 
+#: Largest angular distance (deg) between two points of the VIS focal plane (a 0.787 x 0.709 deg field,
+#: diagonal 1.06 deg), with a margin: no quadrant of an exposure lies farther than this from any other.
+VIS_FOCAL_PLANE_SPAN_DEG = 1.1
+
+
+def _sep_deg(ra1, dec1, ra2, dec2) -> float:
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
+    return float(np.degrees(2 * np.arcsin(np.sqrt(min(1.0, h)))))
+
+
+def exposure_reference_position(exp: VisExposure, storage_options: dict | None = None) -> tuple[float, float]:
+    """(RA, Dec) in deg of the centre of the first SCI quadrant of the DET file: a few header requests only."""
+    hdus = fits_hdu_offsets(exp.det_uri, storage_options, stop=lambda h: h.name.endswith(".SCI"))
+    if not hdus or not hdus[-1].name.endswith(".SCI"):
+        raise Q1FormatError(
+            exp.det_uri,
+            "No quadrant SCI extensions ('{row}-{col}.{quad}.SCI') in this DET file",
+            "point data.vis_base_uri at Q1 VIS calibrated frames (EUC_VIS_SWL-DET-*)",
+        )
+    ra, dec, _, _ = _footprint(hdus[-1].header)
+    return ra, dec
+
+
+def exposure_may_overlap(exp: VisExposure, box, storage_options: dict | None = None) -> bool:
+    """False only when no quadrant of the exposure can touch ``box`` (a ``SkyBox``).
+
+    Conservative pointing test: the first SCI quadrant's centre must lie within the focal-plane span
+    (:data:`VIS_FOCAL_PLANE_SPAN_DEG`) plus the box's half-diagonal of the box centre.
+    """
+    ra, dec = exposure_reference_position(exp, storage_options)
+    ra_c = (box.ra_min + 0.5 * box.ra_width_deg) % 360.0
+    dec_c = 0.5 * (box.dec_min + box.dec_max)
+    if box.ra_width_deg >= 180.0 or max(abs(box.dec_min), abs(box.dec_max)) > 89.0:
+        return True
+    corners = [
+        (box.ra_min, box.dec_min),
+        (box.ra_min, box.dec_max),
+        (box.ra_max, box.dec_min),
+        (box.ra_max, box.dec_max),
+    ]
+    half_diag = max(_sep_deg(ra_c, dec_c, r, d) for r, d in corners)
+    return _sep_deg(ra, dec, ra_c, dec_c) <= VIS_FOCAL_PLANE_SPAN_DEG + half_diag
+
+
 def build_quadrant_index(
     exposures: Sequence[VisExposure],
     cache_uri: str | None = None,
     storage_options: dict | None = None,
     cache_storage_options: dict | None = None,
     progress: bool = False,
+    overlap_box=None,
 ) -> pa.Table:
     """Quadrant footprint index of the given exposures, cached as one Parquet per DET file under ``cache_uri``.
 
     The cache key is the DET file name (it carries the processing timestamp), so a reprocessed file gets a new
     entry. Cached entries whose companion files changed are rebuilt.
+
+    ``overlap_box`` (a ``SkyBox``, e.g. a tile's extended area): an exposure without a cache entry is first
+    tested with :func:`exposure_may_overlap` (a few header requests) and left out when it cannot overlap
+    the box, instead of walking its ~430 HDU headers. Cached entries are returned whole.
     """
     import pyarrow.parquet as pq
 
     tables = []
+    hdu_tables: dict[str, list[HduInfo]] = {}
+    n_far = 0
     it: Iterable[VisExposure] = exposures
     bar = None
     if progress and exposures:
@@ -506,8 +730,17 @@ def build_quadrant_index(
                 except Exception as exc:  # unreadable cache entry: rebuild it
                     log.warning("quadrant index cache %s unreadable (%s): rebuilding", cu, exc)
                     table = None
+            if (
+                table is None
+                and overlap_box is not None
+                and not exposure_may_overlap(exp, overlap_box, storage_options)
+            ):
+                n_far += 1
+                if bar is not None:
+                    bar.advance(task)
+                continue
             if table is None:
-                table = index_exposure(exp, storage_options)
+                table = index_exposure(exp, storage_options, hdu_tables)
                 if cu:
                     buf = io.BytesIO()
                     pq.write_table(table, buf)
@@ -518,6 +751,12 @@ def build_quadrant_index(
     finally:
         if bar is not None:
             bar.stop()
+    if n_far:
+        log.info(
+            "quadrant index: %d of %d exposures cannot overlap the area (pointing), not indexed",
+            n_far,
+            len(exposures),
+        )
     if not tables:
         return INDEX_SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -657,33 +896,365 @@ def read_quadrant_row(row: dict, kind: str = "sci", storage_options: dict | None
     )
 
 
+def entry_det_id(entry: Mapping[str, Any]) -> str:
+    """HDU prefix of a quadrant entry: manifests carry ``quadrant: 3-4.F``; index rows the letter and ``ccd``."""
+    quad = str(entry.get("det_id") or entry.get("quadrant"))
+    return quad if "." in quad else f"{entry.get('ccd')}.{quad}"
+
+
+def hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
+    """HDU names tried for ``kind`` when an entry has no byte offsets: the entry's own ``{kind}_hdu`` first,
+    then the Q1 names (``3-4.F.SCI`` etc. in DET files, ``3-4.F`` in the BKG / WGT / PSF files)."""
+    det = entry_det_id(entry)
+    explicit = entry.get(f"{kind}_hdu") or (entry.get("hdus") or {}).get(kind)
+    names = {
+        "sci": [f"{det}.SCI"],
+        "rms": [f"{det}.RMS"],
+        "flg": [f"{det}.FLG"],
+        "bkg": [det, f"{det}.BKG", f"{det}.SCI"],
+        "wgt": [det, f"{det}.WGT", f"{det}.SCI"],
+        "psf": [det, f"{det}.PSF", f"{det}.SCI"],
+    }[kind]
+    out = ([str(explicit)] if explicit else []) + names
+    return list(dict.fromkeys(out))
+
+
+_PATH_KEY = {"sci": "sci_path", "rms": "sci_path", "flg": "sci_path", "bkg": "bkg_path", "wgt": "wgt_path",
+             "psf": "psf_path"}  # fmt: skip
+
+
+class HduTableCache:
+    """Process-wide LRU of FITS HDU walks (name -> :class:`HduInfo`), keyed by URI and file version.
+
+    Reads by HDU name (entries without byte offsets, the injection hosts) walk a file's headers once and then
+    fetch each HDU with one range request. The version is the local size and mtime, or the S3 ETag and size,
+    so a rewritten file is walked again.
+    """
+
+    def __init__(self, max_files: int = 64):
+        import threading
+
+        self.max_files = int(max_files)
+        self._items: dict[tuple, dict[str, HduInfo]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _version(uri: str, storage_options: dict | None) -> tuple:
+        fs, path = get_fs(uri, storage_options)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError as exc:
+            raise DataAccessError(uri, "Not found", "check the path/URI and that the data exists") from exc
+        return (info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+
+    def get(self, uri: str, storage_options: dict | None = None) -> dict[str, HduInfo]:
+        key = (str(uri), self._version(str(uri), storage_options))
+        with self._lock:
+            hit = self._items.pop(key, None)
+            if hit is not None:
+                self._items[key] = hit
+                return hit
+        table: dict[str, HduInfo] = {}
+        for h in fits_hdu_offsets(str(uri), storage_options):
+            table.setdefault(h.name if h.index else "PRIMARY", h)
+        with self._lock:
+            self._items[key] = table
+            while len(self._items) > self.max_files:
+                self._items.pop(next(iter(self._items)))
+        return table
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+#: The HDU walks shared by every by-name read of this process.
+HDU_TABLES = HduTableCache()
+
+
+def hdu_table(uri: str, storage_options: dict | None = None) -> dict[str, HduInfo]:
+    """``{EXTNAME: HduInfo}`` of a FITS file (``"PRIMARY"`` for HDU 0), headers only, cached per file version."""
+    return HDU_TABLES.get(uri, storage_options)
+
+
+def read_hdu(uri: str, names: Sequence[str], storage_options: dict | None = None) -> QuadrantData | None:
+    """The first HDU of ``names`` present in the file, read with one range request (None when none is)."""
+    table = hdu_table(uri, storage_options)
+    for name in names:
+        h = table.get(name)
+        if h is not None:
+            return read_quadrant(uri, name, h.header_offset, h.data_offset, h.data_size, storage_options)
+    return None
+
+
+def primary_header(uri: str, storage_options: dict | None = None):
+    """The primary header of a FITS file (e.g. a DET file's EXPTIME, pointing), reading that header only."""
+    fs, path = get_fs(uri, storage_options)
+    raw = b""
+    try:
+        while True:
+            more = _read_range(fs, path, len(raw), len(raw) + _HEADER_CHUNK)
+            if not more:
+                raise Q1FormatError(uri, "Truncated primary header (no END card)", _CORRUPT_HINT)
+            raw += more
+            parsed = _parse_header(raw[: len(raw) // FITS_BLOCK * FITS_BLOCK], uri, 0)
+            if parsed is not None:
+                return parsed[0]
+    except FileNotFoundError as exc:
+        raise DataAccessError(uri, "Not found", "check the path/URI and that the data exists") from exc
+
+
+#: SCI-header keys completed from the DET primary header when a quadrant header lacks them.
+PRIMARY_FALLBACK_KEYS = ("EXPTIME", "MAGZEROP", "GAIN", "RDNOISE", "SATLEVEL")
+
+
+def _complete_from_primary(header, uri: str, storage_options: dict | None, walked: bool = False) -> None:
+    missing = [k for k in PRIMARY_FALLBACK_KEYS if k not in header]
+    if not missing:
+        return
+    table = hdu_table(uri, storage_options) if walked else {}
+    prim = table["PRIMARY"].header if "PRIMARY" in table else primary_header(uri, storage_options)
+    for k in missing:
+        if k in prim:
+            header[k] = prim[k]
+
+
 def read_quadrant_hdus(
     entry: dict, storage_options: dict | None = None, kinds: Sequence[str] | None = None
 ) -> dict[str, tuple[np.ndarray, Any]]:
-    """Read the HDUs of one manifest/index quadrant entry by byte range: {kind: (data, header)}.
+    """Read the HDUs of one manifest/index quadrant entry: {kind: (data, header)}, byte ranges only.
 
-    Default kinds: sci, rms, flg, bkg, psf (wgt only when the entry has no RMS extension). Kinds whose HDU
-    is absent from the entry are left out.
+    Default kinds: sci, rms, flg, bkg, psf (wgt only when the entry has no RMS). An entry with byte offsets
+    (index / manifest) is read directly; one without (``sci_path`` etc. and ``ccd``/``quadrant`` only) is
+    resolved by HDU name (:func:`hdu_candidates`) through the cached header walk. Kinds whose file or HDU is
+    absent are left out. The SCI header gets EXPTIME/MAGZEROP/GAIN/... from the DET primary header when it
+    lacks them (:data:`PRIMARY_FALLBACK_KEYS`).
     """
     if kinds is None:
         kinds = ["sci", "rms", "flg", "bkg", "psf"]
-        if entry.get("rms_hdu") is None:
-            kinds.append("wgt")
-    out = {}
+    kinds = list(kinds)
+    out: dict[str, tuple[np.ndarray, Any]] = {}
+    sci_walked = False
     for kind in kinds:
-        if entry.get(f"{kind}_hdu") is None or entry.get(f"{kind}_header_offset") is None:
-            continue
-        q = read_quadrant_row(entry, kind, storage_options)
-        out[kind] = (q.data, q.header)
+        q = None
+        if entry.get(f"{kind}_hdu") is not None and entry.get(f"{kind}_header_offset") is not None:
+            q = read_quadrant_row(entry, kind, storage_options)
+        elif entry.get(_PATH_KEY[kind]):
+            q = read_hdu(str(entry[_PATH_KEY[kind]]), hdu_candidates(entry, kind), storage_options)
+            sci_walked |= kind == "sci"
+        if q is not None:
+            out[kind] = (q.data, q.header)
+    if "rms" in kinds and "rms" not in out and "wgt" not in kinds and entry.get("wgt_path"):
+        got = read_quadrant_hdus(entry, storage_options, ["wgt"])
+        out.update(got)
+    if "sci" in out:
+        _complete_from_primary(out["sci"][1], str(entry["sci_path"]), storage_options, sci_walked)
     return out
 
 
-def magzerop(header) -> float:
-    """MAGZEROP as a float (some Q1 headers store it as a string)."""
-    v = header.get("MAGZEROP")
+def magzerop(header, primary=None) -> float:
+    """MAGZEROP as a float (Q1 headers store it as a string), from the header or else ``primary``."""
+    v = header_float(header, "MAGZEROP", primary)
     if v is None:
         raise KeyError("MAGZEROP missing from header")
-    return float(str(v).strip())
+    return v
+
+
+def zero_point_mag(header, primary=None) -> float:
+    """AB magnitude of 1 ADU in the frame: ``MAGZEROP + 2.5 log10(EXPTIME)`` (MAGZEROP is for 1 ADU/s)."""
+    t = exptime_s(header, primary)
+    if t is None or not t > 0:
+        raise KeyError("EXPTIME missing from header")
+    return magzerop(header, primary) + 2.5 * float(np.log10(t))
+
+
+# ----------------------------------------------------------------------------------------------- exposures
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadrantHeader:
+    """The SCI header of one quadrant of an exposure, with the photometric keys resolved."""
+
+    det_id: str  # "3-4.F"
+    sci_hdu: str  # "3-4.F.SCI"
+    nx_pix: int
+    ny_pix: int
+    header: Any  # astropy Header of the SCI HDU (WCS), completed from the primary header
+    exptime_s: float | None
+    magzerop: float | None
+    gain_e_per_adu: float | None
+
+    @property
+    def zero_point_mag(self) -> float:
+        """AB magnitude of 1 ADU (NaN without MAGZEROP/EXPTIME)."""
+        if self.magzerop is None or not (self.exptime_s or 0) > 0:
+            return float("nan")
+        return self.magzerop + 2.5 * float(np.log10(self.exptime_s))
+
+
+def exposure_quadrant_headers(
+    exp: VisExposure | str, storage_options: dict | None = None
+) -> list[QuadrantHeader]:
+    """The SCI headers of every quadrant of an exposure (``VisExposure`` or DET URI), headers only, by det_id."""
+    uri = exp.det_uri if isinstance(exp, VisExposure) else str(exp)
+    table = hdu_table(uri, storage_options)
+    prim = table["PRIMARY"].header if "PRIMARY" in table else None
+    out = []
+    for name, h in table.items():
+        m = _EXT_RE.match(name)
+        if not m or m["kind"] != "SCI":
+            continue
+        hd = h.header.copy()
+        for k in PRIMARY_FALLBACK_KEYS:
+            if k not in hd and prim is not None and k in prim:
+                hd[k] = prim[k]
+        out.append(
+            QuadrantHeader(
+                det_id=f"{m['ccd']}.{m['quad']}",
+                sci_hdu=name,
+                nx_pix=int(hd["NAXIS1"]),
+                ny_pix=int(hd["NAXIS2"]),
+                header=hd,
+                exptime_s=exptime_s(hd),
+                magzerop=header_float(hd, "MAGZEROP"),
+                gain_e_per_adu=header_float(hd, "GAIN"),
+            )
+        )
+    return sorted(out, key=lambda q: q.det_id)
+
+
+def exposure_with_exptime(exp: VisExposure, storage_options: dict | None = None) -> VisExposure:
+    """``exp`` with ``exptime_s`` from its DET primary header (one header request), checked against the name.
+
+    Falls back to the first SCI header (cached walk) when the primary header has no EXPTIME.
+    """
+    t = exptime_s(primary_header(exp.det_uri, storage_options))
+    if t is None:
+        heads = exposure_quadrant_headers(exp, storage_options)
+        t = heads[0].exptime_s if heads else None
+    _exptime_check(exp, t)
+    return dataclasses.replace(exp, exptime_s=t)
+
+
+def exposure_entry(exp: VisExposure, det_id: str) -> dict:
+    """A quadrant entry (the manifest's keys, no offsets) of quadrant ``det_id`` (``"3-4.F"``) of ``exp``."""
+    ccd, quad = str(det_id).split(".")[:2]
+    return {
+        "sci_path": exp.det_uri,
+        "bkg_path": exp.bkg_uri,
+        "wgt_path": exp.wgt_uri,
+        "psf_path": exp.psf_uri,
+        "ccd": ccd,
+        "quadrant": quad,
+        "det_id": f"{ccd}.{quad}",
+        "obs_id": exp.obs_id,
+        "dither": exp.dither,
+        "exposure": exp.exposure,
+    }
+
+
+def read_exposure_quadrant(
+    exp: VisExposure,
+    det_id: str,
+    kinds: Sequence[str] = ("sci", "rms", "flg", "bkg"),
+    storage_options: dict | None = None,
+) -> dict[str, tuple[np.ndarray, Any]]:
+    """HDUs of one quadrant of an exposure by name ({kind: (data, header)}; absent kinds are left out).
+
+    ``kinds`` from sci, rms, flg (DET file), bkg, wgt, psf (companion files). Byte-range reads through the
+    cached header walk: one range request per HDU once a file has been walked.
+    """
+    return read_quadrant_hdus(exposure_entry(exp, det_id), storage_options, kinds)
+
+
+# ----------------------------------------------------------------------------------------------- PSF grid
+
+
+@dataclasses.dataclass(frozen=True)
+class PsfGridLayout:
+    """How a PSF HDU lays out its grid: ``n`` x ``n`` stamps of ``stamp_pix`` x ``stamp_pix``, row-major.
+
+    Stamp ``(i, j)`` (image rows ``i S .. (i + 1) S``, columns ``j S ..``) models the PSF at 0-based quadrant
+    pixel ``(x_nodes_pix[j], y_nodes_pix[i])``.
+    """
+
+    n: int
+    stamp_pix: int
+    oversampling: int
+    pixel_included: bool
+    x_nodes_pix: np.ndarray
+    y_nodes_pix: np.ndarray
+    from_keywords: bool  # the grid geometry came from header keywords (else inferred from the shape)
+
+
+def _infer_grid(size: int) -> tuple[int, int] | None:
+    """(n, stamp) of a square PSF mosaic of side ``size`` without keywords: the Q1 9 x 9 grid, else 21 px stamps."""
+    from constellation_assets.euclid import VIS_PSF_GRID, VIS_PSF_STAMP_PIX
+
+    if size % VIS_PSF_GRID == 0 and size // VIS_PSF_GRID >= 3:
+        return VIS_PSF_GRID, size // VIS_PSF_GRID
+    if size % VIS_PSF_STAMP_PIX == 0:
+        return size // VIS_PSF_STAMP_PIX, VIS_PSF_STAMP_PIX
+    return None
+
+
+def psf_grid_layout(
+    image_shape: Sequence[int], header, quadrant_shape: Sequence[int], uri: str = ""
+) -> PsfGridLayout:
+    """The grid layout of a VIS PSF HDU.
+
+    The Q1 product (``EUC_VIS_GRD-PSF``, PSFEx) carries no grid keywords: a 189 x 189 image is a 9 x 9 grid
+    of 21 x 21 stamps at the native pixel scale, uniform over the quadrant with nodes at the cell centres,
+    ``x_j = (j + 1/2) nx / n - 1/2`` (0-based). Other square images whose side is a multiple of 9 (9 x S) or
+    of 21 (n x 21) are read the same way. Optional keywords override the inference: PSFGRID / PSFSTAMP (grid
+    and stamp size), OVERSAMP (PSF pixels per detector pixel, default 1), PSFPIXEL (``INCLUDED`` unless it
+    says NOT INCLUDED), GRIDX0 / GRIDY0 (FITS 1-based pixel of node 0) and GRIDDX / GRIDDY (node spacing).
+    """
+    ny_img, nx_img = int(image_shape[0]), int(image_shape[1])
+    where = uri or "PSF file"
+    hint = "use the Q1 VIS PSF product (189 x 189 per quadrant) or give PSFGRID/PSFSTAMP in the HDU header"
+    if "PSFGRID" in header or "PSFSTAMP" in header:
+        n = int(header.get("PSFGRID", 0)) or nx_img // int(header["PSFSTAMP"])
+        s = int(header.get("PSFSTAMP", 0)) or nx_img // n
+        from_kw = True
+    else:
+        if nx_img != ny_img:
+            raise Q1FormatError(where, f"PSF image of shape {(ny_img, nx_img)} is not square", hint)
+        got = _infer_grid(nx_img)
+        if got is None:
+            raise Q1FormatError(
+                where, f"PSF image side {nx_img} is neither 9 x S nor n x 21 pixels: grid unknown", hint
+            )
+        n, s = got
+        from_kw = False
+    if n < 1 or s < 1 or ny_img < n * s or nx_img < n * s:
+        raise Q1FormatError(
+            where,
+            f"PSF image of shape {(ny_img, nx_img)} cannot hold a {n} x {n} grid of {s} x {s} stamps",
+            hint,
+        )
+    qny, qnx = int(quadrant_shape[0]), int(quadrant_shape[1])
+    dx = float(header.get("GRIDDX", qnx / n))
+    dy = float(header.get("GRIDDY", qny / n))
+    x0 = float(header["GRIDX0"]) - 1.0 if "GRIDX0" in header else 0.5 * qnx / n - 0.5
+    y0 = float(header["GRIDY0"]) - 1.0 if "GRIDY0" in header else 0.5 * qny / n - 0.5
+    pix = str(header.get("PSFPIXEL", "INCLUDED")).strip().upper()
+    return PsfGridLayout(
+        n=n,
+        stamp_pix=s,
+        oversampling=max(1, int(header.get("OVERSAMP", 1))),
+        pixel_included=not pix.startswith("NOT") and pix not in ("F", "FALSE", "NO", "EXCLUDED"),
+        x_nodes_pix=x0 + dx * np.arange(n),
+        y_nodes_pix=y0 + dy * np.arange(n),
+        from_keywords=from_kw,
+    )
+
+
+def psf_grid_stamps(image: np.ndarray, layout: PsfGridLayout) -> np.ndarray:
+    """The stamps of a PSF HDU as (n_y, n_x, S, S) float64, values as stored (no renormalisation)."""
+    n, s = layout.n, layout.stamp_pix
+    img = np.asarray(image, dtype=np.float64)[: n * s, : n * s]
+    return img.reshape(n, s, n, s).transpose(0, 2, 1, 3).copy()
 
 
 # ----------------------------------------------------------------------------------------------- MER mosaics

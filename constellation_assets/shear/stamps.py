@@ -15,7 +15,8 @@ Pipeline (all vectorised over sources; no per-pixel Python):
    pixel ``(H//2 + dy, W//2 + dx)`` with ``|dx|, |dy| <= 0.5`` and ``(dx, dy)`` is returned as
    ``offsets_pix`` (the estimator recentres on it in Fourier space: no resampling of the data).
 4. Subtract the background, convert ADU to microJansky per pixel with MAGZEROP/EXPTIME (so exposures share
-   one flux unit), and mask pixels with any of the first 8 FLG bits set, non-finite pixels and pixels off
+   one flux unit), and mask pixels with any FLG bit of ``euclid.FLG_MASK_BITS`` set (every documented ESA
+   VIS bit except the informational QUADEDGE, STARSIGNAL and OBJECTS), non-finite pixels and pixels off
    the quadrant. Masked pixels get weight 0 and are filled with the pixel point-symmetric about the
    source centre (an elliptical profile is exactly symmetric under a 180-degree rotation, so this
    preserves both the galaxy light and the noise level); if that partner is masked too the pixel is set
@@ -24,12 +25,18 @@ Pipeline (all vectorised over sources; no per-pixel Python):
    filled (it and its partner are masked), or when more than ``max_masked_fraction`` of the stamp is masked
    (e.g. mostly off the quadrant). Sources near a quadrant edge are therefore kept.
 5. Noise: the per-stamp noise sigma is the median RMS (or ``1/sqrt(WGT)``) over the unmasked pixels.
-6. PSF: the PSF file holds, per quadrant, a 9 x 9 grid of 21 x 21 PSF stamps (oversampled by OVERSAMP,
-   nodes at GRIDX0 + j GRIDDX, GRIDY0 + i GRIDDY). Each grid stamp is first brought to the detector
-   sampling, centred on ``(H//2, W//2)`` of a stamp-sized array (an effective PSF with the pixel response
-   included, ``PSFPIXEL = INCLUDED``, is *sampled* every OVERSAMP fine pixels; otherwise OVERSAMP x OVERSAMP
-   blocks are summed), then the PSF at each source is the bilinear interpolation between the four
-   nearest grid nodes (clamped at the grid border). Both steps are linear, so they commute.
+6. PSF: the observation's PSF file (``EUC_VIS_GRD-PSF``) holds, per quadrant, a 9 x 9 grid of 21 x 21
+   stamps at the native pixel scale, nodes at the cell centres of the quadrant (layout:
+   :func:`constellation_assets.io.q1.psf_grid_layout`; optional keywords such as OVERSAMP are honoured).
+   Each grid stamp is placed, centred on ``(H//2, W//2)``, in a stamp-sized array (an oversampled effective
+   PSF, ``PSFPIXEL = INCLUDED``, is *sampled* every OVERSAMP fine pixels; otherwise OVERSAMP x OVERSAMP
+   blocks are summed), then the PSF at each source is the bilinear interpolation between the four nearest
+   grid nodes (clamped at the grid border). Both steps are linear, so they commute. The stamps are NOT
+   renormalised: the Q1 models are truncated at the 2.1" box (they sum to ~0.93-0.97), and each source's
+   PSF sum is returned as ``psf_flux_in_box`` so the estimator can account for the missing wings.
+
+All FITS access goes through :mod:`constellation_assets.io.q1` (byte-range reads of the named HDUs); this
+module cuts and processes.
 
 Combining exposures (the statistical choice)
 --------------------------------------------
@@ -66,6 +73,8 @@ from typing import Any
 
 import numpy as np
 
+from constellation_assets import euclid as _euclid
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -74,10 +83,10 @@ __all__ = [
     "FLAG_NO_COVERAGE",
     "FLAG_NO_GOOD_EXPOSURE",
     "FLG_MASK_BITS",
+    "PSF_BORDER_WARN_FRACTION",
     "APERTURE_RADIUS_PIX_DEFAULT",
     "MAX_MASKED_FRACTION_DEFAULT",
     "ExposureStamps",
-    "FitsFileCache",
     "PsfGrid",
     "QUADRANT_CACHE",
     "QuadrantCache",
@@ -98,8 +107,14 @@ __all__ = [
     "iter_manifest_stamps",
 ]
 
-#: FLG bits that mask a pixel for shear: any of the first 8 (INVALID, HOT, COLD, SATURATED, COSMIC, ...).
-FLG_MASK_BITS = 0xFF
+#: FLG bits that mask a pixel for shear: the ESA VIS bit map without its informational bits
+#: (QUADEDGE, STARSIGNAL, OBJECTS); see :mod:`constellation_assets.euclid`.
+FLG_MASK_BITS = _euclid.FLG_MASK_BITS
+#: A PSF model stamp whose outermost pixel ring holds more than this fraction of its flux is cut where light
+#: remains (logged per PSF HDU).
+PSF_BORDER_WARN_FRACTION = 1e-3
+#: PSF files already reported as truncated (a warning per file; its other quadrants are logged at DEBUG).
+_PSF_CUT_WARNED: set[str] = set()
 CENTER_RADIUS_PIX_DEFAULT = 2.0
 MAX_MASKED_FRACTION_DEFAULT = 0.5
 APERTURE_RADIUS_PIX_DEFAULT = 8.0
@@ -115,7 +130,7 @@ REJECT_TOO_MASKED = 2
 REJECT_BAD_NOISE = 4
 REJECT_UNFILLED = 8  # a masked pixel within the aperture whose symmetric partner is masked too
 
-_UJY_ZEROPOINT = 23.9  # AB magnitude of 1 microJansky
+_UJY_ZEROPOINT = _euclid.AB_ZEROPOINT_UJY  # AB magnitude of 1 microJansky
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,8 +153,8 @@ class SourceList:
 class QuadrantImages:
     """The arrays of one quadrant of one exposure (ADU), its WCS header and its PSF grid."""
 
-    key: str  # "{obs_id}-{dither}-{ccd}.{quadrant}"
-    exposure: str  # "{obs_id}-{dither}"
+    key: str  # "{obs_id}-{dither}-{exposure}-{ccd}.{quadrant}"
+    exposure: str  # "{obs_id}-{dither}-{exposure}" (exposure 1: nominal, 2: short)
     sci: np.ndarray  # (ny, nx) float32 ADU
     bkg: np.ndarray | None  # (ny, nx) ADU or None (already background-subtracted)
     rms: np.ndarray | None  # (ny, nx) ADU
@@ -192,9 +207,13 @@ def flux_scale_ujy_per_adu(header: Mapping[str, Any]) -> float:
 
 @dataclasses.dataclass
 class PsfGrid:
-    """A quadrant's PSF model: ``stamps[i, j]`` is the PSF at quadrant pixel ``(x_nodes[j], y_nodes[i])``."""
+    """A quadrant's PSF model: ``stamps[i, j]`` is the PSF at quadrant pixel ``(x_nodes[j], y_nodes[i])``.
 
-    stamps: np.ndarray  # (n_y, n_x, S, S) float64, each normalised to unit sum
+    Stamps keep the values of the file (no renormalisation): ``flux_in_box`` is each stamp's sum, i.e. the
+    fraction of the PSF flux the model holds inside its box (Q1: ~0.93-0.97, the wings are cut).
+    """
+
+    stamps: np.ndarray  # (n_y, n_x, S, S) float64, as stored (bad stamps: 0)
     x_nodes: np.ndarray  # (n_x,) 0-based quadrant pixel x of each grid column
     y_nodes: np.ndarray  # (n_y,) 0-based quadrant pixel y of each grid row
     oversampling: int = 1
@@ -203,52 +222,89 @@ class PsfGrid:
 
     @classmethod
     def from_image(
-        cls, image: np.ndarray, header: Mapping[str, Any], quadrant_shape: tuple[int, int]
+        cls,
+        image: np.ndarray,
+        header: Mapping[str, Any],
+        quadrant_shape: tuple[int, int],
+        source: str = "",
     ) -> PsfGrid:
-        """Parse a PSF-file HDU: an (n S) x (n S) mosaic of S x S stamps (Q1: 189 x 189 = 9 x 9 of 21 x 21).
+        """Parse a PSF-file HDU (Q1: 189 x 189 = 9 x 9 stamps of 21 x 21 native pixels, no grid keywords).
 
-        Header keys (defaults for files without them): PSFGRID (9), PSFSTAMP (image size / PSFGRID),
-        OVERSAMP (1), PSFPIXEL (INCLUDED), GRIDX0/GRIDY0 (FITS 1-based pixel of node 0; default the centre
-        of the first of n equal cells) and GRIDDX/GRIDDY (node spacing; default quadrant size / n).
+        The layout comes from :func:`constellation_assets.io.q1.psf_grid_layout`. Non-finite or non-positive
+        stamps are set to 0 (the estimator flags a zero PSF). ``source`` names the HDU in log messages; a
+        warning is logged when a stamp's border ring holds more than :data:`PSF_BORDER_WARN_FRACTION` of its flux.
         """
-        img = np.asarray(image, dtype=np.float64)
-        n = int(header.get("PSFGRID", 9))
-        s = int(header.get("PSFSTAMP", img.shape[0] // n))
-        if img.shape[0] < n * s or img.shape[1] < n * s:
-            raise ValueError(
-                f"PSF image of shape {img.shape} cannot hold a {n} x {n} grid of {s} x {s} stamps; "
-                "check PSFGRID/PSFSTAMP in the PSF file header"
-            )
-        stamps = img[: n * s, : n * s].reshape(n, s, n, s).transpose(0, 2, 1, 3).copy()
+        from constellation_assets.io.q1 import psf_grid_layout, psf_grid_stamps
+
+        lay = psf_grid_layout(np.shape(image), header, quadrant_shape, source)
+        stamps = psf_grid_stamps(image, lay)
         sums = stamps.sum(axis=(2, 3), keepdims=True)
         bad = ~np.isfinite(sums) | (sums <= 0)
-        stamps = np.where(bad, 0.0, stamps / np.where(bad, 1.0, sums))
-        ny, nx = quadrant_shape
-        dx = float(header.get("GRIDDX", nx / n))
-        dy = float(header.get("GRIDDY", ny / n))
-        x0 = float(header["GRIDX0"]) - 1.0 if "GRIDX0" in header else 0.5 * nx / n - 0.5
-        y0 = float(header["GRIDY0"]) - 1.0 if "GRIDY0" in header else 0.5 * ny / n - 0.5
-        pix = str(header.get("PSFPIXEL", "INCLUDED")).strip().upper()
-        return cls(
+        stamps = np.where(bad, 0.0, stamps)
+        grid = cls(
             stamps=stamps,
-            x_nodes=x0 + dx * np.arange(n),
-            y_nodes=y0 + dy * np.arange(n),
-            oversampling=max(1, int(header.get("OVERSAMP", 1))),
-            pixel_included=not pix.startswith("NOT") and pix not in ("F", "FALSE", "NO", "EXCLUDED"),
+            x_nodes=lay.x_nodes_pix,
+            y_nodes=lay.y_nodes_pix,
+            oversampling=lay.oversampling,
+            pixel_included=lay.pixel_included,
         )
+        ring = grid.border_fraction
+        n_cut = int((ring > PSF_BORDER_WARN_FRACTION).sum())
+        if n_cut:
+            fib = grid.flux_in_box[~bad[..., 0, 0]]
+            file_key = (source or "PSF grid").split("[", 1)[0]
+            level = logging.DEBUG if file_key in _PSF_CUT_WARNED else logging.WARNING
+            _PSF_CUT_WARNED.add(file_key)
+            log.log(
+                level,
+                "%s: PSF model cut where light remains: in %d of %d stamps the border ring of the %d x %d box "
+                "holds > %.0e of the flux (max %.2g); stamp sums %.3f-%.3f (psf_flux_in_box)",
+                source or "PSF grid", n_cut, ring.size, stamps.shape[-2], stamps.shape[-1],
+                PSF_BORDER_WARN_FRACTION, float(ring.max()),
+                float(fib.min()) if fib.size else 0.0, float(fib.max()) if fib.size else 0.0,
+            )  # fmt: skip
+        if bad.any():
+            log.warning(
+                "%s: %d PSF stamps are non-finite or empty (set to 0)", source or "PSF grid", int(bad.sum())
+            )
+        return grid
+
+    @property
+    def flux_in_box(self) -> np.ndarray:
+        """(n_y, n_x) sum of each stamp as stored: the PSF flux fraction the model holds inside its box."""
+        return self.stamps.sum(axis=(2, 3))
+
+    @property
+    def border_fraction(self) -> np.ndarray:
+        """(n_y, n_x) fraction of each stamp's flux in its outermost pixel ring (0 for an empty stamp)."""
+        st = self.stamps
+        inner = st[:, :, 1:-1, 1:-1].sum(axis=(2, 3)) if min(st.shape[-2:]) > 2 else 0.0
+        tot = st.sum(axis=(2, 3))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(tot > 0, (tot - inner) / np.where(tot > 0, tot, 1.0), 0.0)
 
     def native(self, size: int) -> np.ndarray:
-        """Grid stamps at detector sampling, centred on ``(size//2, size//2)``: (n_y, n_x, size, size) float32."""
+        """Grid stamps at detector sampling, centred on ``(size//2, size//2)``: (n_y, n_x, size, size) float32.
+
+        Native stamps (OVERSAMP 1) are placed as stored; point samples of an oversampled effective PSF are
+        scaled to the flux of the stored stamp; pixel-free oversampled PSFs are summed in blocks. No
+        renormalisation to unit sum. A ``size`` smaller than the model crops it (logged once).
+        """
         if size in self._native_cache:
             return self._native_cache[size]
         ovs = self.oversampling
         s = self.stamps.shape[-1]
         c = s // 2
-        if self.pixel_included or ovs == 1:
+        if ovs == 1:
+            small, cs = self.stamps, c
+        elif self.pixel_included:
             k_max = c // ovs
-            k = np.arange(-k_max, k_max + 1)
-            idx = c + k * ovs
+            idx = c + np.arange(-k_max, k_max + 1) * ovs
             small = self.stamps[:, :, idx[:, None], idx[None, :]]
+            ssum = small.sum(axis=(2, 3), keepdims=True)
+            fine = self.stamps.sum(axis=(2, 3), keepdims=True)
+            small = np.where(ssum > 0, small * fine / np.where(ssum > 0, ssum, 1.0), 0.0)
+            cs = k_max
         else:  # integrate the (pixel-free) PSF over each detector pixel: sum ovs x ovs blocks
             half = ovs // 2
             k_max = (c - half) // ovs
@@ -258,16 +314,24 @@ class PsfGrid:
             fine = self.stamps[:, :, idx[:, None], idx[None, :]]
             m = len(k)
             small = fine.reshape(*fine.shape[:2], m, ovs, m, ovs).sum(axis=(3, 5))
+            cs = k_max
         m = small.shape[-1]
         out = np.zeros((*small.shape[:2], size, size), dtype=np.float64)
-        h = m // 2
-        lo = size // 2 - h
-        if lo < 0:  # stamp smaller than the PSF support: crop the PSF
-            small = small[:, :, -lo : -lo + size, -lo : -lo + size]
-            lo, m = 0, size
-        out[:, :, lo : lo + m, lo : lo + m] = small
-        sums = out.sum(axis=(2, 3), keepdims=True)
-        out = np.where(sums > 0, out / np.where(sums > 0, sums, 1.0), 0.0).astype(np.float32)
+        lo = size // 2 - cs  # stamp pixel 0 lands on output pixel lo
+        a, b = max(lo, 0), min(lo + m, size)
+        out[:, :, a:b, a:b] = small[:, :, a - lo : b - lo, a - lo : b - lo]
+        if a > lo or b < lo + m:
+            kept = out.sum(axis=(2, 3))
+            full = small.sum(axis=(2, 3))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lost = float(np.nanmax(np.where(full > 0, 1.0 - kept / np.where(full > 0, full, 1.0), 0.0)))
+            log.warning(
+                "PSF model of %d pixels cropped to the %d-pixel stamp: up to %.2g of its flux dropped",
+                m,
+                size,
+                lost,
+            )
+        out = out.astype(np.float32)
         self._native_cache[size] = out
         return out
 
@@ -567,6 +631,9 @@ class ExposureStamps:
     jacobian: np.ndarray  # (n, 2, 2) d(u, v)/d(x, y), arcsec / pixel
     masked_fraction: np.ndarray  # (n,)
     reject: np.ndarray  # (n,) int: REJECT_* bits (0: usable)
+    #: (n,) sum of each source's PSF model: the flux fraction inside the model's box (Q1 ~0.93-0.97; the
+    #: estimator normalises the PSF, so truncation is known only from this). None: not computed.
+    psf_flux_in_box: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source_index)
@@ -575,7 +642,7 @@ class ExposureStamps:
         return ExposureStamps(
             self.key,
             self.exposure,
-            *(getattr(self, f.name)[sel] for f in dataclasses.fields(self)[2:]),
+            *(None if (v := getattr(self, f.name)) is None else v[sel] for f in dataclasses.fields(self)[2:]),
         )
 
 
@@ -604,6 +671,7 @@ def quadrant_stamps(
         return ExposureStamps(
             quad.key, quad.exposure, idx, np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.float32),
             np.zeros(0), np.zeros((0, 2)), x, y, np.zeros((0, 2, 2)), np.zeros(0), np.zeros(0, np.int32),
+            np.zeros(0),
         )  # fmt: skip
     rows, cols, offsets = stamp_grid(x, y, size)
 
@@ -662,34 +730,13 @@ def quadrant_stamps(
         jacobian=jac,
         masked_fraction=masked_fraction,
         reject=reject,
+        psf_flux_in_box=psf.sum(axis=(1, 2), dtype=np.float64),
     )
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading quadrants (only the HDUs needed)
 
-
-def _det_id(entry: Mapping[str, Any]) -> str:
-    """HDU prefix of a manifest quadrant entry: ``quadrant`` is ``3-4.F`` (or, in index rows, the letter)."""
-    quad = str(entry.get("quadrant"))
-    return quad if "." in quad else f"{entry.get('ccd')}.{quad}"
-
-
-def _hdu_candidates(entry: Mapping[str, Any], kind: str) -> list[str]:
-    det = _det_id(entry)
-    explicit = entry.get(f"{kind}_hdu") or (entry.get("hdus") or {}).get(kind)
-    names = {
-        "sci": [f"{det}.SCI"],
-        "rms": [f"{det}.RMS"],
-        "flg": [f"{det}.FLG"],
-        "bkg": [det, f"{det}.BKG", f"{det}.SCI"],
-        "wgt": [det, f"{det}.WGT", f"{det}.SCI"],
-        "psf": [det, f"{det}.PSF", f"{det}.SCI"],
-    }[kind]
-    return ([str(explicit)] if explicit else []) + names
-
-
-_CORRUPT_FITS_HINT = "the file is corrupt or truncated: download/regenerate it, then re-run this sub-tile"
 
 #: Plausible detector pixel scales (arcsec); a WCS outside this range has wrong units (e.g. CUNIT arcsec on
 #: degree CD values) and would silently put every source in the wrong place.
@@ -720,155 +767,38 @@ def check_wcs_units(header: Mapping[str, Any], uri: str, hdu: str = "") -> None:
         )
 
 
-class _FitsSource:
-    """One open FITS file (local or fsspec); only the HDUs asked for are read, by EXTNAME via an index built once."""
+def _entry_exposure(entry: Mapping[str, Any]) -> int:
+    """Exposure index of a quadrant entry: its ``exposure`` field, else the DET file name, else 1."""
+    if entry.get("exposure") is not None:
+        return int(entry["exposure"])
+    from constellation_assets.io.q1 import DET_RE
 
-    def __init__(self, uri: str, storage_options: dict | None):
-        from astropy.io import fits
-
-        from constellation_assets.io.uri import DataAccessError, get_fs, is_s3
-
-        self.uri = uri
-        self._index: dict[str, int] | None = None
-        try:
-            if is_s3(uri):
-                fs, path = get_fs(uri, storage_options)
-                self._fh = fs.open(path, "rb", block_size=2 * 1024 * 1024, cache_type="readahead")
-                self._hdul = fits.open(self._fh, lazy_load_hdus=True, memmap=False)
-            else:
-                self._fh = None
-                self._hdul = fits.open(str(uri), lazy_load_hdus=True, memmap=False)  # no file-backed RSS
-        except FileNotFoundError as exc:
-            raise DataAccessError(
-                uri,
-                "FITS file not found",
-                "re-run `constellation prepare` (the manifest is stale) or check data.vis_base_uri",
-            ) from exc
-        except OSError as exc:
-            raise DataAccessError(
-                uri, f"cannot open FITS file ({exc})", "check the file and storage settings"
-            ) from exc
-
-    def _names(self) -> dict[str, int]:
-        if self._index is None:
-            # Reads every header once (data is skipped), so later lookups are O(1) instead of a scan each.
-            self._index = {}
-            for i, hdu in enumerate(self._hdul):
-                name = str(hdu.header.get("EXTNAME", "")).strip()
-                if name and name not in self._index:
-                    self._index[name] = i
-        return self._index
-
-    def read(self, names: list[str]) -> tuple[np.ndarray, Any] | None:
-        from constellation_assets.io.uri import DataAccessError
-
-        try:
-            index = self._names()
-        except (OSError, ValueError, TypeError, IndexError) as exc:
-            raise DataAccessError(
-                self.uri, f"FITS headers unreadable ({type(exc).__name__}: {exc})", _CORRUPT_FITS_HINT
-            ) from exc
-        for name in names:
-            if name in index:
-                hdu = self._hdul[index[name]]
-                try:
-                    data = hdu.data
-                except (OSError, ValueError, TypeError, IndexError) as exc:
-                    raise DataAccessError(
-                        self.uri,
-                        f"HDU {name} unreadable: truncated or corrupt FITS ({type(exc).__name__}: {exc})",
-                        _CORRUPT_FITS_HINT,
-                    ) from exc
-                # FITS byte order is kept (no full-array swap): stamps are converted when cut out.
-                arr = None if data is None else np.asarray(data)
-                with contextlib.suppress(AttributeError):
-                    del hdu.data  # the open HDUList must not keep every quadrant read so far
-                return arr, hdu.header
-        return None
-
-    def close(self) -> None:
-        self._hdul.close()
-        if self._fh is not None:
-            self._fh.close()
-
-
-class FitsFileCache:
-    """Open FITS files shared by the quadrants of a manifest (a DET file serves many quadrants).
-
-    Use as a context manager; at most ``max_open`` files stay open (least recently used closed first).
-    """
-
-    def __init__(
-        self, storage_options: Callable[[str], dict | None] | dict | None = None, max_open: int = 16
-    ):
-        self._opts = storage_options
-        self._files: dict[str, _FitsSource] = {}
-        self.max_open = max_open
-
-    def get(self, uri: str) -> _FitsSource:
-        uri = str(uri)
-        src = self._files.pop(uri, None)
-        if src is None:
-            opts = self._opts(uri) if callable(self._opts) else self._opts
-            src = _FitsSource(uri, opts)
-            while len(self._files) >= self.max_open:
-                self._files.pop(next(iter(self._files))).close()
-        self._files[uri] = src  # most recently used last
-        return src
-
-    def close(self) -> None:
-        for src in self._files.values():
-            src.close()
-        self._files.clear()
-
-    def __enter__(self) -> FitsFileCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    m = DET_RE.match(str(entry.get("sci_path", "")).rsplit("/", 1)[-1])
+    return int(m["exposure"]) if m else 1
 
 
 def read_quadrant_images(
-    entry: Mapping[str, Any], storage_options: dict | None = None, files: FitsFileCache | None = None
+    entry: Mapping[str, Any], storage_options: dict | None = None, files: Any = None
 ) -> QuadrantImages:
     """Read the SCI/RMS/FLG, BKG and PSF HDUs of one manifest quadrant entry (WGT only without RMS).
 
-    Uses ``constellation_assets.io.q1.read_quadrant_hdus`` when it is available (HDU offset index, byte
-    ranges); otherwise opens the FITS files lazily (``files`` keeps them open across quadrants) and reads
-    the named HDUs only.
+    All reads go through :func:`constellation_assets.io.q1.read_quadrant_hdus`: byte ranges from the entry's
+    offsets, or by HDU name through the process-wide header walk cache for entries without offsets.
+    ``files`` is accepted for older callers and unused (the walks are cached in ``io.q1.HDU_TABLES``).
     """
+    from constellation_assets.io.q1 import entry_det_id, hdu_candidates, read_quadrant_hdus
     from constellation_assets.io.uri import DataAccessError
 
-    det = _det_id(entry)
-    key = f"{entry.get('obs_id')}-{entry.get('dither')}-{det}"
-    exposure = f"{entry.get('obs_id')}-{entry.get('dither')}"
-    arrays = _read_with_q1(entry, storage_options)
-    if arrays is None:
-        arrays = {}
-        own = files is None
-        cache = FitsFileCache(storage_options) if own else files
-        try:
-            for kind, path_key in (("sci", "sci_path"), ("rms", "sci_path"), ("flg", "sci_path"),
-                                   ("bkg", "bkg_path"), ("psf", "psf_path")):  # fmt: skip
-                uri = entry.get(path_key)
-                if not uri:
-                    continue
-                got = cache.get(str(uri)).read(_hdu_candidates(entry, kind))
-                if got is not None:
-                    arrays[kind] = got
-            if "rms" not in arrays and entry.get("wgt_path"):
-                got = cache.get(str(entry["wgt_path"])).read(_hdu_candidates(entry, "wgt"))
-                if got is not None:
-                    arrays["wgt"] = got
-        finally:
-            if own:
-                cache.close()
+    det = entry_det_id(entry)
+    exposure = f"{int(entry.get('obs_id'))}-{int(entry.get('dither'))}-{_entry_exposure(entry)}"
+    key = f"{exposure}-{det}"
+    arrays = read_quadrant_hdus(dict(entry), storage_options=storage_options)
     for kind in ("sci", "psf"):
         if kind not in arrays or arrays[kind][0] is None:
             where = entry.get("sci_path" if kind == "sci" else "psf_path")
             raise DataAccessError(
                 str(where),
-                f"HDU {kind.upper()} of quadrant {det} not found (tried {_hdu_candidates(entry, kind)})",
+                f"HDU {kind.upper()} of quadrant {det} not found (tried {hdu_candidates(entry, kind)})",
                 "check that the manifest matches the files (re-run `constellation prepare --force`)",
             )
     sci, header = arrays["sci"]
@@ -888,22 +818,8 @@ def read_quadrant_images(
         wgt=_get("wgt"),
         flg=_get("flg"),
         header=header,
-        psf=PsfGrid.from_image(psf_img, psf_header, sci.shape),
+        psf=PsfGrid.from_image(psf_img, psf_header, sci.shape, source=f"{entry.get('psf_path')}[{det}]"),
     )
-
-
-def _read_with_q1(entry: Mapping[str, Any], storage_options: dict | None) -> dict | None:
-    """Byte-range read through ``io.q1.read_quadrant_hdus`` when the entry carries the HDU offset index.
-
-    Returns None (fall back to the lazy FITS reader) for entries without offsets.
-    """
-    if entry.get("sci_header_offset") is None or entry.get("psf_header_offset") is None:
-        return None
-    try:
-        from constellation_assets.io.q1 import read_quadrant_hdus
-    except ImportError:
-        return None
-    return read_quadrant_hdus(dict(entry), storage_options=storage_options)
 
 
 class QuadrantCache:
@@ -1083,7 +999,7 @@ def iter_manifest_stamps(
 
     entries = list(manifest.get("quadrants") or [])
 
-    def load(entry: Mapping[str, Any], files: FitsFileCache) -> QuadrantImages:
+    def load(entry: Mapping[str, Any]) -> QuadrantImages:
         opts = (
             storage_options(str(entry.get("sci_path", ""))) if callable(storage_options) else storage_options
         )
@@ -1092,7 +1008,7 @@ def iter_manifest_stamps(
         key = _quadrant_cache_key(entry, opts)
         quad = QUADRANT_CACHE.get(key)
         if quad is None:
-            quad = read_quadrant_images(entry, opts, files)
+            quad = read_quadrant_images(entry, opts)
             quad.get_wcs()  # built here, in the prefetch thread, and cached with the quadrant
             quad.psf.native(int(stamp_size))
             QUADRANT_CACHE.put(key, quad)
@@ -1106,14 +1022,14 @@ def iter_manifest_stamps(
 
     ahead = any(is_s3(str(e.get("sci_path", ""))) for e in entries)
     pool_cm = ThreadPoolExecutor(1, "quadrant-prefetch") if ahead else contextlib.nullcontext()
-    with FitsFileCache(storage_options) as files, pool_cm as pool:
-        nxt = pool.submit(load, entries[0], files) if ahead and entries else None
+    with pool_cm as pool:
+        nxt = pool.submit(load, entries[0]) if ahead and entries else None
         for i, entry in enumerate(entries):
             if ahead:
                 quad = nxt.result()
-                nxt = pool.submit(load, entries[i + 1], files) if i + 1 < len(entries) else None
+                nxt = pool.submit(load, entries[i + 1]) if i + 1 < len(entries) else None
             else:
-                quad = load(entry, files)
+                quad = load(entry)
             stamps = quadrant_stamps(
                 quad,
                 sources,
