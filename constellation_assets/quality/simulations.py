@@ -1,0 +1,67 @@
+"""Checks of the simulation products: the COSMOS source bank and one lens-injection stamp shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from constellation_assets.quality.checks import CheckOutcome
+
+
+def bank_outcome(bank: Any) -> CheckOutcome:
+    """bank_valid: readable, non-empty, unique IDENTs, finite positive hlr_arcsec, Sersic n in [0.3, 6] and
+    axis ratio in (0, 1]."""
+    d = bank.data
+    n = len(d["ident"])
+    problems = []
+    if n == 0:
+        problems.append("bank is empty")
+    if len(np.unique(d["ident"])) != n:
+        problems.append("duplicate IDENT")
+    hlr = np.asarray(d["hlr_arcsec"], float)
+    bad_hlr = ~(np.isfinite(hlr) & (hlr > 0))
+    if bad_hlr.any():
+        problems.append(f"{int(bad_hlr.sum())} non-positive/non-finite hlr_arcsec")
+    n_s = np.asarray(d["sersic_n"], float)
+    if not np.all((n_s >= 0.3) & (n_s <= 6.0)):
+        problems.append("Sersic n outside [0.3, 6]")
+    q = np.asarray(d["q"], float)
+    if not np.all((q > 0) & (q <= 1.0)):
+        problems.append("axis ratio outside (0, 1]")
+    return CheckOutcome(
+        "bank_valid",
+        not problems,
+        "error",
+        "; ".join(problems) or f"{n} sources valid",
+        {"n_sources": n, "median_hlr_arcsec": float(np.median(hlr)) if n else 0.0},
+    )
+
+
+def stamps_outcome(
+    source_mode: str, split: str, shard: int, n_expected: int, table: Any, images: dict
+) -> CheckOutcome:
+    """stamps_valid: rows == planned tasks, unique task ids, finite pixels in every band, cosmos_index set
+    exactly in cosmos mode (``table``: the shard's pyarrow table, ``images``: band -> (N, H, W))."""
+    problems = []
+    if table.num_rows != n_expected:
+        problems.append(f"{table.num_rows} rows, {n_expected} tasks planned")
+    if "task_id" in table.column_names and len(set(table.column("task_id").to_pylist())) != table.num_rows:
+        problems.append("duplicate task_id")
+    for band, arr in images.items():
+        bad = int(np.sum(~np.isfinite(arr)))
+        if bad:
+            problems.append(f"{bad} non-finite pixels in band {band}")
+    if "cosmos_index" in table.column_names:
+        n_null = table.column("cosmos_index").null_count
+        if source_mode == "cosmos" and n_null:
+            problems.append(f"{n_null} rows without cosmos_index in cosmos mode")
+        if source_mode == "sersic" and n_null != table.num_rows:
+            problems.append("cosmos_index set in sersic mode")
+    return CheckOutcome(
+        "stamps_valid",
+        not problems,
+        "error",
+        "; ".join(problems) or f"{table.num_rows} stamps valid ({split} shard {shard})",
+        {"rows": table.num_rows, "bands": sorted(images)},
+    )
