@@ -65,17 +65,24 @@ def _checks(result):
 
 def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     from constellation_assets.defs.partitions import register_injection_shards
-    from constellation_assets.defs.simulations import cosmos_bank, lens_injections, synthetic_field
+    from constellation_assets.defs.simulations import (
+        cosmos_bank,
+        cosmos_bank_valid,
+        lens_injections,
+        synthetic_field,
+        synthetic_field_complete,
+    )
     from constellation_assets.sim.injection import partition_keys
 
     inst, res = tiny["instance"], tiny["resources"]
-    r = dg.materialize([synthetic_field], instance=inst, resources=res)
+    r = dg.materialize([synthetic_field, synthetic_field_complete], instance=inst, resources=res)
     assert r.success
     assert _checks(r)[("synthetic_field", "field_complete")].passed
     assert _md(r, "synthetic_field")["tiles"].value[0]["tile_id"] == TILE
+    assert list(inst.get_dynamic_partitions("mer_tile")) == [str(TILE)]  # the field registers its tiles
 
     r = dg.materialize(
-        [cosmos_bank],
+        [cosmos_bank, cosmos_bank_valid],  # the check reads the stored bank, right after it is written
         instance=inst,
         resources=res,
         run_config={"ops": {"cosmos_bank": {"config": {"cosmos_dir": str(cosmos_dir)}}}},
@@ -98,6 +105,8 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     assert md["dagster/row_count"].value >= 1
     assert md["effective_config"].value["source_mode"] == "cosmos"
     assert "data:image/png;base64," in md["stamp_mosaic"].value
+    assert md["stamp_mosaic_png"].value.endswith(".png")
+    assert check.partition == keys[0]
     cols = {c.name for c in md["dagster/column_schema"].schema.columns}
     assert {"source_mode", "cosmos_index", "cosmos_hlr_arcsec"} <= cols
 

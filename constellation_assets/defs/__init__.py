@@ -25,7 +25,13 @@ from constellation_assets.defs.sensors import (
     tile_pipeline_sensor,
 )
 from constellation_assets.defs.shear import shear_calibration, shear_measurement_checks, shear_measurements
-from constellation_assets.defs.simulations import cosmos_bank, lens_injections, synthetic_field
+from constellation_assets.defs.simulations import (
+    cosmos_bank,
+    cosmos_bank_valid,
+    lens_injections,
+    synthetic_field,
+    synthetic_field_complete,
+)
 from constellation_assets.defs.tiles import build_prepare_tile_assets, prepare_tile_checks
 
 # Assets of other parts of the pipeline (one import and one entry each), e.g.
@@ -53,7 +59,13 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             synthetic_field,
             *EXTRA_ASSETS,
         ],
-        asset_checks=[prepare_tile_checks, shear_measurement_checks, shear_catalog_checks],
+        asset_checks=[
+            prepare_tile_checks,
+            shear_measurement_checks,
+            shear_catalog_checks,
+            cosmos_bank_valid,
+            synthetic_field_complete,
+        ],
         jobs=[
             tile_pipeline_job,
             calibration_job,

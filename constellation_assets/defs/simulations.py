@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import dagster as dg
 from pydantic import Field
 
-from constellation_assets.defs.checks import evaluations, results_for
+from constellation_assets.defs.checks import evaluations, to_check_result
 from constellation_assets.defs.metadata import Timer, plot_metadata, provenance_metadata, table_metadata
 from constellation_assets.defs.partitions import (
     injection_shard_partitions,
@@ -15,19 +15,15 @@ from constellation_assets.defs.partitions import (
 )
 from constellation_assets.defs.plots import mosaic_png
 from constellation_assets.defs.resources import ConstellationConfigResource
-from constellation_assets.quality.simulations import bank_outcome, stamps_outcome
+from constellation_assets.quality.simulations import bank_outcome, field_outcome, stamps_outcome
 
 SIM_GROUP = "simulations"
 OWNERS = ["team:simulations"]
 
-BANK_CHECKS = [
-    dg.AssetCheckSpec(
-        "bank_valid",
-        asset="cosmos_bank",
-        blocking=True,
-        description="Bank readable, non-empty, unique IDENTs, finite positive hlr_arcsec, Sersic n and axis ratio in range.",
-    )
-]
+BANK_CHECK_DESCRIPTION = (
+    "Bank readable, non-empty, unique IDENTs, finite positive hlr_arcsec, Sersic n and axis ratio in range "
+    "(reads the stored bank: re-run it from the UI at any time)."
+)
 INJECTION_CHECKS = [
     dg.AssetCheckSpec(
         "stamps_valid",
@@ -40,21 +36,10 @@ INJECTION_CHECKS = [
 ]
 
 
-FIELD_CHECKS = [
-    dg.AssetCheckSpec(
-        "field_complete",
-        asset="synthetic_field",
-        blocking=True,
-        description="Every configured tile has its field_manifest.json (written last) and all files it lists.",
-    )
-]
-
-
 @dg.asset(
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"galsim", "s3"},
-    check_specs=FIELD_CHECKS,
     description="Embedded demo data: a synthetic Euclid Q1 field (VIS DET/BKG/WGT frames, 9x9-grid PSF files, MER "
     "catalogs) in the exact Q1 layout under data.vis_base_uri / data.catalog_base_uri, with the input shear "
     "recorded as truth. Upstream of the tile assets in the local deployment: 'Materialize all' runs it first. "
@@ -63,8 +48,7 @@ FIELD_CHECKS = [
 )
 def synthetic_field(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    from constellation_assets.io.uri import uri_exists
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.field import simulate_field
     from constellation_assets.sim.injection import partition_keys
 
@@ -100,16 +84,17 @@ def synthetic_field(
             "vis_base_uri": dg.MetadataValue.text(cfg.data.vis_base_uri),
         }
     )
-    missing = [u for t in summary.tiles for u in t.files if not uri_exists(u, cfg.storage_options(u))]
-    yield dg.AssetCheckResult(
-        asset_key="synthetic_field",
-        check_name="field_complete",
-        passed=not missing and bool(summary.tiles),
-        description=f"{len(missing)} listed files missing"
-        if missing
-        else f"{len(summary.tiles)} tiles complete",
-        metadata={"missing": dg.MetadataValue.json(missing[:20])},
-    )
+
+
+@dg.asset_check(
+    asset="synthetic_field",
+    name="field_complete",
+    blocking=True,
+    description="Every configured tile has its field_manifest.json (written last) and all files it lists "
+    "(reads the stored field: re-run it from the UI at any time).",
+)
+def synthetic_field_complete(pipeline_config: ConstellationConfigResource) -> dg.AssetCheckResult:
+    return to_check_result("synthetic_field", "field_complete", field_outcome(pipeline_config.load()))
 
 
 class CosmosBankConfig(dg.Config):
@@ -142,13 +127,12 @@ def bank_schema(bank) -> dg.TableSchema:
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"hdf5", "galsim"},
-    check_specs=BANK_CHECKS,
     description="COSMOS (HST F814W) parametric source bank: per source IDENT, Sersic n, hlr_arcsec, axis ratio, "
     "position angle, flux/mag, bulge+disk parameters. HDF5 (path or s3://) with input catalog and content hash.",
 )
 def cosmos_bank(
     context: dg.AssetExecutionContext, config: CosmosBankConfig, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.bank import build_cosmos_bank, load_cosmos_bank
 
     cfg = pipeline_config.load()
@@ -168,7 +152,7 @@ def cosmos_bank(
             exclusion_level=config.exclusion_level,
             storage_options=so,
         )
-    bank = load_cosmos_bank(summary.uri, so)
+    bank = load_cosmos_bank(summary.uri, so)  # read back: what the metadata describes is what was stored
     yield dg.MaterializeResult(
         metadata={
             **provenance_metadata(cfg, "bank", extra={"cosmos_dir": config.cosmos_dir}),
@@ -182,7 +166,21 @@ def cosmos_bank(
             "input_catalog": dg.MetadataValue.text(summary.input_catalog),
         }
     )
-    yield from results_for("cosmos_bank", BANK_CHECKS, [bank_outcome(bank)])
+
+
+@dg.asset_check(asset="cosmos_bank", name="bank_valid", blocking=True, description=BANK_CHECK_DESCRIPTION)
+def cosmos_bank_valid(pipeline_config: ConstellationConfigResource) -> dg.AssetCheckResult:
+    from constellation_assets.io.uri import uri_exists
+    from constellation_assets.sim.bank import load_cosmos_bank
+
+    cfg = pipeline_config.load()
+    uri = bank_uri(cfg)
+    so = cfg.storage_options(uri)
+    if not uri_exists(uri, so):
+        return dg.AssetCheckResult(
+            passed=False, description=f"no COSMOS bank at {uri}; materialize cosmos_bank first"
+        )
+    return to_check_result("cosmos_bank", "bank_valid", bank_outcome(load_cosmos_bank(uri, so)))
 
 
 @dg.asset(

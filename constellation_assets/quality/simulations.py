@@ -65,3 +65,35 @@ def stamps_outcome(
         "; ".join(problems) or f"{table.num_rows} stamps valid ({split} shard {shard})",
         {"rows": table.num_rows, "bands": sorted(images)},
     )
+
+
+def field_outcome(cfg: Any) -> CheckOutcome:
+    """field_complete: every tile of the configured synthetic field has its ``field_manifest.json`` (written
+    last) and every file it lists exists."""
+    import json
+
+    from constellation_assets.io.uri import join_uri, read_text, uri_exists
+    from constellation_assets.sim.field import tile_truth_uri
+
+    tiles = [int(t) for t in cfg.field.tile_ids]
+    no_manifest, missing = [], []
+    for t in tiles:
+        uri = join_uri(tile_truth_uri(cfg, t), "field_manifest.json")
+        if not uri_exists(uri, cfg.storage_options(uri)):
+            no_manifest.append(t)
+            continue
+        manifest = json.loads(read_text(uri, cfg.storage_options(uri)))
+        listed = list(manifest.get("files") or []) + list((manifest.get("mer_mosaics") or {}).values())
+        missing += [u for u in dict.fromkeys(listed) if not uri_exists(u, cfg.storage_options(u))]
+    problems = []
+    if no_manifest:
+        problems.append(f"tile(s) {no_manifest} have no field_manifest.json: materialize synthetic_field")
+    if missing:
+        problems.append(f"{len(missing)} listed file(s) missing, e.g. {missing[:3]}")
+    return CheckOutcome(
+        "field_complete",
+        bool(tiles) and not problems,
+        "error",
+        "; ".join(problems) or f"{len(tiles)} tiles complete",
+        {"n_tiles": len(tiles), "missing": missing[:20], "tiles_without_manifest": no_manifest},
+    )
