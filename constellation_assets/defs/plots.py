@@ -101,8 +101,9 @@ def subtile_whisker_png(
     """Shear of every sub-tile of one tile on its grid (as on the sky: north up, east left).
 
     One headless whisker per sub-tile at the cell centre, length |g| and angle atan2(g2, g1)/2, scaled so
-    that the scale bar's |g| = ``g_ref`` spans ~40% of a cell (a whole cell when |g| is larger); cells without
-    a measurement are hatched and labelled, so a missing sub-tile is seen at once. Each cell shows N sources.
+    that the scale bar's |g| = ``g_ref`` spans 40% of a cell (``g_ref`` grows with large shears); cells without
+    sources (or without a result) are hatched and labelled, so an empty or missing sub-tile is seen at once.
+    Each measured cell shows its number of sources N.
     """
     import matplotlib.patches as mpatches
 
@@ -113,13 +114,16 @@ def subtile_whisker_png(
     g2 = np.asarray(g2, float)
     n_src = np.asarray(n_sources, int)
     mod = np.hypot(g1, g2)
-    g_max = float(np.nanmax(mod)) if mod.size else 0.0
+    measured = mod[(n_src > 0) & np.isfinite(mod)]
+    g_max = float(measured.max()) if measured.size else 0.0
     g_ref = max(g_ref, 0.5 * g_max) if g_max > 2 * g_ref else g_ref
     scale = 0.4 / g_ref  # cell units per unit |g|
     phi = 0.5 * np.arctan2(g2, g1)
     fig, ax = _figure(5.0, 5.4)
     seen = set()
     for r, c, m, p, n in zip(rows, cols, mod, phi, n_src, strict=True):
+        if n <= 0 or not np.isfinite(m):
+            continue  # an empty sub-tile: drawn as "no sources" below
         seen.add((int(r), int(c)))
         x, y = c + 0.5, r + 0.5
         dx, dy = -0.5 * m * scale * np.cos(p), 0.5 * m * scale * np.sin(p)
@@ -129,7 +133,7 @@ def subtile_whisker_png(
         for c in range(n_cols):
             if (r, c) not in seen:
                 ax.add_patch(mpatches.Rectangle((c, r), 1, 1, fill=False, hatch="//", color="0.7", lw=0))
-                ax.text(c + 0.5, r + 0.5, "no data", ha="center", va="center", fontsize=7, color="0.5")
+                ax.text(c + 0.5, r + 0.5, "no sources", ha="center", va="center", fontsize=7, color="0.5")
     for k in range(n_cols + 1):
         ax.axvline(k, color="0.8", lw=0.8, zorder=0)
     for k in range(n_rows + 1):
