@@ -140,7 +140,8 @@ def _tile_metadata(cfg, res, subtiles: dict, grid, schema, namespace: str) -> di
             col("G1"),
             col("G2"),
             col("N_SOURCES"),
-            f"tile {res.tile_id}: shear per sub-tile ({len(sel)} of {grid[0] * grid[1]})",
+            f"tile {res.tile_id}: shear per sub-tile "
+            f"({sum(int(n) > 0 for n in col('N_SOURCES'))} of {grid[0] * grid[1]} hold sources)",
         )
         md.update(
             plot_metadata(
