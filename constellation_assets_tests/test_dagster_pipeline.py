@@ -68,6 +68,7 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     from constellation_assets.defs.simulations import (
         cosmos_bank,
         cosmos_bank_valid,
+        lens_injection_checks,
         lens_injections,
         synthetic_field,
         synthetic_field_complete,
@@ -96,7 +97,7 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     keys = partition_keys(res["pipeline_config"].load())
     register_injection_shards(inst, keys)
     r = dg.materialize(
-        [lens_injections], instance=inst, resources=res, partition_key=keys[0], selection=[lens_injections]
+        [lens_injections, lens_injection_checks], instance=inst, resources=res, partition_key=keys[0]
     )
     assert r.success
     check = _checks(r)[("lens_injections", "stamps_valid")]
@@ -113,7 +114,7 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
 
 def test_calibration_job(tiny):
     from constellation_assets.defs.resources import ConstellationConfigResource
-    from constellation_assets.defs.shear import shear_calibration
+    from constellation_assets.defs.shear import shear_calibration, shear_calibration_checks
 
     res = {
         "pipeline_config": ConstellationConfigResource(
@@ -121,11 +122,13 @@ def test_calibration_job(tiny):
             overrides={"calibration.n_galaxies": 8, "calibration.population": "fixed"},
         )
     }
-    r = dg.materialize([shear_calibration], instance=tiny["instance"], resources=res)
+    r = dg.materialize(
+        [shear_calibration, shear_calibration_checks], instance=tiny["instance"], resources=res
+    )
     assert r.success
     md = _md(r, "shear_calibration")
     assert abs(md["m1"].value) < 0.05 and md["config_hash"].value
     assert md["effective_config"].value["calibration"]["n_galaxies"] == 8
-    assert "data:image/png;base64," in md["m_c_fit"].value
+    assert "data:image/png;base64," in md["m_c_fit"].value and md["m_c_fit_png"].value.endswith(".png")
     checks = _checks(r)
     assert checks[("shear_calibration", "m_within_requirement")].passed

@@ -159,6 +159,8 @@ def test_tile_checks_are_partitioned_separate_and_unique(defs):
     assert names["shear_measurements"] == {"results_complete", "finite_shear", "positive_responses"}
     checks_defs = list(defs.asset_checks or [])
     separate = {k for c in checks_defs for k in c.check_keys}
+    # Every check is its own definition: the UI can execute it without re-materializing its asset.
+    assert separate == set(graph.asset_check_keys)
     for asset in (
         "tile_sources",
         "tile_quadrants",

@@ -24,10 +24,16 @@ from constellation_assets.defs.sensors import (
     calibration_schedule,
     tile_pipeline_sensor,
 )
-from constellation_assets.defs.shear import shear_calibration, shear_measurement_checks, shear_measurements
+from constellation_assets.defs.shear import (
+    shear_calibration,
+    shear_calibration_checks,
+    shear_measurement_checks,
+    shear_measurements,
+)
 from constellation_assets.defs.simulations import (
     cosmos_bank,
     cosmos_bank_valid,
+    lens_injection_checks,
     lens_injections,
     synthetic_field,
     synthetic_field_complete,
@@ -65,6 +71,8 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             shear_catalog_checks,
             cosmos_bank_valid,
             synthetic_field_complete,
+            shear_calibration_checks,
+            lens_injection_checks,
         ],
         jobs=[
             tile_pipeline_job,

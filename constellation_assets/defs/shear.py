@@ -4,11 +4,11 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from constellation_assets.defs.checks import check_specs, tile_checks
+from constellation_assets.defs.checks import check_specs, results_for, tile_checks
 from constellation_assets.defs.metadata import (
     Timer,
     device_metadata,
-    png_markdown,
+    plot_metadata,
     provenance_metadata,
     table_metadata,
 )
@@ -140,55 +140,49 @@ def shear_measurements(
     )
 
 
-def calibration_outcomes(res, m_requirement: float, c_requirement: float) -> list[dg.AssetCheckResult]:
-    """|m| and |c| of a CalibrationResult against the requirement (with the 1-sigma errors as metadata)."""
-    m_abs = max(abs(res.m1), abs(res.m2))
-    c_abs = max(abs(res.c1), abs(res.c2))
-    m_md = {
-        "m1": res.m1,
-        "m1_err": res.m1_err,
-        "m2": res.m2,
-        "m2_err": res.m2_err,
-        "requirement": m_requirement,
-    }
-    c_md = {
-        "c1": res.c1,
-        "c1_err": res.c1_err,
-        "c2": res.c2,
-        "c2_err": res.c2_err,
-        "requirement": c_requirement,
-    }
-    return [
-        dg.AssetCheckResult(
-            asset_key="shear_calibration",
-            check_name="m_within_requirement",
-            passed=bool(m_abs < m_requirement),
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"max |m| = {m_abs:.2e} vs requirement {m_requirement:.1e}",
-            metadata={k: float(v) for k, v in m_md.items()},
-        ),
-        dg.AssetCheckResult(
-            asset_key="shear_calibration",
-            check_name="c_within_requirement",
-            passed=bool(c_abs < c_requirement),
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"max |c| = {c_abs:.2e} vs requirement {c_requirement:.1e}",
-            metadata={k: float(v) for k, v in c_md.items()},
-        ),
-    ]
+@dg.multi_asset_check(
+    specs=CALIBRATION_CHECKS,
+    name="shear_calibration_checks",
+    can_subset=True,
+    description="|m| and |c| of the latest shear_calibration materialization against the requirement.",
+)
+def shear_calibration_checks(
+    context: dg.AssetCheckExecutionContext, pipeline_config: ConstellationConfigResource
+) -> Iterator[dg.AssetCheckResult]:
+    """Reads the biases the materialization recorded (m1, m1_err, ... in its metadata), so the checks run after
+    every calibration and can be re-run from the UI, e.g. after changing calibration.m_requirement."""
+    from constellation_assets.quality.calibration import BIAS_KEYS
+    from constellation_assets.quality.calibration import calibration_outcomes as _outcomes
+
+    cfg = pipeline_config.load()
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("shear_calibration"))
+    md = event.asset_materialization.metadata if event is not None and event.asset_materialization else {}
+    if not all(k in md for k in BIAS_KEYS):
+        for spec in CALIBRATION_CHECKS:
+            if spec.key in context.selected_asset_check_keys:
+                yield dg.AssetCheckResult(
+                    asset_key="shear_calibration",
+                    check_name=spec.name,
+                    passed=False,
+                    description="no shear_calibration materialization with measured biases; materialize it first",
+                )
+        return
+    biases = {k: float(md[k].value) for k in BIAS_KEYS}
+    outcomes = _outcomes(biases, cfg.calibration.m_requirement, cfg.calibration.c_requirement)
+    selected = [s for s in CALIBRATION_CHECKS if s.key in context.selected_asset_check_keys]
+    yield from results_for("shear_calibration", selected, outcomes)
 
 
 @dg.asset(
     group_name=SHEAR_GROUP,
     owners=OWNERS,
     kinds={"pytorch", "galsim"},
-    check_specs=CALIBRATION_CHECKS,
     description="Image simulations with known shear (+/-g pairs of 90-degree-rotated galaxies, configured PSF "
     "and population) through the same estimator: multiplicative m and additive c biases with 1-sigma errors.",
 )
 def shear_calibration(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.shear.calibration import calibration_figure_png, run_calibration
 
     cfg = pipeline_config.load()
@@ -209,9 +203,13 @@ def shear_calibration(
             "n_galaxies": dg.MetadataValue.int(int(res.n_galaxies)),
             "g_true": dg.MetadataValue.float(float(res.g_true)),
             "result": dg.MetadataValue.json({k: v for k, v in res.to_dict().items() if k != "config"}),
-            "m_c_fit": png_markdown(
-                calibration_figure_png(res, m_req, c_req), "m and c fit (1-sigma errors)"
+            **plot_metadata(
+                cfg,
+                "m_c_fit",
+                calibration_figure_png(res, m_req, c_req),
+                "m and c fit (1-sigma errors)",
+                stage="calibrate",
+                name=cfg.field_name,
             ),
         }
     )
-    yield from calibration_outcomes(res, m_req, c_req)

@@ -15,7 +15,7 @@ from constellation_assets.defs.partitions import (
 )
 from constellation_assets.defs.plots import mosaic_png
 from constellation_assets.defs.resources import ConstellationConfigResource
-from constellation_assets.quality.simulations import bank_outcome, field_outcome, stamps_outcome
+from constellation_assets.quality.simulations import bank_outcome, field_outcome, injection_shard_outcomes
 
 SIM_GROUP = "simulations"
 OWNERS = ["team:simulations"]
@@ -190,18 +190,16 @@ def cosmos_bank_valid(pipeline_config: ConstellationConfigResource) -> dg.AssetC
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"pytorch", "parquet", "iceberg"},
-    check_specs=INJECTION_CHECKS,
     description="Gen5-style SIE + external-shear lensed arcs (Sersic or COSMOS sources) injected into host "
     "cutouts from the tiles; one Parquet stamp shard per partition '{split}/{shard}', registered in the "
     "Iceberg table sim.injections. Deterministic from seed_base, split_seed and task ids.",
 )
 def lens_injections(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation | dg.Output]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.injection import (
         _parse_partition,
         discover_hosts,
-        plan_tasks,
         read_stamps,
         run_injection,
         shard_uri,
@@ -214,10 +212,6 @@ def lens_injections(
         hosts = discover_hosts(cfg)
     with timer.phase("inject"):
         res = run_injection(cfg, partitions=keys, hosts=hosts)
-    planned: dict[tuple[str, int], int] = {}
-    for t in plan_tasks(cfg, hosts):
-        planned[(t.split, t.shard)] = planned.get((t.split, t.shard), 0) + 1
-    outcomes = {}
     with timer.phase("read_back"):
         for key in keys:
             split, shard = _parse_partition(key)
@@ -243,11 +237,6 @@ def lens_injections(
                     )
                 )
             context.add_asset_metadata(md, partition_key=key)
-            outcomes[key] = [
-                stamps_outcome(
-                    cfg.injection.source_mode, split, shard, planned.get((split, shard), 0), table, images
-                )
-            ]
     yield dg.MaterializeResult(
         metadata={
             **provenance_metadata(cfg, cfg.injection.stage_dir, extra={"partitions": keys}),
@@ -258,4 +247,16 @@ def lens_injections(
             "n_registered": dg.MetadataValue.int(res.n_registered),
         }
     )
-    yield from evaluations(context, INJECTION_CHECKS, outcomes)
+
+
+@dg.multi_asset_check(
+    specs=INJECTION_CHECKS,
+    name="lens_injection_checks",
+    can_subset=True,
+    description="Checks of each stored stamp shard against the tasks the config plans (per shard partition).",
+)
+def lens_injection_checks(
+    context: dg.AssetCheckExecutionContext, pipeline_config: ConstellationConfigResource
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    keys = list(context.op_execution_context.partition_keys)
+    yield from evaluations(context, INJECTION_CHECKS, injection_shard_outcomes(pipeline_config.load(), keys))

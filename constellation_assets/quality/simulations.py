@@ -97,3 +97,34 @@ def field_outcome(cfg: Any) -> CheckOutcome:
         "; ".join(problems) or f"{len(tiles)} tiles complete",
         {"n_tiles": len(tiles), "missing": missing[:20], "tiles_without_manifest": no_manifest},
     )
+
+
+def injection_shard_outcomes(cfg: Any, keys: list[str]) -> dict[str, list[CheckOutcome]]:
+    """stamps_valid of each stored shard ``"{split}/{shard:05d}"`` against the tasks the config plans for it."""
+    from constellation_assets.io.uri import uri_exists
+    from constellation_assets.sim.injection import (
+        _parse_partition,
+        discover_hosts,
+        plan_tasks,
+        read_stamps,
+        shard_uri,
+    )
+
+    planned: dict[tuple[str, int], int] = {}
+    for t in plan_tasks(cfg, discover_hosts(cfg)):
+        planned[(t.split, t.shard)] = planned.get((t.split, t.shard), 0) + 1
+    out = {}
+    for key in keys:
+        split, shard = _parse_partition(key)
+        uri = shard_uri(cfg, split, shard)
+        if not uri_exists(uri, cfg.storage_options(uri)):
+            out[key] = [
+                CheckOutcome(
+                    "stamps_valid", False, "error", f"{uri} not found; materialize lens_injections {key}"
+                )
+            ]
+            continue
+        table, images = read_stamps(uri, cfg.storage_options(uri))
+        n_expected = planned.get((split, shard), 0)
+        out[key] = [stamps_outcome(cfg.injection.source_mode, split, shard, n_expected, table, images)]
+    return out
