@@ -70,6 +70,8 @@ def runs(tmp_path_factory):
         )
         yield {
             "cli": cli,
+            "instance": instance,
+            "paths": paths,
             "result": result,
             "status": status,
             "cfg": {k: load_config(str(p)) for k, p in paths.items()},
@@ -150,3 +152,40 @@ def test_dagster_and_cli_write_identical_rows_and_records(runs):
     from constellation_assets.provenance import config_hash
 
     assert config_hash(runs["cfg"]["cli"]) != config_hash(runs["cfg"]["dagster"])
+
+
+def test_a_check_reruns_on_the_stored_files_of_one_partition(runs):
+    """Break one tile's stored manifests, re-run the manifest checks alone for that partition (the UI's Execute):
+    it fails there and says why, the other tile's last result stays green."""
+    from constellation_assets.defs import build_definitions
+    from constellation_assets.prepare import manifest_uri
+
+    cfg = runs["cfg"]["dagster"]
+    Path(manifest_uri(cfg, TILES[1], 0, 0)).unlink()
+    base = build_definitions("local")
+    recheck = dg.define_asset_job(
+        "recheck_manifests",
+        selection=dg.AssetSelection.checks(
+            dg.AssetCheckKey(dg.AssetKey("subtile_manifests"), "manifest_count"),
+            dg.AssetCheckKey(dg.AssetKey("subtile_manifests"), "core_membership"),
+        ),
+        partitions_def=base.resolve_job_def("tile_pipeline_job").partitions_def,
+    )
+    defs = dg.Definitions.merge(base, dg.Definitions(jobs=[recheck]))
+    res = defs.resolve_job_def("recheck_manifests").execute_in_process(
+        instance=runs["instance"],
+        run_config={
+            "resources": {"pipeline_config": {"config": {"config_path": str(runs["paths"]["dagster"])}}}
+        },
+        tags={"dagster/partition": str(TILES[1])},
+        raise_on_error=False,
+    )
+    evals = {e.check_name: e for e in res.get_asset_check_evaluations()}
+    assert set(evals) == {"manifest_count", "core_membership"}
+    assert evals["manifest_count"].partition == str(TILES[1]) and not evals["manifest_count"].passed
+    assert evals["manifest_count"].description == "15 manifests, 16 sub-tiles"
+    key = dg.AssetCheckKey(dg.AssetKey("subtile_manifests"), "manifest_count")
+    latest = {}
+    for rec in runs["instance"].event_log_storage.get_asset_check_execution_history(key, limit=10):
+        latest.setdefault(rec.partition, rec.status.value)
+    assert latest == {str(TILES[0]): "SUCCEEDED", str(TILES[1]): "FAILED"}
