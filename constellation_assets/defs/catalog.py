@@ -11,7 +11,7 @@ from constellation_assets.defs.partitions import mer_tile_partitions
 from constellation_assets.defs.resources import ConstellationConfigResource
 from constellation_assets.defs.tiles import TILE_BACKFILL_POLICY
 from constellation_assets.quality.run import CATALOG_CHECK_NAMES
-from constellation_assets.quality.tiles import shear_catalog_outcomes
+from constellation_assets.quality.tiles import shear_catalog_outcomes, tile_result_uris
 
 CATALOG_CHECK_DESCRIPTIONS = {
     "schema_sources": "shear.sources has the catalog schema.",
@@ -27,10 +27,9 @@ CATALOG_CHECK_DESCRIPTIONS = {
     "run_consistency": "Sources and sub-tile rows of the tile come from the same run.",
     "shear_vs_truth": "Recovered tile shear agrees with the input shear where truth exists.",
 }
-assert tuple(CATALOG_CHECK_DESCRIPTIONS) == CATALOG_CHECK_NAMES
 CATALOG_CHECKS = check_specs(
     "shear_catalog",
-    list(CATALOG_CHECK_DESCRIPTIONS),
+    list(CATALOG_CHECK_NAMES),  # the outcomes of quality.run_catalog_checks, in order
     blocking=["schema_sources", "unique_object_id", "sources_in_core", "finite_shear"],
     descriptions=CATALOG_CHECK_DESCRIPTIONS,
     partitions_def=mer_tile_partitions,
@@ -43,13 +42,6 @@ shear_catalog_checks = tile_checks(
 )
 
 
-def tile_result_uris(cfg, tile_id: int) -> list[str]:
-    """The sub-tile result files of one tile (kept here for callers; lives in quality.tiles)."""
-    from constellation_assets.quality.tiles import tile_result_uris as _uris
-
-    return _uris(cfg, tile_id)
-
-
 @dg.asset(
     deps=["shear_measurements"],
     partitions_def=mer_tile_partitions,
@@ -59,8 +51,9 @@ def tile_result_uris(cfg, tile_id: int) -> list[str]:
     kinds={"iceberg", "polars"},
     description="Core-area sources of the tile's sub-tile results written to the Iceberg tables shear.sources "
     "and shear.subtiles, replacing the tile's rows in one commit per table (re-running never duplicates; "
-    "commits retry on conflict). The materialization shows the tile's sub-tile shear map. Query it with "
-    "`constellation query` or PyIceberg on the catalog of the pipeline config (output.catalog_uri).",
+    "commits retry on conflict). Each tile partition's materialization shows its sub-tile shear map. Query the "
+    "tables with PyIceberg, DuckDB or Polars on the catalog of the pipeline config (output.catalog_uri; README "
+    "'Querying the catalog').",
 )
 def shear_catalog(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
