@@ -6,6 +6,8 @@ Times, on a temporary instance (SQLite, and PostgreSQL when reachable):
   plan       planning a backfill of the tile pipeline over every tile: the asset backfill data
              (PartitionBackfill.from_asset_partitions over all tile assets) stored with add_backfill
   batches    the BackfillPolicy multi-run batches (RunRequests for the batches of partitions)
+  range      what each step of a batch run does first: the run's partition range -> its 25 tile keys
+             (``context.partition_keys`` on the dynamic partitions)
   status     the tile sensor's plan: per-partition status of shear_catalog + RunRequests (200/tick)
 
     .venv/bin/python benchmarks/bench_partitions.py [--tiles 60000] [--postgres URL | --no-postgres]
@@ -89,6 +91,19 @@ def run(instance, n: int) -> dict[str, float]:
 
     res[f"backfill run batches ({TILE_BACKFILL_BATCH}/run)"], reqs = _timed(batches)
     assert len(reqs) == -(-n // TILE_BACKFILL_BATCH)
+
+    def range_keys():
+        from constellation_assets.defs.partitions import mer_tile_partitions
+
+        last = reqs[-2].tags  # a full batch near the end of the key list
+        rng = dg.PartitionKeyRange(
+            last["dagster/asset_partition_range_start"], last["dagster/asset_partition_range_end"]
+        )
+        with dg.partition_loading_context(dynamic_partitions_store=instance):
+            return mer_tile_partitions.get_partition_keys_in_range(rng)
+
+    res[f"batch range -> {TILE_BACKFILL_BATCH} tile keys (per run step)"], keys_in_range = _timed(range_keys)
+    assert len(keys_in_range) == TILE_BACKFILL_BATCH, len(keys_in_range)
     res["sensor plan (status of all + 200 requests)"], (runs, _) = _timed(
         lambda: plan_tile_runs(instance, {})
     )

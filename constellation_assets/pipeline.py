@@ -1,7 +1,8 @@
 """The local end-to-end run: synthetic field (if absent) -> prepare -> infer -> assemble -> validate.
 
 ``constellation run --config C --local`` calls :func:`run_local`; the Dagster assets call the same stage
-functions per tile partition, so both produce identical outputs. Each stage writes its effective config record
+functions for the tiles of their run, so both produce identical outputs. Each stage function (``prepare``,
+:func:`infer_many` / the shear worker, ``assemble_results``) writes its effective config record
 (``{output.root_uri}/{stage}/{field_name}/run_config_{field_name}.json``) after its outputs.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunSummary", "infer_many", "run_local", "truth_frame", "write_stage_record"]
+__all__ = ["RunSummary", "infer_many", "run_local", "stage_record_uri", "truth_frame", "write_stage_record"]
 
 
 @dataclasses.dataclass
@@ -37,19 +38,18 @@ class RunSummary:
 
 
 def write_stage_record(cfg, stage: str, extra: dict | None = None) -> str:
-    """Write the effective config of a shear-pipeline stage next to its outputs; returns its URI."""
-    from constellation_assets.provenance import write_run_config
+    """Write the effective config of a shear-pipeline stage next to its outputs; returns its URI
+    (:func:`constellation_assets.provenance.write_stage_record`, which the stage functions call)."""
+    from constellation_assets.provenance import write_stage_record as _write
 
-    uri, _ = write_run_config(
-        cfg,
-        cfg.output.root_uri,
-        stage,
-        cfg.field_name,
-        cfg.field_name,
-        extra=extra,
-        storage_options=cfg.storage_options(cfg.output.root_uri),
-    )
-    return uri
+    return _write(cfg, stage, extra)
+
+
+def stage_record_uri(cfg, stage: str) -> str:
+    """Where a stage's run_config record lives (``{output.root_uri}/{stage}/{field}/run_config_{field}.json``)."""
+    from constellation_assets.provenance import run_config_uri
+
+    return run_config_uri(cfg.output.root_uri, stage, cfg.field_name, cfg.field_name)
 
 
 def _infer_one(cfg_dict: dict, manifest_uri: str, device: str | None, batch_size: int | None, threads: int):
@@ -74,6 +74,7 @@ def infer_many(
 ) -> list:
     """Run the estimator on many manifests, in ``workers`` processes (spawned: torch is not fork-safe)."""
     from constellation_assets.shear.infer import infer_manifest
+    from constellation_assets.shear.worker import infer_record_extra
 
     uris = list(manifest_uris)
     workers = max(1, min(workers or cfg.compute.workers, len(uris) or 1))
@@ -84,6 +85,7 @@ def infer_many(
             results.append(res)
             if on_done:
                 on_done(res)
+        write_stage_record(cfg, "infer", infer_record_extra(results))
         return results
     threads = max(1, (cfg.compute.torch_threads or mp.cpu_count()) // workers)
     cfg_dict = cfg.model_dump(mode="json")
@@ -95,6 +97,7 @@ def infer_many(
             if on_done:
                 on_done(res)
     results.sort(key=lambda r: r.manifest_uri)
+    write_stage_record(cfg, "infer", infer_record_extra(results))  # last, after every sub-tile result
     return results
 
 
@@ -142,9 +145,7 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
     prep = prepare(cfg, tile_ids, progress=progress)
     manifests = [m for p in prep for m in p.manifest_uris]
     seconds["prepare"] = time.perf_counter() - t0
-    records["prepare"] = write_stage_record(
-        cfg, "prepare", {"tiles": tile_ids, "n_manifests": len(manifests)}
-    )
+    records["prepare"] = stage_record_uri(cfg, "prepare")  # written by prepare()
     console.log(
         f"[bold]prepare[/]: {len(manifests)} manifests for {len(prep)} tiles in {seconds['prepare']:.1f} s"
     )
@@ -161,7 +162,7 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
         results = infer_many(cfg, manifests, on_done=lambda r: bar.advance(task))
     seconds["infer"] = time.perf_counter() - t0
     n_written = sum(r.status == "written" for r in results)
-    records["infer"] = write_stage_record(cfg, "infer", {"n_results": len(results), "n_written": n_written})
+    records["infer"] = stage_record_uri(cfg, "infer")  # written by infer_many()
     console.log(
         f"[bold]infer[/]: {len(results)} sub-tiles ({n_written} measured, {len(results) - n_written} up to date), "
         f"{sum(r.n_measured for r in results)} sources in {seconds['infer']:.1f} s on {results[0].device if results else '-'}"
@@ -179,7 +180,7 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
             on_tile_done=lambda r: bar.advance(task),
         )
     seconds["assemble"] = time.perf_counter() - t0
-    records["assemble"] = write_stage_record(cfg, "assemble", {"tiles": [a.tile_id for a in assembled]})
+    records["assemble"] = stage_record_uri(cfg, "assemble")  # written by assemble_results()
     console.log(
         f"[bold]assemble[/]: {len(assembled)} tiles committed to Iceberg in {seconds['assemble']:.1f} s"
     )

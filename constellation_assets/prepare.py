@@ -635,7 +635,7 @@ def prepare(
     ids = [int(t) for t in (tile_ids if tile_ids is not None else cfg.selected_tile_ids)]
     results = []
     if not progress:
-        return [prepare_tile(cfg, t, force=force) for t in ids]
+        return _recorded(cfg, ids, [prepare_tile(cfg, t, force=force) for t in ids])
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -649,4 +649,14 @@ def prepare(
             bar.update(task, description=f"tile {t}")
             results.append(prepare_tile(cfg, t, force=force))
             bar.advance(task)
+    return _recorded(cfg, ids, results)
+
+
+def _recorded(cfg, ids: list[int], results: list[PrepareResult]) -> list[PrepareResult]:
+    """Write the stage's run_config record (last, after every tile's outputs) and pass the results on."""
+    from constellation_assets.provenance import write_stage_record
+
+    write_stage_record(
+        cfg, "prepare", {"tiles": ids, "n_manifests": sum(len(r.manifest_uris) for r in results)}
+    )
     return results

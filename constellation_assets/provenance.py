@@ -4,8 +4,9 @@ Every run writes ``{output}/{stage_dir}/{variant}/run_config_{experiment_id}.jso
 trail), where ``stage_dir`` is ``phase{stage}`` for injection runs (``phase4c``) and the stage name
 (``prepare``, ``infer``, ``assemble``, ``calibrate``) for shear runs. The record holds the full validated config,
 ``execution_timestamp_utc`` (ISO 8601, ``Z``), engine versions, the git commit when available, and a
-``config_hash`` over the output-determining settings only (not paths, timestamps or compute placement), so two
-runs that must produce identical outputs share a hash. The record loads back as a config
+``config_hash`` over the output-determining settings (not timestamps or compute placement) and, for the whole
+config, the resolved data and output locations: two runs that must produce identical outputs in the same place
+share a hash, and runs on other files or another catalog never do. The record loads back as a config
 (:func:`constellation_assets.config.load_config`), which is how ``constellation reproduce`` works.
 
 Secrets never enter a record: credentials in URIs and any key that looks like a secret are redacted.
@@ -139,9 +140,36 @@ def hash_payload(cfg, sections: tuple[str, ...] | None = None) -> dict:
     return _strip(body)
 
 
+def resolved_locations(cfg) -> dict:
+    """Where a run reads its data and writes its outputs, resolved (relative local paths made absolute), so
+    two runs on the same settings but different files or catalogs never share a whole-config hash."""
+
+    def resolve(uri) -> str:
+        uri = str(uri)
+        return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+
+    out = {
+        "vis_base_uri": resolve(cfg.data.vis_base_uri),
+        "catalog_base_uri": resolve(cfg.data.catalog_base_uri),
+        "output_root_uri": resolve(cfg.output.root_uri),
+    }
+    try:
+        out["catalog_uri"] = str(cfg.output.catalog)
+    except ValueError:  # S3 output without a catalog URI: the config is rejected where the catalog opens
+        out["catalog_uri"] = None
+    return out
+
+
 def config_hash(cfg, extra: dict | None = None, sections: tuple[str, ...] | None = None) -> str:
-    """Stable sha256 (first 16 hex) over the output-determining settings (and ``extra``, e.g. a bank hash)."""
+    """Stable sha256 (first 16 hex) over the output-determining settings (and ``extra``, e.g. a bank hash).
+
+    The whole-config hash (``sections=None``, the shear pipeline's) also covers the resolved data and output
+    locations (:func:`resolved_locations`); a hash over ``sections`` (an injection run's) does not, so
+    ``reproduce --output elsewhere`` keeps it.
+    """
     payload = {"config": hash_payload(cfg, sections), "extra": extra or {}}
+    if sections is None:
+        payload["locations"] = resolved_locations(cfg)
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -222,3 +250,22 @@ def write_run_config(
     uri = run_config_uri(output_uri, stage_dir, variant, experiment_id)
     atomic_write_text(uri, json.dumps(record, indent=2, sort_keys=False) + "\n", storage_options)
     return uri, record
+
+
+def write_stage_record(cfg, stage: str, extra: dict | None = None) -> str:
+    """Write the effective config of a shear-pipeline stage (prepare, infer, assemble) next to its outputs,
+    ``{output.root_uri}/{stage}/{field_name}/run_config_{field_name}.json``; returns its URI.
+
+    The stage functions call it last, so the CLI stages, ``constellation run`` and the Dagster assets (which
+    call the same functions) leave the same record.
+    """
+    uri, _ = write_run_config(
+        cfg,
+        cfg.output.root_uri,
+        stage,
+        cfg.field_name,
+        cfg.field_name,
+        extra=extra,
+        storage_options=cfg.storage_options(cfg.output.root_uri),
+    )
+    return uri

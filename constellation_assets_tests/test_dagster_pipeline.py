@@ -65,17 +65,25 @@ def _checks(result):
 
 def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     from constellation_assets.defs.partitions import register_injection_shards
-    from constellation_assets.defs.simulations import cosmos_bank, lens_injections, synthetic_field
+    from constellation_assets.defs.simulations import (
+        cosmos_bank,
+        cosmos_bank_valid,
+        lens_injection_checks,
+        lens_injections,
+        synthetic_field,
+        synthetic_field_complete,
+    )
     from constellation_assets.sim.injection import partition_keys
 
     inst, res = tiny["instance"], tiny["resources"]
-    r = dg.materialize([synthetic_field], instance=inst, resources=res)
+    r = dg.materialize([synthetic_field, synthetic_field_complete], instance=inst, resources=res)
     assert r.success
     assert _checks(r)[("synthetic_field", "field_complete")].passed
     assert _md(r, "synthetic_field")["tiles"].value[0]["tile_id"] == TILE
+    assert list(inst.get_dynamic_partitions("mer_tile")) == [str(TILE)]  # the field registers its tiles
 
     r = dg.materialize(
-        [cosmos_bank],
+        [cosmos_bank, cosmos_bank_valid],  # the check reads the stored bank, right after it is written
         instance=inst,
         resources=res,
         run_config={"ops": {"cosmos_bank": {"config": {"cosmos_dir": str(cosmos_dir)}}}},
@@ -89,7 +97,7 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     keys = partition_keys(res["pipeline_config"].load())
     register_injection_shards(inst, keys)
     r = dg.materialize(
-        [lens_injections], instance=inst, resources=res, partition_key=keys[0], selection=[lens_injections]
+        [lens_injections, lens_injection_checks], instance=inst, resources=res, partition_key=keys[0]
     )
     assert r.success
     check = _checks(r)[("lens_injections", "stamps_valid")]
@@ -98,13 +106,15 @@ def test_field_bank_and_injection_shard(tiny, cosmos_dir):
     assert md["dagster/row_count"].value >= 1
     assert md["effective_config"].value["source_mode"] == "cosmos"
     assert "data:image/png;base64," in md["stamp_mosaic"].value
+    assert md["stamp_mosaic_png"].value.endswith(".png")
+    assert check.partition == keys[0]
     cols = {c.name for c in md["dagster/column_schema"].schema.columns}
     assert {"source_mode", "cosmos_index", "cosmos_hlr_arcsec"} <= cols
 
 
 def test_calibration_job(tiny):
     from constellation_assets.defs.resources import ConstellationConfigResource
-    from constellation_assets.defs.shear import shear_calibration
+    from constellation_assets.defs.shear import shear_calibration, shear_calibration_checks
 
     res = {
         "pipeline_config": ConstellationConfigResource(
@@ -112,11 +122,13 @@ def test_calibration_job(tiny):
             overrides={"calibration.n_galaxies": 8, "calibration.population": "fixed"},
         )
     }
-    r = dg.materialize([shear_calibration], instance=tiny["instance"], resources=res)
+    r = dg.materialize(
+        [shear_calibration, shear_calibration_checks], instance=tiny["instance"], resources=res
+    )
     assert r.success
     md = _md(r, "shear_calibration")
     assert abs(md["m1"].value) < 0.05 and md["config_hash"].value
     assert md["effective_config"].value["calibration"]["n_galaxies"] == 8
-    assert "data:image/png;base64," in md["m_c_fit"].value
+    assert "data:image/png;base64," in md["m_c_fit"].value and md["m_c_fit_png"].value.endswith(".png")
     checks = _checks(r)
     assert checks[("shear_calibration", "m_within_requirement")].passed

@@ -23,7 +23,8 @@ ASSETS_QUERY = """
     owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
     partitionDefinition { type name }
     partitionKeysByDimension { name partitionKeys }
-    assetChecksOrError { ... on AssetChecks { checks { name blocking } } }
+    assetChecksOrError { ... on AssetChecks { checks {
+        name blocking canExecuteIndividually partitionDefinition { name } } } }
 } }
 """
 JOBS_QUERY = """
@@ -54,15 +55,21 @@ LOCATION_QUERY = """
 """
 
 
-def _launch_and_wait(port: int, job: str, run_config: dict, tags: dict, timeout_s: float) -> str:
-    """Launch a run the way the UI's Materialize button does (GraphQL), then poll it to completion."""
+def _launch_and_wait(
+    port: int, job: str, run_config: dict, tags: dict, timeout_s: float, checks: list | None = None
+) -> str:
+    """Launch a run the way the UI's Materialize (or a check's Execute) button does (GraphQL), then poll it."""
     repo = _graphql(port, LOCATION_QUERY)["repositoriesOrError"]["nodes"][0]
+    selector = {
+        "repositoryLocationName": repo["location"]["name"],
+        "repositoryName": repo["name"],
+        "jobName": job,
+    }
+    if checks is not None:  # only these checks, no asset
+        selector["assetSelection"] = []
+        selector["assetCheckSelection"] = [{"assetKey": {"path": [a]}, "name": n} for a, n in checks]
     params = {
-        "selector": {
-            "repositoryLocationName": repo["location"]["name"],
-            "repositoryName": repo["name"],
-            "jobName": job,
-        },
+        "selector": selector,
         "runConfigData": run_config,
         "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
     }
@@ -203,8 +210,11 @@ def test_webserver_graphql_shows_assets_partitions_checks(tmp_path):
         assert cat["owners"] == [{"team": "shear-platform"}]
         assert cat["partitionDefinition"] == {"type": "DYNAMIC", "name": "mer_tile"}
         assert cat["partitionKeysByDimension"][0]["partitionKeys"] == tiles
-        checks = {c["name"]: c["blocking"] for c in cat["assetChecksOrError"]["checks"]}
-        assert checks["unique_object_id"] is True and "finite_shear" in checks
+        checks = {c["name"]: c for c in cat["assetChecksOrError"]["checks"]}
+        assert checks["unique_object_id"]["blocking"] is True and "finite_shear" in checks
+        for c in checks.values():  # per tile partition, with an enabled Execute button
+            assert c["canExecuteIndividually"] == "CAN_EXECUTE", c
+            assert c["partitionDefinition"] == {"name": "mer_tile"}, c
         for name, node in nodes.items():
             assert node["assetChecksOrError"]["checks"], f"{name} shows no checks in the UI"
 
@@ -237,6 +247,24 @@ def test_webserver_graphql_shows_assets_partitions_checks(tmp_path):
             assert got[key] and got[key][0]["partition"] == str(TILE), key
         labels = {e["label"] for e in got["shear_catalog"][0]["metadataEntries"]}
         assert {"iceberg_snapshot_id", "config_hash", "effective_config", "dagster/row_count"} <= labels
+        assert {"shear_map", "shear_map_png", "commit_attempts"} <= labels
+
+        # Re-run one check on the stored rows of one partition (the check's Execute button).
+        status = _launch_and_wait(
+            port,
+            "tile_pipeline_job",
+            {"resources": {"pipeline_config": {"config": {"config_path": str(cfg_file)}}}},
+            {"dagster/partition": str(TILE)},
+            timeout_s=60,
+            checks=[("shear_catalog", "unique_object_id")],
+        )
+        assert status == "SUCCESS", (tmp_path / "webserver.log").read_text()[-3000:]
+        with dg.DagsterInstance.from_config(str(home)) as inst:
+            key = dg.AssetCheckKey(dg.AssetKey("shear_catalog"), "unique_object_id")
+            records = inst.event_log_storage.get_asset_check_execution_history(key, limit=5)
+            assert len(records) >= 2  # the materialization run and the check-only run
+            assert all(r.partition == str(TILE) for r in records), [r.partition for r in records]
+            assert records[0].status.value == "SUCCEEDED", records[0]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

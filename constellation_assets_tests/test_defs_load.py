@@ -129,3 +129,66 @@ def test_dagster_definitions_validate_cli():
         timeout=120,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_first_run_wiring_local_vs_k8s():
+    """Locally the synthetic field is upstream of the tile assets and discovery is on; in production neither."""
+    from constellation_assets.defs import build_definitions
+
+    for deployment, field_up, status in (
+        ("local", True, dg.DefaultSensorStatus.RUNNING),
+        ("k8s", False, dg.DefaultSensorStatus.STOPPED),
+    ):
+        d = build_definitions(deployment)
+        graph = d.get_repository_def().asset_graph
+        parents = {p.to_user_string() for p in graph.get(dg.AssetKey("tile_sources")).parent_keys}
+        assert (parents == {"synthetic_field"}) is field_up, deployment
+        sensor = d.get_repository_def().get_sensor_def("mer_tile_discovery_sensor")
+        assert sensor.default_status == status, deployment
+
+
+def test_tile_checks_are_partitioned_separate_and_unique(defs):
+    """Tile checks run per tile partition in their own step (executable from the UI without re-materializing);
+    the catalog's checks are not repeated on the sub-tile results (only the two guards of the result files,
+    finite values and positive responses, which block the catalog commit)."""
+    graph = defs.get_repository_def().asset_graph
+    names: dict = {}
+    for key in graph.asset_check_keys:
+        names.setdefault(key.asset_key.to_user_string(), set()).add(key.name)
+    assert names["shear_measurements"] & names["shear_catalog"] <= {"finite_shear", "positive_responses"}
+    assert names["shear_measurements"] == {"results_complete", "finite_shear", "positive_responses"}
+    checks_defs = list(defs.asset_checks or [])
+    separate = {k for c in checks_defs for k in c.check_keys}
+    # Every check is its own definition: the UI can execute it without re-materializing its asset.
+    assert separate == set(graph.asset_check_keys)
+    for asset in (
+        "tile_sources",
+        "tile_quadrants",
+        "subtile_manifests",
+        "shear_measurements",
+        "shear_catalog",
+    ):
+        for name in names[asset]:
+            key = dg.AssetCheckKey(dg.AssetKey(asset), name)
+            assert key in separate, key
+            spec = graph.get_check_spec(key)
+            assert spec.partitions_def is not None and spec.partitions_def.name == "mer_tile", key
+
+
+def test_local_worker_resource_shows_no_kubernetes_settings():
+    from constellation_assets.defs.deployment import resources_for
+    from constellation_assets.defs.resources import DEFAULT_LOCAL_CONFIG
+
+    local = resources_for("local")
+    fields = set(type(local["shear_worker"]).model_fields)
+    assert not fields & {"gpu_count", "memory", "cpu", "image", "namespace", "node_selector"}
+    assert local["pipeline_config"].config_path == DEFAULT_LOCAL_CONFIG  # the config of `make demo`
+
+
+def test_one_config_source_env_var(monkeypatch, tmp_path):
+    from constellation_assets.defs.deployment import resources_for
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("field_name: EDFF\n")
+    monkeypatch.setenv("CONSTELLATION_CONFIG", str(cfg))
+    assert resources_for("local")["pipeline_config"].config_path == str(cfg)

@@ -54,15 +54,18 @@ def test_discovery_sensor_registers_config_tiles(instance, tmp_path):
     from constellation_assets.defs.sensors import mer_tile_discovery_sensor
 
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("tile_ids: [102044185, 102018211]\n")
+    cfg_file.write_text("tile_ids: [102044185, 102018211]\ninjection: {partitions: 2, tiers: [train]}\n")
     res = ConstellationConfigResource(config_path=str(cfg_file))
     ctx = dg.build_sensor_context(instance=instance, resources={"pipeline_config": res})
     result = mer_tile_discovery_sensor(ctx)
     assert isinstance(result, dg.SensorResult)
-    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [
-        ["102044185", "102018211"]
-    ]
+    by_def = {r.partitions_def_name: list(r.partition_keys) for r in result.dynamic_partitions_requests}
+    assert by_def == {
+        "mer_tile": ["102044185", "102018211"],
+        "injection_shard": ["train/00000", "train/00001"],
+    }
     register_tile_partitions(instance, ["102044185", "102018211"])
+    instance.add_dynamic_partitions("injection_shard", ["train/00000", "train/00001"])
     again = mer_tile_discovery_sensor(
         dg.build_sensor_context(instance=instance, resources={"pipeline_config": res})
     )
@@ -71,7 +74,7 @@ def test_discovery_sensor_registers_config_tiles(instance, tmp_path):
 
 def test_discovery_lists_catalog_prefix(tmp_path):
     from constellation_assets.config import load_config
-    from constellation_assets.defs.sensors import discover_tile_ids
+    from constellation_assets.io.q1 import discover_tile_ids
 
     base = tmp_path / "q1" / "catalogs" / "MER_FINAL_CATALOG"
     for t in ("102041031", "102047412", "not_a_tile"):
@@ -79,6 +82,53 @@ def test_discovery_lists_catalog_prefix(tmp_path):
     cfg = load_config({"data": {"catalog_base_uri": str(base) + "/"}})
     assert discover_tile_ids(cfg) == ["102041031", "102047412"]
     assert discover_tile_ids(load_config({"tile_ids": [102044185]})) == ["102044185"]
+
+
+def test_discovery_without_data_yet(tmp_path):
+    """An absent prefix is "no data yet": nothing, or the synthetic field the config explicitly declares."""
+    from constellation_assets.config import load_config
+    from constellation_assets.io.q1 import discover_tile_ids
+
+    absent = str(tmp_path / "none" / "MER_FINAL_CATALOG") + "/"
+    assert discover_tile_ids(load_config({"data": {"catalog_base_uri": absent}})) == []
+    demo = load_config({"data": {"catalog_base_uri": absent}, "field": {"tile_ids": [102044185, 102044186]}})
+    assert discover_tile_ids(demo) == ["102044185", "102044186"]
+
+
+def test_discovery_access_denied_fails_the_tick(instance, moto_s3, tmp_path):
+    """S3 AccessDenied must fail loudly (naming the prefix), never register the field's demo tiles."""
+    from constellation_assets.config import load_config
+    from constellation_assets.defs.resources import ConstellationConfigResource
+    from constellation_assets.defs.sensors import mer_tile_discovery_sensor
+    from constellation_assets.io.q1 import discover_tile_ids
+    from constellation_assets.io.uri import DataAccessError
+    from constellation_assets_tests.faults import FaultProxy
+
+    bucket = moto_s3["bucket"]
+    moto_s3["client"].put_object(
+        Bucket=bucket, Key="q1/catalogs/MER_FINAL_CATALOG/102044185/c.fits", Body=b"x"
+    )
+    with FaultProxy(moto_s3["endpoint_url"]) as proxy:
+        proxy.add("status", method="GET", status=403, times=None)  # every listing: 403 AccessDenied
+        raw = {
+            "data": {
+                "catalog_base_uri": f"s3://{bucket}/q1/catalogs/MER_FINAL_CATALOG/",
+                "s3": {"endpoint_url": proxy.endpoint_url},
+            },
+            "field": {"tile_ids": [102044185, 102044186]},
+        }
+        with pytest.raises(DataAccessError, match="MER_FINAL_CATALOG") as err:
+            discover_tile_ids(load_config(raw))
+        assert "tile_ids" in str(err.value)  # says what to do
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps(raw))
+        ctx = dg.build_sensor_context(
+            instance=instance,
+            resources={"pipeline_config": ConstellationConfigResource(config_path=str(path))},
+        )
+        with pytest.raises(Exception, match="Cannot list the MER catalog prefix"):
+            mer_tile_discovery_sensor(ctx)
+    assert list(instance.get_dynamic_partitions("mer_tile")) == []
 
 
 def _fail_or_succeed(instance, key, fail):

@@ -16,13 +16,22 @@ from constellation_assets.provenance import (
 )
 
 
-def test_hash_stable_and_ignores_paths_and_compute():
+def test_hash_stable_ignores_compute_and_covers_locations():
     a = load_config({"output": {"root_uri": "/a"}, "compute": {"batch_size": 8}})
-    b = load_config({"output": {"root_uri": "s3://b/c"}, "compute": {"batch_size": 4096}})
+    b = load_config({"output": {"root_uri": "/a"}, "compute": {"batch_size": 4096}})
     assert config_hash(a) == config_hash(b)
-    c = load_config({"injection": {"seed_base": 43}})
+    c = load_config({"output": {"root_uri": "/a"}, "injection": {"seed_base": 43}})
     assert config_hash(a) != config_hash(c)
-    assert config_hash(a) == config_hash(load_config({"output": {"root_uri": "/a"}}))
+    # Other data or another output root / catalog: a different whole-config hash (the runs write elsewhere).
+    assert config_hash(a) != config_hash(load_config({"output": {"root_uri": "/b"}}))
+    assert config_hash(a) != config_hash(
+        load_config({"output": {"root_uri": "/a"}, "data": {"vis_base_uri": "/elsewhere/q1/VIS/"}})
+    )
+    # Relative paths are resolved: the same place spelled two ways has one hash.
+    import os
+
+    rel = load_config({"output": {"root_uri": "out"}})
+    assert config_hash(rel) == config_hash(load_config({"output": {"root_uri": os.path.abspath("out")}}))
 
 
 def test_record_fields():

@@ -216,3 +216,65 @@ def test_measurement_checks(good, tmp_path):
     out = {o.name: o for o in measurement_checks(cfg, T1, [str(broken), *t1_uris[1:]])}
     assert not out["results_complete"].passed and "102044185_0_0.parquet" in out["results_complete"].message
     assert not out["finite_shear"].passed  # could not be evaluated: must not look green
+
+
+# ----------------------------------------------------------------------------- stored-output checks
+
+
+def test_tile_checks_on_missing_outputs_fail_and_name_the_file(tmp_path):
+    from constellation_assets.config import load_config
+    from constellation_assets.quality import prepared_tile_outcomes, shear_measurement_outcomes
+
+    cfg = load_config({"output": {"root_uri": str(tmp_path / "out")}})
+    out = {o.name: o for o in prepared_tile_outcomes(cfg, T1)}
+    assert set(out) == {
+        "unique_object_id",
+        "sources_in_core",
+        "shear_grade",
+        "quadrants_found",
+        "manifest_count",
+        "core_membership",
+    }
+    assert not any(o.passed for o in out.values())
+    assert "tile_sources.parquet not found" in out["unique_object_id"].message
+    assert out["manifest_count"].metadata == {"n_manifests": 0, "n_expected": 16}
+    meas = {o.name: o for o in shear_measurement_outcomes(cfg, T1)}
+    assert (
+        not meas["results_complete"].passed
+        and "16 sub-tile result(s) missing" in meas["results_complete"].message
+    )
+
+
+def test_calibration_outcomes_against_requirement():
+    from constellation_assets.quality.calibration import calibration_outcomes
+
+    ok = {
+        "m1": 1e-3,
+        "m1_err": 5e-4,
+        "m2": -1.5e-3,
+        "m2_err": 5e-4,
+        "c1": 1e-4,
+        "c1_err": 1e-4,
+        "c2": 0.0,
+        "c2_err": 1e-4,
+    }
+    m, c = calibration_outcomes(ok, 2e-3, 5e-4)
+    assert m.passed and c.passed and m.severity == "warn"
+    m, c = calibration_outcomes({**ok, "m2": -3e-3, "c1": 6e-4}, 2e-3, 5e-4)
+    assert not m.passed and "3.00e-03" in m.message and not c.passed
+
+
+def test_stamps_outcome_catches_each_problem():
+    import pyarrow as pa
+
+    from constellation_assets.quality.simulations import stamps_outcome
+
+    table = pa.table({"task_id": [1, 2, 3], "cosmos_index": pa.array([4, None, 6], pa.int64())})
+    good = {"VIS": np.zeros((3, 8, 8), np.float32)}
+    o = stamps_outcome("sersic", "train", 0, 3, pa.table({"task_id": [1, 2, 3]}), good)
+    assert o.passed, o.message
+    bad = {"VIS": np.full((3, 8, 8), np.nan, np.float32)}
+    o = stamps_outcome("cosmos", "train", 0, 4, table.set_column(0, "task_id", pa.array([1, 1, 3])), bad)
+    assert not o.passed
+    for part in ("3 rows, 4 tasks planned", "duplicate task_id", "non-finite pixels", "without cosmos_index"):
+        assert part in o.message

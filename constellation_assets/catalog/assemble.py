@@ -442,7 +442,16 @@ def assemble_results(
         results.append(res)
         if on_tile_done is not None:
             on_tile_done(res)
+    _write_stage_record(cfg, [r.tile_id for r in results])
     return results
+
+
+def _write_stage_record(cfg: Any, tile_ids: list[int]) -> None:
+    """The assemble stage's run_config record (after every tile's commit), for a PipelineConfig."""
+    if hasattr(cfg, "output") and hasattr(cfg, "field_name"):
+        from constellation_assets.provenance import write_stage_record
+
+        write_stage_record(cfg, "assemble", {"tiles": tile_ids})
 
 
 def _storage_options_for(cfg: Any, uri: str) -> dict | None:

@@ -76,6 +76,11 @@ def infer_command(config_path, manifests, device, batch_size, force, as_json) ->
                     click.echo(json.dumps(r.to_metadata(), default=str))
             bar.advance(task)
         bar.update(task, description="sub-tiles")
+    if not failures:  # the infer stage's run_config record, after every sub-tile result
+        from constellation_assets.provenance import write_stage_record
+        from constellation_assets.shear.worker import infer_record_extra
+
+        write_stage_record(cfg, "infer", infer_record_extra(results))
 
     if not as_json:
         table = Table(title=f"shear inference ({cfg.compute.device}, batch {cfg.compute.batch_size})")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from constellation_assets.defs.catalog import shear_catalog
-from constellation_assets.defs.deployment import current_deployment, resources_for
+from constellation_assets.defs.catalog import shear_catalog, shear_catalog_checks
+from constellation_assets.defs.deployment import current_deployment, resources_for, sensors_on_by_default
 from constellation_assets.defs.jobs import (
     calibration_job,
     cosmos_bank_job,
@@ -20,25 +20,59 @@ from constellation_assets.defs.jobs import (
 )
 from constellation_assets.defs.partitions import injection_shard_partitions, mer_tile_partitions
 from constellation_assets.defs.sensors import (
+    build_discovery_sensor,
     calibration_schedule,
-    mer_tile_discovery_sensor,
     tile_pipeline_sensor,
 )
-from constellation_assets.defs.shear import shear_calibration, shear_measurements
-from constellation_assets.defs.simulations import cosmos_bank, lens_injections, synthetic_field
-from constellation_assets.defs.tiles import prepare_tile_assets
+from constellation_assets.defs.shear import (
+    shear_calibration,
+    shear_calibration_checks,
+    shear_measurement_checks,
+    shear_measurements,
+)
+from constellation_assets.defs.simulations import (
+    cosmos_bank,
+    cosmos_bank_valid,
+    lens_injection_checks,
+    lens_injections,
+    synthetic_field,
+    synthetic_field_complete,
+)
+from constellation_assets.defs.tiles import build_prepare_tile_assets, prepare_tile_checks
+
+# Assets of other parts of the pipeline (one import and one entry each), e.g.
+#   from constellation_assets.defs.calibration_field import field_calibration
+EXTRA_ASSETS: list = []
 
 
 def build_definitions(deployment: str | None = None) -> dg.Definitions:
+    deployment = deployment or current_deployment()
+    local = deployment == "local"
+    discovery_status = (
+        dg.DefaultSensorStatus.RUNNING
+        if sensors_on_by_default(deployment)
+        else dg.DefaultSensorStatus.STOPPED
+    )
     return dg.Definitions(
         assets=[
-            prepare_tile_assets,
+            # Locally the synthetic field writes the tiles' input data, so it is upstream of them.
+            build_prepare_tile_assets(field_upstream=local),
             shear_measurements,
             shear_catalog,
             shear_calibration,
             cosmos_bank,
             lens_injections,
             synthetic_field,
+            *EXTRA_ASSETS,
+        ],
+        asset_checks=[
+            prepare_tile_checks,
+            shear_measurement_checks,
+            shear_catalog_checks,
+            cosmos_bank_valid,
+            synthetic_field_complete,
+            shear_calibration_checks,
+            lens_injection_checks,
         ],
         jobs=[
             tile_pipeline_job,
@@ -48,9 +82,9 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             synthetic_field_job,
             register_partitions_job,
         ],
-        sensors=[mer_tile_discovery_sensor, tile_pipeline_sensor],
+        sensors=[build_discovery_sensor(discovery_status), tile_pipeline_sensor],
         schedules=[calibration_schedule],
-        resources=resources_for(deployment or current_deployment()),
+        resources=resources_for(deployment),
     )
 
 

@@ -1,18 +1,18 @@
-"""Catalog asset: per-tile idempotent overwrite of the Iceberg shear tables, checked with quality/."""
+"""Catalog asset: per-tile idempotent overwrite of the Iceberg shear tables (the tiles of the run), checked
+per tile partition with the quality functions of `constellation validate`."""
 
 from collections.abc import Iterator
 
 import dagster as dg
 
-from constellation_assets.defs.checks import check_specs, results_for
-from constellation_assets.defs.metadata import Timer, png_markdown, provenance_metadata, table_metadata
+from constellation_assets.defs.checks import check_specs, tile_checks
+from constellation_assets.defs.metadata import Timer, plot_metadata, provenance_metadata, table_metadata
 from constellation_assets.defs.partitions import mer_tile_partitions
-from constellation_assets.defs.plots import shear_whisker_png
 from constellation_assets.defs.resources import ConstellationConfigResource
 from constellation_assets.defs.tiles import TILE_BACKFILL_POLICY
+from constellation_assets.quality.run import CATALOG_CHECK_NAMES
+from constellation_assets.quality.tiles import shear_catalog_outcomes, tile_result_uris
 
-#: Names are those of the quality functions (constellation_assets.quality.run_checks), as printed by
-#: `constellation validate`.
 CATALOG_CHECK_DESCRIPTIONS = {
     "schema_sources": "shear.sources has the catalog schema.",
     "schema_subtiles": "shear.subtiles has the catalog schema.",
@@ -29,46 +29,17 @@ CATALOG_CHECK_DESCRIPTIONS = {
 }
 CATALOG_CHECKS = check_specs(
     "shear_catalog",
-    list(CATALOG_CHECK_DESCRIPTIONS),
+    list(CATALOG_CHECK_NAMES),  # the outcomes of quality.run_catalog_checks, in order
     blocking=["schema_sources", "unique_object_id", "sources_in_core", "finite_shear"],
     descriptions=CATALOG_CHECK_DESCRIPTIONS,
+    partitions_def=mer_tile_partitions,
 )
-
-
-def tile_result_uris(cfg, tile_id: int) -> list[str]:
-    """The sub-tile result files of one tile under ``output.results`` (per-tile folder or flat)."""
-    from constellation_assets.catalog import expand_result_uris, group_results_by_tile
-    from constellation_assets.io.uri import join_uri, uri_exists
-
-    results = cfg.output.results
-    opts = cfg.storage_options(results)
-    tile_dir = join_uri(results, str(tile_id))
-    where = tile_dir if uri_exists(tile_dir, opts) else results
-    if not uri_exists(where, opts):
-        return []
-    return group_results_by_tile(expand_result_uris([where], opts)).get(int(tile_id), [])
-
-
-def tile_truth(cfg, tile_id: int):
-    """Input shear of a synthetic-field tile as a one-row frame (TILE_ID, G1_TRUE, G2_TRUE), else None.
-
-    Real Q1 tiles have no truth; the synthetic field writes ``{truth_base}/{tile_id}/shear_truth.json``.
-    """
-    import json
-
-    import polars as pl
-
-    from constellation_assets.io.uri import join_uri, read_text, uri_exists
-    from constellation_assets.sim.field import tile_truth_uri
-
-    uri = join_uri(tile_truth_uri(cfg, tile_id), "shear_truth.json")
-    opts = cfg.storage_options(uri)
-    if not uri_exists(uri, opts):
-        return None
-    rec = json.loads(read_text(uri, opts))
-    return pl.DataFrame(
-        {"TILE_ID": [int(tile_id)], "G1_TRUE": [float(rec["G1_TRUE"])], "G2_TRUE": [float(rec["G2_TRUE"])]}
-    )
+shear_catalog_checks = tile_checks(
+    "shear_catalog_checks",
+    CATALOG_CHECKS,
+    shear_catalog_outcomes,
+    "The quality checks of `constellation validate`, on each tile's rows of shear.sources / shear.subtiles.",
+)
 
 
 @dg.asset(
@@ -78,67 +49,101 @@ def tile_truth(cfg, tile_id: int):
     group_name="catalog",
     owners=["team:shear-platform"],
     kinds={"iceberg", "polars"},
-    check_specs=CATALOG_CHECKS,
     description="Core-area sources of the tile's sub-tile results written to the Iceberg tables shear.sources "
     "and shear.subtiles, replacing the tile's rows in one commit per table (re-running never duplicates; "
-    "commits retry on conflict).",
+    "commits retry on conflict). Each tile partition's materialization shows its sub-tile shear map. Query the "
+    "tables with PyIceberg, DuckDB or Polars on the catalog of the pipeline config (output.catalog_uri; README "
+    "'Querying the catalog').",
 )
 def shear_catalog(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    from constellation_assets.catalog import assemble_tile, open_catalog, scan_subtiles
-    from constellation_assets.catalog.assemble import code_version
+) -> Iterator[dg.MaterializeResult]:
+    from constellation_assets.catalog import (
+        SOURCES_ICEBERG_SCHEMA,
+        assemble_results,
+        open_catalog,
+        scan_subtiles,
+    )
     from constellation_assets.catalog.tables import namespace_from_config
-    from constellation_assets.provenance import config_hash
-    from constellation_assets.quality import run_catalog_checks
 
     cfg = pipeline_config.load()
-    tile_id = int(context.partition_key)
+    tile_ids = [int(k) for k in context.partition_keys]
     timer = Timer()
-    uris = tile_result_uris(cfg, tile_id)
-    if not uris:
+    uris = {t: tile_result_uris(cfg, t) for t in tile_ids}
+    absent = [t for t, u in uris.items() if not u]
+    if absent:
         raise dg.Failure(
-            f"no sub-tile results for tile {tile_id} under {cfg.output.results}; "
-            "materialize shear_measurements for this partition first"
+            f"no sub-tile results for tile(s) {absent} under {cfg.output.results}; "
+            "materialize shear_measurements for these partitions first"
         )
     catalog = open_catalog(cfg)
     namespace = namespace_from_config(cfg)
     with timer.phase("assemble"):
-        res = assemble_tile(
-            catalog,
-            tile_id,
-            uris,
-            run_id=context.run_id,
-            config_hash=config_hash(cfg),
-            code_version=code_version(),
-            namespace=namespace,
-            storage_options=cfg.storage_options(uris[0]),
+        # The stage `constellation assemble` runs (also writes its run_config record).
+        assembled = assemble_results(
+            cfg, [u for t in tile_ids for u in uris[t]], run_id=context.run_id, catalog=catalog
         )
-    n_expected = int(cfg.tiling.sub_tile_grid[0]) * int(cfg.tiling.sub_tile_grid[1])
-    with timer.phase("checks"):
-        outcomes = run_catalog_checks(
-            cfg, expected=n_expected, truth=tile_truth(cfg, tile_id), tile_ids=[tile_id]
-        )
-    subtiles = scan_subtiles(catalog, [tile_id], namespace=namespace)
-    from constellation_assets.catalog import SOURCES_ICEBERG_SCHEMA
+    grid = tuple(int(x) for x in cfg.tiling.sub_tile_grid)
+    with timer.phase("plots"):
+        subtiles = scan_subtiles(catalog, tile_ids, namespace=namespace).to_pydict()
+        for res in assembled:
+            context.add_asset_metadata(
+                _tile_metadata(cfg, res, subtiles, grid, SOURCES_ICEBERG_SCHEMA, namespace),
+                partition_key=str(res.tile_id),
+            )
+    yield dg.MaterializeResult(
+        metadata={
+            **provenance_metadata(cfg, "assemble", extra={"tiles": tile_ids}),
+            **timer.metadata(),
+            "run_tiles": dg.MetadataValue.json([str(t) for t in tile_ids]),
+            "table": dg.MetadataValue.text(f"{namespace}.sources"),
+        }
+    )
 
+
+def _tile_metadata(cfg, res, subtiles: dict, grid, schema, namespace: str) -> dict:
+    """One tile's commit (snapshots, attempts, rows) and its sub-tile shear map."""
+    from constellation_assets.defs.plots import subtile_whisker_png
+
+    # assemble_tile counts the attempts of both table commits (2 when nothing conflicted); a clean commit of
+    # the tile reports 1, each retry after a conflict adds 1.
+    retries = max(int(res.commit_attempts) - 2, 0)
     md = {
-        **provenance_metadata(cfg, "assemble", extra={"tile_id": tile_id}),
-        **table_metadata(res.n_sources, SOURCES_ICEBERG_SCHEMA.as_arrow()),
-        **timer.metadata(),
+        **table_metadata(res.n_sources, schema),
+        "tile_id": dg.MetadataValue.int(int(res.tile_id)),
         "iceberg_snapshot_id": dg.MetadataValue.int(int(res.sources_snapshot_id or 0)),
         "iceberg_subtiles_snapshot_id": dg.MetadataValue.int(int(res.subtiles_snapshot_id or 0)),
-        "commit_attempts": dg.MetadataValue.int(res.commit_attempts),
+        "commit_attempts": dg.MetadataValue.int(1 + retries),
+        "commit_retries": dg.MetadataValue.int(retries),
         "n_subtiles": dg.MetadataValue.int(res.n_subtiles),
         "n_margin_dropped": dg.MetadataValue.int(res.n_margin_dropped),
         "missing_subtiles": dg.MetadataValue.json([list(x) for x in res.missing_subtiles]),
         "table": dg.MetadataValue.text(f"{namespace}.sources"),
     }
-    if subtiles.num_rows:
-        s = subtiles.to_pydict()
-        md["shear_map"] = png_markdown(
-            shear_whisker_png(s["RA"], s["DEC"], s["G1"], s["G2"], f"tile {tile_id}: sub-tile shear"),
-            "per-sub-tile shear whiskers",
+    sel = [i for i, t in enumerate(subtiles.get("TILE_ID", [])) if int(t) == int(res.tile_id)]
+    if sel:
+
+        def col(name):
+            return [subtiles[name][i] for i in sel]
+
+        png = subtile_whisker_png(
+            grid,
+            col("SUBTILE_ROW"),
+            col("SUBTILE_COL"),
+            col("G1"),
+            col("G2"),
+            col("N_SOURCES"),
+            f"tile {res.tile_id}: shear per sub-tile "
+            f"({sum(int(n) > 0 for n in col('N_SOURCES'))} of {grid[0] * grid[1]} hold sources)",
         )
-    yield dg.MaterializeResult(metadata=md)
-    yield from results_for("shear_catalog", CATALOG_CHECKS, outcomes)
+        md.update(
+            plot_metadata(
+                cfg,
+                "shear_map",
+                png,
+                f"tile {res.tile_id}: sub-tile shear",
+                stage="assemble",
+                name=str(res.tile_id),
+            )
+        )
+    return md

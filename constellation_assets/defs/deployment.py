@@ -1,6 +1,7 @@
 """The one switch between environments (hooli-style): ``CONSTELLATION_DEPLOYMENT`` = local | k8s.
 
-- ``local`` (default): files on this machine, SQLite Iceberg catalog, worker as a subprocess, CPU.
+- ``local`` (default): files on this machine, SQLite Iceberg catalog, worker as a subprocess, CPU; the
+  pipeline config is ``$CONSTELLATION_CONFIG`` or ``configs/local_demo.yaml`` (the config of ``make demo``).
 - ``k8s``: S3 storage and a shared PostgreSQL SQL catalog (config from ``CONSTELLATION_CONFIG``, catalog
   URI with its password from ``CONSTELLATION_CATALOG_URI``), worker pods through PipesK8sClient with
   ``nvidia.com/gpu``.
@@ -16,7 +17,12 @@ from typing import Any
 import dagster as dg
 
 from constellation_assets.defs.k8s import K8S_WORKER_DEFAULTS
-from constellation_assets.defs.resources import ConstellationConfigResource, ShearWorkerResource
+from constellation_assets.defs.resources import (
+    ConstellationConfigResource,
+    LocalShearWorkerResource,
+    ShearWorkerResource,
+    default_config_path,
+)
 
 DEPLOYMENT_ENV_VAR = "CONSTELLATION_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s")
@@ -36,10 +42,8 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
     if deployment == "local":
         return {
             # The config file is a plain setting (not a secret); run config can override it per run.
-            "pipeline_config": ConstellationConfigResource(
-                config_path=os.getenv("CONSTELLATION_CONFIG") or None
-            ),
-            "shear_worker": ShearWorkerResource(backend="subprocess"),
+            "pipeline_config": ConstellationConfigResource(config_path=default_config_path()),
+            "shear_worker": LocalShearWorkerResource(),
         }
     if deployment == "k8s":
         return {
@@ -56,3 +60,9 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
             ),
         }
     raise ValueError(f"unknown deployment {deployment!r}; use one of {', '.join(DEPLOYMENTS)}")
+
+
+def sensors_on_by_default(deployment: str | None = None) -> bool:
+    """Locally, tile discovery runs as soon as ``dagster dev`` starts (a first run needs no switch);
+    in production a person turns the sensors on."""
+    return (deployment or current_deployment()) == "local"

@@ -49,7 +49,7 @@ injection_job = dg.define_asset_job(
 def register_config_partitions(
     context: dg.OpExecutionContext, pipeline_config: ConstellationConfigResource
 ) -> None:
-    from constellation_assets.defs.sensors import discover_tile_ids
+    from constellation_assets.io.q1 import discover_tile_ids
     from constellation_assets.sim.injection import partition_keys
 
     cfg = pipeline_config.load()

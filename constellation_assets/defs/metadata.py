@@ -31,20 +31,61 @@ def _arrow_schema(obj: Any):
         return obj
     if hasattr(obj, "schema") and isinstance(obj.schema, pa.Schema):
         return obj.schema
-    if hasattr(obj, "to_arrow"):  # polars DataFrame, pyiceberg Schema
+    if hasattr(obj, "as_arrow"):  # pyiceberg Schema
+        return obj.as_arrow()
+    if hasattr(obj, "to_arrow"):  # polars DataFrame
         arrow = obj.to_arrow()
         return arrow if isinstance(arrow, pa.Schema) else arrow.schema
     raise TypeError(f"cannot derive an Arrow schema from {type(obj).__name__}")
 
 
-def table_schema(obj: Any) -> dg.TableSchema:
-    """TableSchema from a pyarrow Schema/Table, polars DataFrame or pyiceberg Schema."""
+#: What the columns of the Constellation tables mean (units in the text), shown in the UI's column schema.
+COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "TILE_ID": "Euclid MER tile id (9 digits)",
+    "SUBTILE_ROW": "sub-tile row in the tile's grid (0 = south)",
+    "SUBTILE_COL": "sub-tile column in the tile's grid (0 = west, low RA)",
+    "OBJECT_ID": "MER catalog OBJECT_ID",
+    "RA": "right ascension, deg (ICRS)",
+    "DEC": "declination, deg (ICRS)",
+    "RIGHT_ASCENSION": "right ascension, deg (ICRS)",
+    "DECLINATION": "declination, deg (ICRS)",
+    "E1": "ellipticity component 1 (along RA/Dec axes)",
+    "E2": "ellipticity component 2 (at 45 deg)",
+    "G1": "shear component 1 (response-corrected weighted mean)",
+    "G2": "shear component 2 (response-corrected weighted mean)",
+    "G1_ERR": "1-sigma error of G1",
+    "G2_ERR": "1-sigma error of G2",
+    "R11": "shear response de1/dg1",
+    "R22": "shear response de2/dg2",
+    "WEIGHT": "inverse-variance shear weight",
+    "SNR": "detection signal-to-noise ratio",
+    "N_EXPOSURES": "VIS exposures combined for the source",
+    "N_SOURCES": "sources measured in the sub-tile core",
+    "FLAGS": "measurement flags (0 = clean)",
+    "IN_CORE": "source lies in the core of its sub-tile (not the margin)",
+    "OWNED": "source belongs to this tile (not a neighbour's overlap)",
+    "RUN_ID": "Dagster/CLI run that wrote the row",
+    "CONFIG_HASH": "hash of the output-determining config (and data/output locations)",
+    "TILE_BUCKET": "TILE_ID mod 256: Iceberg partition key",
+    "METHOD": "shear estimator",
+    "CONVERGENCE": "estimator convergence measure",
+}
+
+
+def table_schema(obj: Any, descriptions: Mapping[str, str] | None = None) -> dg.TableSchema:
+    """TableSchema from a pyarrow Schema/Table, polars DataFrame or pyiceberg Schema, with column
+    descriptions (``descriptions`` or :data:`COLUMN_DESCRIPTIONS`; Iceberg field docs when present)."""
     schema = _arrow_schema(obj)
+    docs = {}
+    if hasattr(obj, "as_arrow"):  # pyiceberg Schema: NestedField.doc
+        docs = {f.name: f.doc for f in obj.fields if getattr(f, "doc", None)}
+    desc = {**COLUMN_DESCRIPTIONS, **(descriptions or {})}
     return dg.TableSchema(
         columns=[
             dg.TableColumn(
                 name=f.name,
                 type=str(f.type),
+                description=desc.get(f.name) or docs.get(f.name),
                 constraints=dg.TableColumnConstraints(nullable=f.nullable),
             )
             for f in schema
@@ -85,6 +126,16 @@ def png_markdown(png: bytes, title: str) -> dg.MetadataValue:
     """A PNG shown inline in the Dagster UI (markdown with a base64 data URI)."""
     b64 = base64.b64encode(png).decode("ascii")
     return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{b64})")
+
+
+def plot_metadata(cfg: Any, label: str, png: bytes, title: str, *, stage: str, name: str) -> dict[str, Any]:
+    """A plot both ways: inline (markdown with the PNG embedded) and as a file next to the outputs
+    (``{output.root_uri}/plots/{stage}/{label}_{name}.png``, a path to open directly)."""
+    from constellation_assets.io.uri import atomic_write_bytes, join_uri
+
+    uri = join_uri(cfg.output.root_uri, "plots", stage, f"{label}_{name}.png")
+    atomic_write_bytes(uri, png, cfg.storage_options(uri))
+    return {label: png_markdown(png, title), f"{label}_png": dg.MetadataValue.path(uri)}
 
 
 def figure_png(fig: Any, dpi: int = 80) -> bytes:

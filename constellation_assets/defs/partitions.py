@@ -16,6 +16,10 @@ import dagster as dg
 
 # BackfillPolicy is marked beta in dagster 1.13; the warning would print on every CLI call that loads the code.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+# Partitioned asset checks (one result per tile partition) are a preview feature in dagster 1.13.
+warnings.filterwarnings(
+    "ignore", message=".*partitions_def on an AssetCheckSpec.*", category=dg.PreviewWarning
+)
 
 MER_TILE_PARTITIONS_NAME = "mer_tile"
 

@@ -6,6 +6,7 @@ resource instances a deployment gets.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,16 @@ from pydantic import Field, PrivateAttr
 from constellation_assets.defs.k8s import gpu_worker_pod_spec
 
 WORKER_MODULE = "constellation_assets.shear.worker"
+
+#: The one place the pipeline config of the local deployment comes from: ``$CONSTELLATION_CONFIG`` when set,
+#: else the local demo config that ``make demo`` and ``constellation run`` use, so the UI, ``dagster job execute``,
+#: the CLI and the README's queries read and write the same files and Iceberg catalog.
+CONFIG_ENV_VAR = "CONSTELLATION_CONFIG"
+DEFAULT_LOCAL_CONFIG = "configs/local_demo.yaml"
+
+
+def default_config_path() -> str:
+    return os.getenv(CONFIG_ENV_VAR) or DEFAULT_LOCAL_CONFIG
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +48,9 @@ class ConstellationConfigResource(dg.ConfigurableResource):
     """
 
     config_path: str | None = Field(
-        default=None, description="Pipeline config file (local path or s3:// URI); empty: built-in defaults."
+        default=None,
+        description="Pipeline config file (local path or s3:// URI). The local deployment sets it from "
+        f"${CONFIG_ENV_VAR} (default {DEFAULT_LOCAL_CONFIG}, the config of `make demo`); empty: built-in defaults.",
     )
     overrides: dict[str, Any] | None = Field(
         default=None,
@@ -68,7 +81,13 @@ class ConstellationConfigResource(dg.ConfigurableResource):
         if self._cache is None:
             from constellation_assets.config import load_config
 
-            cfg = load_config(self.config_path, overrides=self.overrides or None)
+            path = self.config_path
+            if path and "://" not in str(path) and not os.path.exists(path):
+                raise dg.Failure(
+                    f"pipeline config {path!r} not found (relative to {os.getcwd()}); start dagster from the "
+                    f"repository root or set {CONFIG_ENV_VAR} to the config file"
+                )
+            cfg = load_config(path, overrides=self.overrides or None)
             forced = self.deployment_settings()
             if forced:
                 cfg = load_config(_deep_merge(cfg.model_dump(mode="json"), forced))
@@ -76,36 +95,16 @@ class ConstellationConfigResource(dg.ConfigurableResource):
         return self._cache
 
 
-class ShearWorkerResource(dg.ConfigurableResource):
-    """Launches ``python -m constellation_assets.shear.worker`` through dagster-pipes.
-
-    ``backend="subprocess"`` (local): PipesSubprocessClient on this machine.
-    ``backend="k8s"``: PipesK8sClient, one pod per call with the GPU worker pod spec of :mod:`.k8s`.
-    """
+class ShearWorkerBase(dg.ConfigurableResource):
+    """Launches ``python -m constellation_assets.shear.worker`` through dagster-pipes (what the assets need)."""
 
     backend: str = Field(default="subprocess", description="subprocess | k8s")
     python_executable: str | None = Field(default=None, description="Python for subprocess workers.")
-    image: str | None = Field(default=None, description="Worker image (k8s).")
-    namespace: str | None = Field(default=None, description="Namespace of worker pods (k8s).")
-    gpu_count: int = Field(default=1, description="nvidia.com/gpu limit per worker pod (k8s).")
-    memory: str = Field(default="16Gi", description="Memory request = limit per worker pod (k8s).")
-    cpu: str = Field(default="4", description="CPU request = limit per worker pod (k8s).")
-    node_selector: dict[str, str] | None = Field(default=None, description="Node selector (k8s).")
-    pod_wait_timeout_s: float = Field(default=6 * 3600.0, description="Max seconds a worker pod may run.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the worker.")
 
     def command(self, args: Sequence[str]) -> list[str]:
         python = self.python_executable or (sys.executable if self.backend == "subprocess" else "python")
         return [python, "-m", WORKER_MODULE, *args]
-
-    def pod_spec(self) -> dict[str, Any]:
-        return gpu_worker_pod_spec(
-            image=self.image,
-            gpu_count=self.gpu_count,
-            memory=self.memory,
-            cpu=self.cpu,
-            node_selector=self.node_selector,
-        )
 
     def run(
         self,
@@ -117,7 +116,7 @@ class ShearWorkerResource(dg.ConfigurableResource):
         if self.backend == "subprocess":
             client = dg.PipesSubprocessClient()
             return client.run(context=context, command=self.command(args), extras=dict(extras or {}), env=env)
-        if self.backend == "k8s":
+        if self.backend == "k8s" and isinstance(self, ShearWorkerResource):
             from dagster_k8s import PipesK8sClient
 
             return PipesK8sClient().run(
@@ -131,5 +130,32 @@ class ShearWorkerResource(dg.ConfigurableResource):
                 pod_wait_timeout=self.pod_wait_timeout_s,
             )
         raise dg.DagsterInvariantViolationError(
-            f"ShearWorkerResource.backend={self.backend!r} is not supported; use 'subprocess' or 'k8s'"
+            f"{type(self).__name__}.backend={self.backend!r} is not supported; use 'subprocess' "
+            "(LocalShearWorkerResource) or 'k8s' (ShearWorkerResource)"
+        )
+
+
+class LocalShearWorkerResource(ShearWorkerBase):
+    """The local deployment's worker: a subprocess on this machine (no pod settings to show or set)."""
+
+
+class ShearWorkerResource(ShearWorkerBase):
+    """Worker with the Kubernetes settings: ``backend="k8s"`` runs one pod per call through PipesK8sClient with
+    the GPU worker pod spec of :mod:`.k8s`; ``backend="subprocess"`` ignores them."""
+
+    image: str | None = Field(default=None, description="Worker image (k8s).")
+    namespace: str | None = Field(default=None, description="Namespace of worker pods (k8s).")
+    gpu_count: int = Field(default=1, description="nvidia.com/gpu limit per worker pod (k8s).")
+    memory: str = Field(default="16Gi", description="Memory request = limit per worker pod (k8s).")
+    cpu: str = Field(default="4", description="CPU request = limit per worker pod (k8s).")
+    node_selector: dict[str, str] | None = Field(default=None, description="Node selector (k8s).")
+    pod_wait_timeout_s: float = Field(default=6 * 3600.0, description="Max seconds a worker pod may run.")
+
+    def pod_spec(self) -> dict[str, Any]:
+        return gpu_worker_pod_spec(
+            image=self.image,
+            gpu_count=self.gpu_count,
+            memory=self.memory,
+            cpu=self.cpu,
+            node_selector=self.node_selector,
         )

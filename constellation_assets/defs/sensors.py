@@ -6,13 +6,13 @@ from the partition status of the last asset of the tile pipeline (``shear_catalo
 """
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 
 import dagster as dg
 
 from constellation_assets.defs.jobs import calibration_job, tile_pipeline_job
 from constellation_assets.defs.partitions import (
+    INJECTION_SHARD_PARTITIONS_NAME,
     MER_TILE_PARTITIONS_NAME,
     add_tile_partition_requests,
     mer_tile_partitions,
@@ -27,41 +27,55 @@ MAX_RUNS_PER_TICK = 200
 #: Failed tiles are retried at most this many times by the sensor (then they need a person).
 MAX_RETRIES_PER_TILE = 2
 
-_TILE_DIR = re.compile(r"(?:^|/)(\d{9})/?$")
+
+def build_discovery_sensor(
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
+) -> dg.SensorDefinition:
+    """The tile discovery sensor (on by default in the local deployment, so a first run needs no switch)."""
+
+    @dg.sensor(
+        name="mer_tile_discovery_sensor",
+        minimum_interval_seconds=600,
+        default_status=default_status,
+        description="Registers MER tiles (config tile_ids, else the {tile_id}/ folders of the MER catalog "
+        "prefix data.catalog_base_uri, else the synthetic field the config declares) as mer_tile partitions, "
+        f"in batches of at most {MAX_NEW_TILES_PER_TICK} per tick, and the config's injection shards. "
+        "A prefix that cannot be listed (access denied, no credentials) fails the tick with the reason.",
+    )
+    def mer_tile_discovery_sensor(
+        context: dg.SensorEvaluationContext, pipeline_config: ConstellationConfigResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        from constellation_assets.io.q1 import discover_tile_ids
+        from constellation_assets.sim.injection import partition_keys
+
+        cfg = pipeline_config.load()
+        found = discover_tile_ids(cfg)  # raises DataAccessError on access problems: a failed tick
+        if not found:
+            return dg.SkipReason(
+                f"no MER tiles yet under {cfg.data.catalog_base_uri} (and no tile_ids in the config)"
+            )
+        new = new_tile_keys(context.instance, found)
+        existing = set(context.instance.get_dynamic_partitions(INJECTION_SHARD_PARTITIONS_NAME))
+        shards = [k for k in partition_keys(cfg) if k not in existing]
+        if not new and not shards:
+            return dg.SkipReason(f"all {len(found)} MER tiles and the injection shards are registered")
+        batch = new[:MAX_NEW_TILES_PER_TICK]
+        context.log.info(
+            f"registering {len(batch)} of {len(new)} new MER tiles, {len(shards)} injection shards"
+        )
+        requests = add_tile_partition_requests(batch)
+        if shards:
+            requests.append(
+                dg.AddDynamicPartitionsRequest(
+                    partitions_def_name=INJECTION_SHARD_PARTITIONS_NAME, partition_keys=shards
+                )
+            )
+        return dg.SensorResult(dynamic_partitions_requests=requests)
+
+    return mer_tile_discovery_sensor
 
 
-def discover_tile_ids(cfg) -> list[str]:
-    """Tiles to process: the config's ``tile_ids`` when given, else the tile folders under the MER
-    catalog prefix (``data.catalog_base_uri``, local or s3://), else the synthetic field's tiles."""
-    if cfg.tile_ids:
-        return [str(t) for t in cfg.tile_ids]
-    from constellation_assets.io.uri import list_uri
-
-    base = cfg.data.catalog_base_uri
-    try:
-        entries = list_uri(base, storage_options=cfg.storage_options(base))
-    except Exception:  # an absent prefix just means "no catalog yet": fall back to the configured field
-        entries = []
-    found = sorted({m.group(1) for e in entries if (m := _TILE_DIR.search(str(e).rstrip("/")))})
-    return found or [str(t) for t in cfg.selected_tile_ids]
-
-
-@dg.sensor(
-    name="mer_tile_discovery_sensor",
-    minimum_interval_seconds=600,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Registers MER tiles (config tile_ids or the MER catalog prefix) as mer_tile partitions, "
-    f"in batches of at most {MAX_NEW_TILES_PER_TICK} per tick.",
-)
-def mer_tile_discovery_sensor(
-    context: dg.SensorEvaluationContext, pipeline_config: ConstellationConfigResource
-) -> dg.SensorResult | dg.SkipReason:
-    new = new_tile_keys(context.instance, discover_tile_ids(pipeline_config.load()))
-    if not new:
-        return dg.SkipReason("no new MER tiles")
-    batch = new[:MAX_NEW_TILES_PER_TICK]
-    context.log.info(f"registering {len(batch)} of {len(new)} new MER tiles")
-    return dg.SensorResult(dynamic_partitions_requests=add_tile_partition_requests(batch))
+mer_tile_discovery_sensor = build_discovery_sensor()
 
 
 def plan_tile_runs(

@@ -4,17 +4,18 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from constellation_assets.defs.checks import check_specs, results_for
+from constellation_assets.defs.checks import check_specs, results_for, tile_checks
 from constellation_assets.defs.metadata import (
     Timer,
     device_metadata,
-    png_markdown,
+    plot_metadata,
     provenance_metadata,
     table_metadata,
 )
 from constellation_assets.defs.partitions import mer_tile_partitions
-from constellation_assets.defs.resources import ConstellationConfigResource, ShearWorkerResource
+from constellation_assets.defs.resources import ConstellationConfigResource, ShearWorkerBase
 from constellation_assets.defs.tiles import TILE_BACKFILL_POLICY
+from constellation_assets.quality.tiles import shear_measurement_outcomes
 
 SHEAR_GROUP = "shear"
 OWNERS = ["team:shear-platform"]
@@ -23,26 +24,25 @@ OWNERS = ["team:shear-platform"]
 #: ``dagster instance concurrency set gpu N`` (or ``concurrency.pools`` in dagster.yaml).
 GPU_POOL = "gpu"
 
-#: Names are those of the quality functions (``constellation_assets.quality.run_result_checks``) on the
-#: tile's sub-tile result files (core rows), as `constellation validate` prints them.
+#: Checks of the tile's sub-tile result files before assembly (``quality.measurement_checks``); the
+#: catalog-level checks (schema, duplicates, cores, run consistency, truth) run once, on shear_catalog.
 MEASUREMENT_CHECK_DESCRIPTIONS = {
-    "schema_sources": "Result rows have the sub-tile result schema.",
-    "schema_subtiles": "Sub-tile summaries have the Constellation sub-tile schema.",
-    "subtile_row_count": "One result per sub-tile of the tile (grid rows x cols).",
-    "unique_subtiles": "No sub-tile result twice.",
-    "unique_object_id": "No OBJECT_ID twice among the core rows of the tile.",
-    "sources_in_core": "Every IN_CORE source lies inside its sub-tile core.",
-    "finite_shear": "Finite E1/E2/G1/G2 and weights.",
-    "shear_below_one": "|g| < 1.",
-    "positive_errors": "G1_ERR, G2_ERR > 0.",
-    "positive_responses": "Shear responses R11, R22 and weights > 0.",
-    "shear_vs_truth": "Recovered tile shear vs the input shear where truth exists.",
+    "results_complete": "One readable result file with the result schema per sub-tile of the tile.",
+    "finite_shear": "Finite E1/E2/G1/G2 and weights, and |g| < 1, in every sub-tile result.",
+    "positive_responses": "Shear responses R11, R22 and weights > 0 (core rows).",
 }
 MEASUREMENT_CHECKS = check_specs(
     "shear_measurements",
     list(MEASUREMENT_CHECK_DESCRIPTIONS),
-    blocking=["schema_sources", "subtile_row_count", "unique_object_id", "finite_shear"],
+    blocking=["results_complete", "finite_shear"],
     descriptions=MEASUREMENT_CHECK_DESCRIPTIONS,
+    partitions_def=mer_tile_partitions,
+)
+shear_measurement_checks = tile_checks(
+    "shear_measurement_checks",
+    MEASUREMENT_CHECKS,
+    shear_measurement_outcomes,
+    "Checks of each tile's sub-tile result files (per tile partition).",
 )
 CALIBRATION_CHECKS = check_specs(
     "shear_calibration",
@@ -69,30 +69,32 @@ def _text(value) -> str | None:
     group_name=SHEAR_GROUP,
     owners=OWNERS,
     kinds={"pytorch", "parquet", "kubernetes"},
-    check_specs=MEASUREMENT_CHECKS,
     description="Shear inference on each sub-tile manifest of the tile -> one Parquet of per-source rows "
     "(E1, E2, R11, R22, WEIGHT, SNR, FLAGS) per sub-tile. Runs in a worker process through dagster-pipes: "
-    "a subprocess locally, a GPU pod (nvidia.com/gpu) on Kubernetes; serialised by the 'gpu' pool.",
+    "a subprocess locally, a GPU pod (nvidia.com/gpu) on Kubernetes, one worker for all tiles of a run; "
+    "serialised by the 'gpu' pool.",
 )
 def shear_measurements(
     context: dg.AssetExecutionContext,
     pipeline_config: ConstellationConfigResource,
-    shear_worker: ShearWorkerResource,
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    shear_worker: ShearWorkerBase,
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.catalog import SOURCE_RESULT_SCHEMA
-    from constellation_assets.defs.catalog import tile_result_uris, tile_truth
     from constellation_assets.io.uri import join_uri, uri_exists
-    from constellation_assets.quality import Tiling, run_result_checks
+    from constellation_assets.quality import tile_result_uris
     from constellation_assets.quality.run import result_frames
 
     cfg = pipeline_config.load()
-    tile_id = int(context.partition_key)
+    tile_ids = [int(k) for k in context.partition_keys]
     timer = Timer()
-    manifest_dir = join_uri(cfg.output.manifests, str(tile_id))
-    if not uri_exists(manifest_dir, cfg.storage_options(manifest_dir)):
+    manifest_dirs = [join_uri(cfg.output.manifests, str(t)) for t in tile_ids]
+    absent = [
+        t for t, d in zip(tile_ids, manifest_dirs, strict=True) if not uri_exists(d, cfg.storage_options(d))
+    ]
+    if absent:
         raise dg.Failure(
-            f"tile {tile_id} has no sub-tile manifests at {manifest_dir}; "
-            "materialize subtile_manifests for this partition first"
+            f"tile(s) {absent} have no sub-tile manifests under {cfg.output.manifests}; "
+            "materialize subtile_manifests for these partitions first"
         )
     with timer.phase("inference"):
         invocation = shear_worker.run(
@@ -100,7 +102,7 @@ def shear_measurements(
             args=[],
             extras={
                 "config": cfg.model_dump(mode="json"),
-                "manifests": [manifest_dir],
+                "manifests": manifest_dirs,
                 "run_id": context.run_id,
             },
         )
@@ -108,81 +110,79 @@ def shear_measurements(
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
             worker_md.update(result.metadata or {})
-    uris = tile_result_uris(cfg, tile_id)
-    n_expected = int(cfg.tiling.sub_tile_grid[0]) * int(cfg.tiling.sub_tile_grid[1])
-    with timer.phase("checks"):
-        opts = cfg.storage_options(uris[0]) if uris else None
-        outcomes = run_result_checks(
-            uris,
-            expected=n_expected,
-            truth=tile_truth(cfg, tile_id),
-            tiling=Tiling.from_config(cfg),
-            storage_options=opts,
-        )
-        sources, _ = result_frames(uris, opts)
+    with timer.phase("read_back"):
+        for t in tile_ids:
+            uris = tile_result_uris(cfg, t)
+            sources, subtiles = result_frames(uris, cfg.storage_options(uris[0]) if uris else None)
+            context.add_asset_metadata(
+                {
+                    **table_metadata(sources.height, SOURCE_RESULT_SCHEMA),
+                    "tile_id": dg.MetadataValue.int(t),
+                    "n_subtiles": dg.MetadataValue.int(subtiles.height),
+                    "n_core_sources": dg.MetadataValue.int(
+                        int(sources["IN_CORE"].sum()) if sources.height else 0
+                    ),
+                    "result_uris": dg.MetadataValue.json(list(uris)),
+                },
+                partition_key=str(t),
+            )
     yield dg.MaterializeResult(
         metadata={
-            **worker_md,
-            **provenance_metadata(cfg, "infer", extra={"tile_id": tile_id}),
-            **table_metadata(sources.height, SOURCE_RESULT_SCHEMA),
+            **provenance_metadata(cfg, "infer", extra={"tiles": tile_ids}),
             **timer.metadata(),
             **device_metadata(_text(worker_md.get("device")) or str(cfg.compute.device)),
             "worker_backend": dg.MetadataValue.text(shear_worker.backend),
-            "result_uris": dg.MetadataValue.json(list(uris)),
+            "run_tiles": dg.MetadataValue.json([str(t) for t in tile_ids]),
+            "worker_totals": dg.MetadataValue.json(
+                {k: _text(v) for k, v in worker_md.items() if k != "subtiles"}
+            ),
         }
     )
-    yield from results_for("shear_measurements", MEASUREMENT_CHECKS, outcomes)
 
 
-def calibration_outcomes(res, m_requirement: float, c_requirement: float) -> list[dg.AssetCheckResult]:
-    """|m| and |c| of a CalibrationResult against the requirement (with the 1-sigma errors as metadata)."""
-    m_abs = max(abs(res.m1), abs(res.m2))
-    c_abs = max(abs(res.c1), abs(res.c2))
-    m_md = {
-        "m1": res.m1,
-        "m1_err": res.m1_err,
-        "m2": res.m2,
-        "m2_err": res.m2_err,
-        "requirement": m_requirement,
-    }
-    c_md = {
-        "c1": res.c1,
-        "c1_err": res.c1_err,
-        "c2": res.c2,
-        "c2_err": res.c2_err,
-        "requirement": c_requirement,
-    }
-    return [
-        dg.AssetCheckResult(
-            asset_key="shear_calibration",
-            check_name="m_within_requirement",
-            passed=bool(m_abs < m_requirement),
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"max |m| = {m_abs:.2e} vs requirement {m_requirement:.1e}",
-            metadata={k: float(v) for k, v in m_md.items()},
-        ),
-        dg.AssetCheckResult(
-            asset_key="shear_calibration",
-            check_name="c_within_requirement",
-            passed=bool(c_abs < c_requirement),
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"max |c| = {c_abs:.2e} vs requirement {c_requirement:.1e}",
-            metadata={k: float(v) for k, v in c_md.items()},
-        ),
-    ]
+@dg.multi_asset_check(
+    specs=CALIBRATION_CHECKS,
+    name="shear_calibration_checks",
+    can_subset=True,
+    description="|m| and |c| of the latest shear_calibration materialization against the requirement.",
+)
+def shear_calibration_checks(
+    context: dg.AssetCheckExecutionContext, pipeline_config: ConstellationConfigResource
+) -> Iterator[dg.AssetCheckResult]:
+    """Reads the biases the materialization recorded (m1, m1_err, ... in its metadata), so the checks run after
+    every calibration and can be re-run from the UI, e.g. after changing calibration.m_requirement."""
+    from constellation_assets.quality.calibration import BIAS_KEYS
+    from constellation_assets.quality.calibration import calibration_outcomes as _outcomes
+
+    cfg = pipeline_config.load()
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("shear_calibration"))
+    md = event.asset_materialization.metadata if event is not None and event.asset_materialization else {}
+    if not all(k in md for k in BIAS_KEYS):
+        for spec in CALIBRATION_CHECKS:
+            if spec.key in context.selected_asset_check_keys:
+                yield dg.AssetCheckResult(
+                    asset_key="shear_calibration",
+                    check_name=spec.name,
+                    passed=False,
+                    description="no shear_calibration materialization with measured biases; materialize it first",
+                )
+        return
+    biases = {k: float(md[k].value) for k in BIAS_KEYS}
+    outcomes = _outcomes(biases, cfg.calibration.m_requirement, cfg.calibration.c_requirement)
+    selected = [s for s in CALIBRATION_CHECKS if s.key in context.selected_asset_check_keys]
+    yield from results_for("shear_calibration", selected, outcomes)
 
 
 @dg.asset(
     group_name=SHEAR_GROUP,
     owners=OWNERS,
     kinds={"pytorch", "galsim"},
-    check_specs=CALIBRATION_CHECKS,
     description="Image simulations with known shear (+/-g pairs of 90-degree-rotated galaxies, configured PSF "
     "and population) through the same estimator: multiplicative m and additive c biases with 1-sigma errors.",
 )
 def shear_calibration(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.shear.calibration import calibration_figure_png, run_calibration
 
     cfg = pipeline_config.load()
@@ -203,9 +203,13 @@ def shear_calibration(
             "n_galaxies": dg.MetadataValue.int(int(res.n_galaxies)),
             "g_true": dg.MetadataValue.float(float(res.g_true)),
             "result": dg.MetadataValue.json({k: v for k, v in res.to_dict().items() if k != "config"}),
-            "m_c_fit": png_markdown(
-                calibration_figure_png(res, m_req, c_req), "m and c fit (1-sigma errors)"
+            **plot_metadata(
+                cfg,
+                "m_c_fit",
+                calibration_figure_png(res, m_req, c_req),
+                "m and c fit (1-sigma errors)",
+                stage="calibrate",
+                name=cfg.field_name,
             ),
         }
     )
-    yield from calibration_outcomes(res, m_req, c_req)

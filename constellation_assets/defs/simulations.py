@@ -6,39 +6,32 @@ from collections.abc import Iterator
 import dagster as dg
 from pydantic import Field
 
-from constellation_assets.defs.metadata import Timer, png_markdown, provenance_metadata, table_metadata
-from constellation_assets.defs.partitions import injection_shard_partitions
+from constellation_assets.defs.checks import evaluations, to_check_result
+from constellation_assets.defs.metadata import Timer, plot_metadata, provenance_metadata, table_metadata
+from constellation_assets.defs.partitions import (
+    injection_shard_partitions,
+    register_injection_shards,
+    register_tile_partitions,
+)
 from constellation_assets.defs.plots import mosaic_png
 from constellation_assets.defs.resources import ConstellationConfigResource
+from constellation_assets.quality.simulations import bank_outcome, field_outcome, injection_shard_outcomes
 
 SIM_GROUP = "simulations"
 OWNERS = ["team:simulations"]
 
-BANK_CHECKS = [
-    dg.AssetCheckSpec(
-        "bank_valid",
-        asset="cosmos_bank",
-        blocking=True,
-        description="Bank readable, non-empty, unique IDENTs, finite positive hlr_arcsec, Sersic n and axis ratio in range.",
-    )
-]
+BANK_CHECK_DESCRIPTION = (
+    "Bank readable, non-empty, unique IDENTs, finite positive hlr_arcsec, Sersic n and axis ratio in range "
+    "(reads the stored bank: re-run it from the UI at any time)."
+)
 INJECTION_CHECKS = [
     dg.AssetCheckSpec(
         "stamps_valid",
         asset="lens_injections",
         blocking=True,
+        partitions_def=injection_shard_partitions,
         description="Shard readable, rows == planned tasks, unique task ids, finite pixels in every band, "
         "cosmos_index set exactly in cosmos mode.",
-    )
-]
-
-
-FIELD_CHECKS = [
-    dg.AssetCheckSpec(
-        "field_complete",
-        asset="synthetic_field",
-        blocking=True,
-        description="Every configured tile has its field_manifest.json (written last) and all files it lists.",
     )
 ]
 
@@ -47,21 +40,28 @@ FIELD_CHECKS = [
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"galsim", "s3"},
-    check_specs=FIELD_CHECKS,
     description="Embedded demo data: a synthetic Euclid Q1 field (VIS DET/BKG/WGT frames, 9x9-grid PSF files, MER "
     "catalogs) in the exact Q1 layout under data.vis_base_uri / data.catalog_base_uri, with the input shear "
-    "recorded as truth. Materialize it before the tile assets for the local demo; production reads Q1 instead.",
+    "recorded as truth. Upstream of the tile assets in the local deployment: 'Materialize all' runs it first. "
+    "It also registers its tiles as mer_tile partitions and the config's injection shards. Production reads "
+    "Q1 instead.",
 )
 def synthetic_field(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    from constellation_assets.io.uri import uri_exists
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.field import simulate_field
+    from constellation_assets.sim.injection import partition_keys
 
     cfg = pipeline_config.load()
     timer = Timer()
     with timer.phase("simulate"):
         summary = simulate_field(cfg)
+    new_tiles = register_tile_partitions(context.instance, [t.tile_id for t in summary.tiles])
+    new_shards = register_injection_shards(context.instance, partition_keys(cfg))
+    if new_tiles or new_shards:
+        context.log.info(
+            f"registered mer_tile partitions {new_tiles} and {len(new_shards)} injection shard(s)"
+        )
     tiles = [
         {
             "tile_id": t.tile_id,
@@ -84,16 +84,17 @@ def synthetic_field(
             "vis_base_uri": dg.MetadataValue.text(cfg.data.vis_base_uri),
         }
     )
-    missing = [u for t in summary.tiles for u in t.files if not uri_exists(u, cfg.storage_options(u))]
-    yield dg.AssetCheckResult(
-        asset_key="synthetic_field",
-        check_name="field_complete",
-        passed=not missing and bool(summary.tiles),
-        description=f"{len(missing)} listed files missing"
-        if missing
-        else f"{len(summary.tiles)} tiles complete",
-        metadata={"missing": dg.MetadataValue.json(missing[:20])},
-    )
+
+
+@dg.asset_check(
+    asset="synthetic_field",
+    name="field_complete",
+    blocking=True,
+    description="Every configured tile has its field_manifest.json (written last) and all files it lists "
+    "(reads the stored field: re-run it from the UI at any time).",
+)
+def synthetic_field_complete(pipeline_config: ConstellationConfigResource) -> dg.AssetCheckResult:
+    return to_check_result("synthetic_field", "field_complete", field_outcome(pipeline_config.load()))
 
 
 class CosmosBankConfig(dg.Config):
@@ -122,45 +123,16 @@ def bank_schema(bank) -> dg.TableSchema:
     )
 
 
-def bank_check(bank) -> dg.AssetCheckResult:
-    import numpy as np
-
-    d = bank.data
-    n = len(d["ident"])
-    problems = []
-    if n == 0:
-        problems.append("bank is empty")
-    if len(np.unique(d["ident"])) != n:
-        problems.append("duplicate IDENT")
-    hlr = np.asarray(d["hlr_arcsec"], float)
-    if not np.all(np.isfinite(hlr) & (hlr > 0)):
-        problems.append(f"{int(np.sum(~(np.isfinite(hlr) & (hlr > 0))))} non-positive/non-finite hlr_arcsec")
-    n_s = np.asarray(d["sersic_n"], float)
-    if not np.all((n_s >= 0.3) & (n_s <= 6.0)):
-        problems.append("Sersic n outside [0.3, 6]")
-    q = np.asarray(d["q"], float)
-    if not np.all((q > 0) & (q <= 1.0)):
-        problems.append("axis ratio outside (0, 1]")
-    return dg.AssetCheckResult(
-        asset_key="cosmos_bank",
-        check_name="bank_valid",
-        passed=not problems,
-        description="; ".join(problems) or f"{n} sources valid",
-        metadata={"n_sources": n, "median_hlr_arcsec": float(np.median(hlr)) if n else 0.0},
-    )
-
-
 @dg.asset(
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"hdf5", "galsim"},
-    check_specs=BANK_CHECKS,
     description="COSMOS (HST F814W) parametric source bank: per source IDENT, Sersic n, hlr_arcsec, axis ratio, "
     "position angle, flux/mag, bulge+disk parameters. HDF5 (path or s3://) with input catalog and content hash.",
 )
 def cosmos_bank(
     context: dg.AssetExecutionContext, config: CosmosBankConfig, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.bank import build_cosmos_bank, load_cosmos_bank
 
     cfg = pipeline_config.load()
@@ -180,7 +152,7 @@ def cosmos_bank(
             exclusion_level=config.exclusion_level,
             storage_options=so,
         )
-    bank = load_cosmos_bank(summary.uri, so)
+    bank = load_cosmos_bank(summary.uri, so)  # read back: what the metadata describes is what was stored
     yield dg.MaterializeResult(
         metadata={
             **provenance_metadata(cfg, "bank", extra={"cosmos_dir": config.cosmos_dir}),
@@ -194,36 +166,21 @@ def cosmos_bank(
             "input_catalog": dg.MetadataValue.text(summary.input_catalog),
         }
     )
-    yield bank_check(bank)
 
 
-def stamps_check(
-    cfg, split: str, shard: int, uri: str, n_expected: int, table, images
-) -> dg.AssetCheckResult:
-    import numpy as np
+@dg.asset_check(asset="cosmos_bank", name="bank_valid", blocking=True, description=BANK_CHECK_DESCRIPTION)
+def cosmos_bank_valid(pipeline_config: ConstellationConfigResource) -> dg.AssetCheckResult:
+    from constellation_assets.io.uri import uri_exists
+    from constellation_assets.sim.bank import load_cosmos_bank
 
-    problems = []
-    if table.num_rows != n_expected:
-        problems.append(f"{table.num_rows} rows, {n_expected} tasks planned")
-    if "task_id" in table.column_names and len(set(table.column("task_id").to_pylist())) != table.num_rows:
-        problems.append("duplicate task_id")
-    for band, arr in images.items():
-        bad = int(np.sum(~np.isfinite(arr)))
-        if bad:
-            problems.append(f"{bad} non-finite pixels in band {band}")
-    if "cosmos_index" in table.column_names:
-        n_null = table.column("cosmos_index").null_count
-        if cfg.injection.source_mode == "cosmos" and n_null:
-            problems.append(f"{n_null} rows without cosmos_index in cosmos mode")
-        if cfg.injection.source_mode == "sersic" and n_null != table.num_rows:
-            problems.append("cosmos_index set in sersic mode")
-    return dg.AssetCheckResult(
-        asset_key="lens_injections",
-        check_name="stamps_valid",
-        passed=not problems,
-        description="; ".join(problems) or f"{table.num_rows} stamps valid ({split} shard {shard})",
-        metadata={"rows": table.num_rows, "bands": sorted(images)},
-    )
+    cfg = pipeline_config.load()
+    uri = bank_uri(cfg)
+    so = cfg.storage_options(uri)
+    if not uri_exists(uri, so):
+        return dg.AssetCheckResult(
+            passed=False, description=f"no COSMOS bank at {uri}; materialize cosmos_bank first"
+        )
+    return to_check_result("cosmos_bank", "bank_valid", bank_outcome(load_cosmos_bank(uri, so)))
 
 
 @dg.asset(
@@ -233,49 +190,73 @@ def stamps_check(
     group_name=SIM_GROUP,
     owners=OWNERS,
     kinds={"pytorch", "parquet", "iceberg"},
-    check_specs=INJECTION_CHECKS,
     description="Gen5-style SIE + external-shear lensed arcs (Sersic or COSMOS sources) injected into host "
     "cutouts from the tiles; one Parquet stamp shard per partition '{split}/{shard}', registered in the "
     "Iceberg table sim.injections. Deterministic from seed_base, split_seed and task ids.",
 )
 def lens_injections(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult]:
     from constellation_assets.sim.injection import (
         _parse_partition,
         discover_hosts,
-        plan_tasks,
         read_stamps,
         run_injection,
         shard_uri,
     )
 
     cfg = pipeline_config.load()
-    split, shard = _parse_partition(context.partition_key)
+    keys = list(context.partition_keys)
     timer = Timer()
     with timer.phase("hosts"):
         hosts = discover_hosts(cfg)
     with timer.phase("inject"):
-        res = run_injection(cfg, partitions=[context.partition_key], hosts=hosts)
-    uri = shard_uri(cfg, split, shard)
-    so = cfg.storage_options(uri)
+        res = run_injection(cfg, partitions=keys, hosts=hosts)
     with timer.phase("read_back"):
-        table, images = read_stamps(uri, so)
-        n_expected = sum(1 for t in plan_tasks(cfg, hosts) if (t.split, t.shard) == (split, shard))
-    md = {
-        **provenance_metadata(cfg, cfg.injection.stage_dir, extra={"split": split, "shard": shard}),
-        **table_metadata(table.num_rows, table.schema),
-        **timer.metadata(),
-        "uri": dg.MetadataValue.path(uri),
-        "config_hash": dg.MetadataValue.text(res.config_hash),
-        "run_complete": dg.MetadataValue.bool(res.complete),
-        "run_config_uri": dg.MetadataValue.text(str(res.run_config_uri or "")),
-        "n_registered": dg.MetadataValue.int(res.n_registered),
-    }
-    band = next(iter(images), None)
-    if band is not None and len(images[band]):
-        md["stamp_mosaic"] = png_markdown(
-            mosaic_png(images[band][:36], f"{split}/{shard:05d} {band}"), f"injected stamps ({band})"
-        )
-    yield dg.MaterializeResult(metadata=md)
-    yield stamps_check(cfg, split, shard, uri, n_expected, table, images)
+        for key in keys:
+            split, shard = _parse_partition(key)
+            uri = shard_uri(cfg, split, shard)
+            table, images = read_stamps(uri, cfg.storage_options(uri))
+            md = {
+                **table_metadata(table.num_rows, table.schema),
+                "split": dg.MetadataValue.text(split),
+                "shard": dg.MetadataValue.int(shard),
+                "uri": dg.MetadataValue.path(uri),
+            }
+            band = next(iter(images), None)
+            if band is not None and len(images[band]):
+                png = mosaic_png(images[band][:36], f"{split}/{shard:05d} {band}")
+                md.update(
+                    plot_metadata(
+                        cfg,
+                        "stamp_mosaic",
+                        png,
+                        f"injected stamps ({band})",
+                        stage="injections",
+                        name=f"{split}_{shard:05d}",
+                    )
+                )
+            context.add_asset_metadata(md, partition_key=key)
+    yield dg.MaterializeResult(
+        metadata={
+            **provenance_metadata(cfg, cfg.injection.stage_dir, extra={"partitions": keys}),
+            **timer.metadata(),
+            "config_hash": dg.MetadataValue.text(res.config_hash),
+            "run_complete": dg.MetadataValue.bool(res.complete),
+            "run_config_uri": dg.MetadataValue.text(str(res.run_config_uri or "")),
+            "n_registered": dg.MetadataValue.int(res.n_registered),
+        }
+    )
+
+
+@dg.multi_asset_check(
+    specs=INJECTION_CHECKS,
+    name="lens_injection_checks",
+    can_subset=True,
+    description="Checks of each stored stamp shard against the tasks the config plans (per shard partition).",
+)
+def lens_injection_checks(
+    context: dg.AssetCheckExecutionContext, pipeline_config: ConstellationConfigResource
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    keys = list(context.op_execution_context.partition_keys)
+    yield from evaluations(context, INJECTION_CHECKS, injection_shard_outcomes(pipeline_config.load(), keys))

@@ -1,30 +1,41 @@
 """Tile preparation assets (per MER tile partition): sources, quadrants and the sub-tile manifests.
 
-One domain call (``constellation_assets.prepare.prepare_tile``) produces all three, so they are one
-multi-asset step: the manifests are only ever written together with the source and quadrant tables
-they were derived from. Checks run in the same step on the files just written.
+One domain call (``constellation_assets.prepare.prepare``, the stage ``constellation prepare`` runs) produces
+all three for the tiles of the run, so they are one multi-asset step: the manifests are only ever written
+together with the source and quadrant tables they were derived from. The checks (``prepare_tile_checks``)
+read the stored files back, per tile partition, right after the step and whenever re-executed from the UI.
 """
 
 from collections.abc import Iterator
 
 import dagster as dg
 
-from constellation_assets.defs.checks import check_specs, results_for
-from constellation_assets.defs.metadata import Timer, png_markdown, provenance_metadata, table_metadata
+from constellation_assets.defs.checks import check_specs, tile_checks
+from constellation_assets.defs.metadata import Timer, plot_metadata, provenance_metadata, table_metadata
 from constellation_assets.defs.partitions import mer_tile_partitions
 from constellation_assets.defs.resources import ConstellationConfigResource
+from constellation_assets.quality.tiles import prepared_tile_outcomes
 
-#: Tiles per run in a backfill (BackfillPolicy.multi_run): 60,000 tiles -> 2,400 runs.
+#: Tiles per run in a backfill (BackfillPolicy.multi_run): 60,000 tiles -> 2,400 runs. Every tile asset
+#: iterates ``context.partition_keys`` and reports metadata and check results per tile partition.
 TILE_BACKFILL_BATCH = 25
 TILE_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=TILE_BACKFILL_BATCH)
 
 TILES_GROUP = "tiles"
 OWNERS = ["team:shear-platform"]
 
+#: How a newcomer gets the first tiles through (shown on the tile assets in the UI).
+FIRST_RUN = (
+    "First run: the tiles appear as mer_tile partitions once mer_tile_discovery_sensor has ticked (on by "
+    "default locally; or run register_partitions_job). Then open the asset graph, click 'Materialize all' and "
+    "pick all partitions: synthetic_field runs first, then tiles in batches of 25 per run."
+)
+
 SOURCES_CHECKS = check_specs(
     "tile_sources",
     ["unique_object_id", "sources_in_core", "shear_grade"],
     blocking=["unique_object_id", "sources_in_core"],
+    partitions_def=mer_tile_partitions,
     descriptions={
         "unique_object_id": "No OBJECT_ID twice in the tile's source table (catalog overlaps deduplicated).",
         "sources_in_core": "Rows flagged OWNED & IN_CORE lie in the core of their sub-tile (geometry recomputed).",
@@ -35,95 +46,19 @@ QUADRANT_CHECKS = check_specs(
     "tile_quadrants",
     ["quadrants_found"],
     blocking=["quadrants_found"],
+    partitions_def=mer_tile_partitions,
     descriptions={"quadrants_found": "At least one VIS quadrant overlaps the tile's extended area."},
 )
 MANIFEST_CHECKS = check_specs(
     "subtile_manifests",
     ["manifest_count", "core_membership"],
     blocking=["manifest_count", "core_membership"],
+    partitions_def=mer_tile_partitions,
     descriptions={
         "manifest_count": "One manifest per sub-tile (rows x cols of the grid, 16 by default).",
         "core_membership": "Every owned core source of the tile is in exactly one sub-tile manifest's core list.",
     },
 )
-
-
-def tile_outcomes(cfg, result) -> list:
-    """Quality outcomes (``constellation_assets.quality.CheckOutcome``) for one prepared tile."""
-    import numpy as np
-    import polars as pl
-    import pyarrow.parquet as pq
-
-    from constellation_assets.io.mer_catalog import shear_selection
-    from constellation_assets.io.uri import open_uri
-    from constellation_assets.prepare import load_manifest
-    from constellation_assets.quality import (
-        CheckOutcome,
-        Tiling,
-        check_sources_in_core,
-        check_unique_object_ids,
-    )
-
-    with open_uri(result.sources_uri, "rb", cfg.storage_options(result.sources_uri)) as fh:
-        table = pq.read_table(fh)
-    sources = pl.from_arrow(table)
-    core = sources.filter(pl.col("OWNED") & pl.col("IN_CORE")).rename(
-        {"RIGHT_ASCENSION": "RA", "DECLINATION": "DEC"}
-    )
-    out = [check_unique_object_ids(sources), check_sources_in_core(core, Tiling.from_config(cfg))]
-    passing = np.asarray(shear_selection(table, cfg.shear.snr_min), dtype=bool)
-    out.append(
-        CheckOutcome(
-            "shear_grade",
-            bool(passing.all()),
-            "error",
-            f"{int((~passing).sum())} of {len(passing)} rows fail the shear-grade selection",
-            {"n_rows": len(passing), "n_failing": int((~passing).sum())},
-        )
-    )
-    out.append(
-        CheckOutcome(
-            "quadrants_found",
-            result.n_quadrants > 0,
-            "error",
-            f"{result.n_quadrants} quadrant(s) overlap the extended area"
-            if result.n_quadrants
-            else f"no VIS quadrant overlaps tile {result.tile_id}; check data.vis_base_uri",
-            {"n_quadrants": result.n_quadrants},
-        )
-    )
-    n_expected = int(result.grid[0]) * int(result.grid[1])
-    out.append(
-        CheckOutcome(
-            "manifest_count",
-            len(result.manifest_uris) == n_expected,
-            "error",
-            f"{len(result.manifest_uris)} manifests, {n_expected} sub-tiles",
-            {"n_manifests": len(result.manifest_uris), "n_expected": n_expected},
-        )
-    )
-    ids = []
-    for uri in result.manifest_uris:
-        m = load_manifest(uri, cfg.storage_options(uri), cfg=cfg)
-        ids += [int(i) for i in m["core_source_ids"]]
-    listed = pl.DataFrame({"OBJECT_ID": pl.Series(ids, dtype=pl.Int64)})
-    dup = check_unique_object_ids(listed)
-    want = set(core["OBJECT_ID"].to_list())
-    missing, extra = want - set(ids), set(ids) - want
-    ok = dup.passed and not missing and not extra
-    out.append(
-        CheckOutcome(
-            "core_membership",
-            ok,
-            "error",
-            f"{len(ids)} core sources in {len(result.manifest_uris)} manifests, each exactly once"
-            if ok
-            else f"{dup.metadata.get('n_duplicated', 0)} in several cores, {len(missing)} in none, "
-            f"{len(extra)} not owned core sources",
-            {"n_listed": len(ids), "n_core": len(want), "n_missing": len(missing), "n_extra": len(extra)},
-        )
-    )
-    return out
 
 
 def _psf_preview(cfg, quadrants_uri: str):
@@ -152,64 +87,89 @@ def _psf_preview(cfg, quadrants_uri: str):
     return psf_grid_png(img, f"PSF grid {ext}")
 
 
-@dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            "tile_sources",
-            description="MER final catalog of the tile (+ neighbours inside its extended area) -> shear-grade "
-            "selection (S/N >= 10, VIS_DET, spurious/point-like/quality flags) -> sub-tile assignment "
-            "(SUBTILE_ROW/COL, OWNED, IN_CORE). Parquet, one file per tile.",
-            group_name=TILES_GROUP,
-            owners=OWNERS,
-            kinds={"python", "parquet", "polars"},
-        ),
-        dg.AssetSpec(
-            "tile_quadrants",
-            description="VIS DET/BKG/WGT quadrants and PSF files whose footprint (quadrant WCS) overlaps the "
-            "tile's extended area (32'), with HDU byte offsets, from the cached quadrant index. Parquet.",
-            group_name=TILES_GROUP,
-            owners=OWNERS,
-            kinds={"python", "parquet", "s3"},
-        ),
-        dg.AssetSpec(
-            "subtile_manifests",
-            description="One manifest YAML per sub-tile (4x4 grid, 8' cores + 1' margins): sky bounds, "
-            "quadrant paths, source ids and core source ids; the input of shear inference.",
-            group_name=TILES_GROUP,
-            owners=OWNERS,
-            kinds={"python", "yaml"},
-            deps=["tile_sources", "tile_quadrants"],
-        ),
-    ],
-    check_specs=[*SOURCES_CHECKS, *QUADRANT_CHECKS, *MANIFEST_CHECKS],
-    partitions_def=mer_tile_partitions,
-    backfill_policy=TILE_BACKFILL_POLICY,
-    can_subset=False,
-    name="prepare_tile",
-)
-def prepare_tile_assets(
-    context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    from constellation_assets.prepare import prepare_tile
+def build_prepare_tile_assets(field_upstream: bool = True) -> dg.AssetsDefinition:
+    """The prepare multi-asset; ``field_upstream`` puts synthetic_field upstream of the tile assets (the local
+    demo, where it writes their input data), so "Materialize all" and backfills order it first."""
+    field_dep = ["synthetic_field"] if field_upstream else []
+    where = (
+        "Local demo: its input is the synthetic_field asset (upstream). "
+        if field_upstream
+        else "Input: Euclid Q1 data under data.vis_base_uri / data.catalog_base_uri. "
+    )
 
-    cfg = pipeline_config.load()
-    tile_id = int(context.partition_key)
-    timer = Timer()
-    with timer.phase("prepare"):
-        result = prepare_tile(cfg, tile_id)
-    with timer.phase("checks"):
-        outcomes = tile_outcomes(cfg, result)
-    prov = provenance_metadata(cfg, "prepare", extra={"tile_id": tile_id})
+    @dg.multi_asset(
+        specs=[
+            dg.AssetSpec(
+                "tile_sources",
+                description="MER final catalog of the tile (+ neighbours inside its extended area) -> "
+                "shear-grade selection (S/N >= 10, VIS_DET, spurious/point-like/quality flags) -> sub-tile "
+                "assignment (SUBTILE_ROW/COL, OWNED, IN_CORE). Parquet, one file per tile. "
+                + where
+                + FIRST_RUN,
+                group_name=TILES_GROUP,
+                owners=OWNERS,
+                kinds={"python", "parquet", "polars"},
+                deps=field_dep,
+            ),
+            dg.AssetSpec(
+                "tile_quadrants",
+                description="VIS DET/BKG/WGT quadrants and PSF files whose footprint (quadrant WCS) overlaps "
+                "the tile's extended area (32'), with HDU byte offsets, from the cached quadrant index. "
+                "Parquet; the PSF grid of the first quadrant is shown in the materialization.",
+                group_name=TILES_GROUP,
+                owners=OWNERS,
+                kinds={"python", "parquet", "s3"},
+                deps=field_dep,
+            ),
+            dg.AssetSpec(
+                "subtile_manifests",
+                description="One manifest YAML per sub-tile (4x4 grid, 8' cores + 1' margins): sky bounds, "
+                "quadrant paths, source ids and core source ids; the input of shear inference.",
+                group_name=TILES_GROUP,
+                owners=OWNERS,
+                kinds={"python", "yaml"},
+                deps=["tile_sources", "tile_quadrants"],
+            ),
+        ],
+        partitions_def=mer_tile_partitions,
+        backfill_policy=TILE_BACKFILL_POLICY,
+        can_subset=False,
+        name="prepare_tile",
+    )
+    def prepare_tile_assets(
+        context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
+    ) -> Iterator[dg.MaterializeResult]:
+        from constellation_assets.prepare import prepare
+
+        cfg = pipeline_config.load()
+        tile_ids = [int(k) for k in context.partition_keys]
+        timer = Timer()
+        with timer.phase("prepare"):
+            results = prepare(cfg, tile_ids, progress=False)  # also writes the stage's run_config record
+        for result in results:
+            _report_tile(context, cfg, result)
+        batch = {
+            **provenance_metadata(cfg, "prepare", extra={"tiles": tile_ids}),
+            **timer.metadata(),
+            "run_tiles": dg.MetadataValue.json([str(t) for t in tile_ids]),
+        }
+        for key in ("tile_sources", "tile_quadrants", "subtile_manifests"):
+            yield dg.MaterializeResult(asset_key=key, metadata=batch)
+
+    return prepare_tile_assets
+
+
+def _report_tile(context: dg.AssetExecutionContext, cfg, result) -> None:
+    """Per-partition metadata of one prepared tile (shown on that tile's materialization)."""
+    key = str(result.tile_id)
     common = {
-        **prov,
-        **timer.metadata(),
-        "tile_id": dg.MetadataValue.int(tile_id),
+        "tile_id": dg.MetadataValue.int(int(result.tile_id)),
         "inputs_hash": dg.MetadataValue.text(result.inputs_hash),
         "up_to_date_skipped": dg.MetadataValue.bool(bool(result.skipped)),
+        "tile_seconds": dg.MetadataValue.float(round(float(result.seconds), 3)),
     }
-    yield dg.MaterializeResult(
-        asset_key="tile_sources",
-        metadata={
+    context.add_asset_metadata(
+        {
             **common,
             **table_metadata(result.n_sources, result.sources_schema),
             "uri": dg.MetadataValue.path(result.sources_uri),
@@ -217,6 +177,8 @@ def prepare_tile_assets(
             "n_catalog_rows": dg.MetadataValue.int(result.n_catalog_rows),
             "catalog_uri": dg.MetadataValue.path(result.catalog_uri),
         },
+        asset_key="tile_sources",
+        partition_key=key,
     )
     quad_md = {
         **common,
@@ -225,21 +187,38 @@ def prepare_tile_assets(
     }
     try:
         png = _psf_preview(cfg, result.quadrants_uri)
-    except Exception as exc:  # a preview must never fail the tile; say why it is missing
-        context.log.warning(f"PSF preview skipped: {exc}")
+    except (OSError, ValueError, KeyError, IndexError) as exc:  # a preview never fails the tile; say why
+        context.log.warning(f"tile {key}: PSF preview skipped: {exc}")
         png = None
     if png is not None:
-        quad_md["psf_grid"] = png_markdown(png, "PSF model grid of the first overlapping quadrant")
-    yield dg.MaterializeResult(asset_key="tile_quadrants", metadata=quad_md)
-    yield dg.MaterializeResult(
-        asset_key="subtile_manifests",
-        metadata={
+        quad_md.update(
+            plot_metadata(
+                cfg,
+                "psf_grid",
+                png,
+                f"tile {key}: PSF model grid of the first overlapping quadrant",
+                stage="prepare",
+                name=key,
+            )
+        )
+    context.add_asset_metadata(quad_md, asset_key="tile_quadrants", partition_key=key)
+    context.add_asset_metadata(
+        {
             **common,
             "dagster/row_count": dg.MetadataValue.int(len(result.manifest_uris)),
             "grid": dg.MetadataValue.json(list(result.grid)),
             "manifest_uris": dg.MetadataValue.json(list(result.manifest_uris)),
         },
+        asset_key="subtile_manifests",
+        partition_key=key,
     )
-    yield from results_for("tile_sources", SOURCES_CHECKS, outcomes)
-    yield from results_for("tile_quadrants", QUADRANT_CHECKS, outcomes)
-    yield from results_for("subtile_manifests", MANIFEST_CHECKS, outcomes)
+
+
+prepare_tile_assets = build_prepare_tile_assets(field_upstream=True)
+
+prepare_tile_checks = tile_checks(
+    "prepare_tile_checks",
+    [*SOURCES_CHECKS, *QUADRANT_CHECKS, *MANIFEST_CHECKS],
+    prepared_tile_outcomes,
+    "Checks of each prepared tile, read back from the stored files (per tile partition).",
+)

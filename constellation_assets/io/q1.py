@@ -1401,3 +1401,45 @@ def read_mosaic_cutout(
     if bscale != 1.0 or bzero != 0.0:
         data = (data * bscale + bzero).astype(np.float32)
     return MosaicCutout(np.ascontiguousarray(data, dtype=np.float32), x0_pix, y0_pix, len(raw))
+
+
+# ------------------------------------------------------------------------------------------- tile discovery
+
+
+def discover_tile_ids(cfg) -> list[str]:
+    """MER tiles to process, as partition keys (9-digit strings), in order.
+
+    - the config's ``tile_ids`` when given;
+    - else the ``{tile_id}/`` folders under the MER catalog prefix (``data.catalog_base_uri``, local or s3://);
+    - else, when that prefix does not exist yet or holds no tile folder ("no data yet"): the tiles of the
+      synthetic field the config declares explicitly (``field.tile_ids`` set in the file: the local demo,
+      whose data the synthetic_field asset writes), otherwise none.
+
+    Any other listing failure (access denied, missing credentials, unreachable endpoint) raises
+    :class:`~constellation_assets.io.uri.DataAccessError` naming the prefix: a listing that failed must never
+    look like an empty survey or register some other tiles.
+    """
+    import re as _re
+
+    from constellation_assets.io.uri import DataAccessError as _AccessError
+    from constellation_assets.io.uri import list_uri as _list_uri
+
+    if cfg.tile_ids:
+        return [str(int(t)) for t in cfg.tile_ids]
+    base = str(cfg.data.catalog_base_uri)
+    try:
+        entries = _list_uri(base, storage_options=cfg.storage_options(base))
+    except _AccessError as exc:
+        raise _AccessError(
+            base,
+            f"Cannot list the MER catalog prefix to discover tiles: {exc.problem}",
+            "check the credentials and s3:ListBucket permission for this prefix (data.s3 / AWS_* env vars), "
+            "or list the tiles explicitly in the config (tile_ids)",
+        ) from exc
+    tile_dir = _re.compile(r"(?:^|/)(\d{9})/?$")  # a MER tile id is 9 digits
+    found = sorted({m.group(1) for e in entries if (m := tile_dir.search(str(e).rstrip("/")))})
+    if found:
+        return found
+    if "tile_ids" in cfg.field.model_fields_set:
+        return [str(int(t)) for t in cfg.field.tile_ids]
+    return []

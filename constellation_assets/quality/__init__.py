@@ -28,9 +28,22 @@ from constellation_assets.quality.run import (
     run_checks,
     run_result_checks,
 )
+from constellation_assets.quality.simulations import bank_outcome, stamps_outcome
+from constellation_assets.quality.tiles import (
+    prepared_tile_outcomes,
+    shear_catalog_outcomes,
+    shear_measurement_outcomes,
+    tile_result_uris,
+)
 
 __all__ = [
     "CheckOutcome",
+    "bank_outcome",
+    "prepared_tile_outcomes",
+    "shear_catalog_outcomes",
+    "shear_measurement_outcomes",
+    "stamps_outcome",
+    "tile_result_uris",
     "Tiling",
     "all_passed",
     "catalog_frames",

@@ -33,6 +33,24 @@ from constellation_assets.quality.checks import (
 
 TRUTH_COLUMNS = ("TILE_ID", "G1_TRUE", "G2_TRUE")
 
+#: The outcomes of :func:`run_catalog_checks`, in order (the shear_catalog asset checks).
+CATALOG_CHECK_NAMES = (
+    "schema_sources",
+    "schema_subtiles",
+    "subtile_row_count",
+    "unique_subtiles",
+    "unique_object_id",
+    "sources_in_core",
+    "finite_shear",
+    "shear_below_one",
+    "positive_errors",
+    "positive_responses",
+    "run_consistency",
+    "shear_vs_truth",
+)
+#: The outcomes of :func:`measurement_checks` (the shear_measurements asset checks).
+MEASUREMENT_CHECK_NAMES = ("results_complete", "finite_shear", "positive_responses")
+
 
 def load_truth(truth: Any, storage_options: dict | None = None) -> pl.DataFrame | None:
     """A truth table (TILE_ID, G1_TRUE, G2_TRUE) from a frame, pyarrow table, or Parquet/CSV/JSON URI."""

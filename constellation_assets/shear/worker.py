@@ -94,6 +94,11 @@ def run_manifests(
     return results, failures
 
 
+def infer_record_extra(results: list) -> dict[str, Any]:
+    """What the infer stage's run_config record lists: the tiles and the number of sub-tile results."""
+    return {"tiles": sorted({int(r.tile_id) for r in results}), "n_results": len(results)}
+
+
 def summarize_results(results: list, failures: list[tuple[str, str]], seconds: float) -> dict[str, Any]:
     """Totals over sub-tiles (the materialization metadata)."""
     import math
@@ -190,6 +195,10 @@ def _run(args: argparse.Namespace, extras: Mapping[str, Any], pipes=None) -> int
     results, failures = run_manifests(
         cfg, manifests, None, None, force=force, run_id=run_id, on_result=on_result
     )
+    if not failures:  # the infer stage's run_config record, after every sub-tile result
+        from constellation_assets.provenance import write_stage_record
+
+        write_stage_record(cfg, "infer", infer_record_extra(results))
     totals = summarize_results(results, failures, time.perf_counter() - t0)
     log.info("shear worker done: %s", json.dumps(totals))
     if pipes is not None:
