@@ -299,7 +299,9 @@ def write_q1_exposure(
         bh.remove("EXPTIME", ignore_missing=True)
         bh["EXTNAME"] = det_id
         bkg_hdus.append(fits.ImageHDU(np.asarray(bkg, np.float32), bh))
-        wgt_hdus.append(fits.ImageHDU((1.0 / np.square(rms)).astype(np.float32), fits.Header({"EXTNAME": det_id})))
+        wgt_hdus.append(
+            fits.ImageHDU((1.0 / np.square(rms)).astype(np.float32), fits.Header({"EXTNAME": det_id}))
+        )
     for kind, hdus in (("DET", det_hdus), ("BKG", bkg_hdus), ("WGT", wgt_hdus)):
         fits.HDUList(hdus).writeto(paths[kind], overwrite=True)
     return paths
@@ -325,4 +327,10 @@ def flat_quadrant(det_index: int, nx=40, ny=42, sky=12.0):
     h["MAGZEROP"] = "24.56605"
     h["GAIN"] = 3.48
     sci = np.full((ny, nx), sky, np.float32)
-    return sci, np.ones((ny, nx), np.float32), np.zeros((ny, nx), np.int32), np.full((ny, nx), sky, np.float32), h
+    return (
+        sci,
+        np.ones((ny, nx), np.float32),
+        np.zeros((ny, nx), np.int32),
+        np.full((ny, nx), sky, np.float32),
+        h,
+    )
