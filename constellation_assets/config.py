@@ -19,6 +19,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -399,7 +400,19 @@ class InjectionConfig(_Section):
     psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": 0.17})
     pixel_scale_arcsec: float = Field(0.1, gt=0.0)
     force: bool = False
-    # Injection physics and host selection (helper H8). Ranges are [min, max] of uniform draws per task.
+    lease_timeout_s: float = Field(
+        900.0,
+        gt=0.0,
+        description="a run's lease on its output location is stale (taken over) when not renewed for this long",
+    )
+    lease_wait_s: float = Field(
+        0.0, ge=0.0, description="how long a second run waits for the lease of a running one (0: refuse at once)"
+    )
+    exclude_damaged_frames: bool = Field(
+        False,
+        description="skip VIS frames that cannot be read (recorded in the run record) instead of failing the run",
+    )
+    # Injection physics and host selection. Ranges are [min, max] of uniform draws per task.
     split_fractions: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
         description="fraction of hosts in each split (hash of split_seed and the host id)",
@@ -440,6 +453,17 @@ class InjectionConfig(_Section):
     def _range(cls, v: tuple[float, float], info) -> tuple[float, float]:
         if not v[0] <= v[1]:
             raise ValueError(f"{info.field_name} must be [min, max] with min <= max, got {list(v)}")
+        return v
+
+    @field_validator("stage", "variant", "experiment_id")
+    @classmethod
+    def _path_segment(cls, v: str, info) -> str:
+        # These name folders and files of the output: one safe path segment each.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", str(v)) or ".." in str(v):
+            raise ValueError(
+                f"{info.field_name} {v!r} must be one path segment of letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit, no '..', at most 128 characters), e.g. v5_cosmos_source"
+            )
         return v
 
     @field_validator("split_fractions")

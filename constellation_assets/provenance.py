@@ -51,6 +51,8 @@ NON_DETERMINING_KEYS = frozenset(
         "output_uri",
         "force",
         "cosmos_bank_h5",  # the bank's content hash is recorded instead when it is used
+        "lease_timeout_s",  # how concurrent runs are kept apart, not what they produce
+        "lease_wait_s",
     }
 )
 
