@@ -48,7 +48,7 @@ def _bytes(uris):
 
 def write_test_bank(path: Path, n: int = 50, seed: int = 3) -> Path:
     """A small bank with every dataset the bank loader requires (single-Sersic and bulge + disk rows)."""
-    from constellation_assets.sim.bank import REQUIRED_DATASETS
+    from constellation_assets.sim.bank import REQUIRED_DATASETS, content_sha256
 
     rng = np.random.default_rng(seed)
     d = {
@@ -76,7 +76,7 @@ def write_test_bank(path: Path, n: int = 50, seed: int = 3) -> Path:
     with h5py.File(path, "w") as f:
         for k, v in d.items():
             f.create_dataset(k, data=v)
-        f.attrs["content_sha256"] = hashlib.sha256(b"".join(v.tobytes() for v in d.values())).hexdigest()
+        f.attrs["content_sha256"] = content_sha256(d)
         f.attrs["n_sources"] = n
     return path
 

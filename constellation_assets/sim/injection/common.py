@@ -116,6 +116,8 @@ class HostSet:
     problems: list[str] = field(default_factory=list)
     #: MER-mosaic hosts only: (frame_uri, hdu) -> {band: io.q1.MosaicInfo}
     mosaics: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: frames left out under ``injection.exclude_damaged_frames``: uri -> why it could not be read
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def digest(self) -> str:
         blob = "\n".join(

@@ -7,21 +7,19 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from constellation_assets.io.uri import (
-    atomic_output,
-    get_fs,
-    read_bytes,
-)
+from constellation_assets.io.uri import DataAccessError, atomic_output, read_bytes
 from constellation_assets.sim.injection.common import (
     IMAGE_ENCODING,
     INJECTION_CODE_VERSION,
     TABLE_IDENTIFIER,
+    InjectionError,
     _mer_mode,
 )
 from constellation_assets.sim.injection.render import RenderedTask
@@ -173,25 +171,98 @@ def _shard_metadata(cfg, h: str) -> dict[bytes, bytes]:
     }
 
 
-def _write_shard(uri: str, table, meta: dict, storage_options: dict | None) -> str:
+def shard_bytes(table, meta: dict) -> bytes:
+    """The Parquet bytes of a shard (zstd, no dictionary, statistics): the same bytes for the same table."""
     import pyarrow.parquet as pq
 
-    table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(
+        table.replace_schema_metadata(meta),
+        buf,
+        compression="zstd",
+        use_dictionary=False,
+        write_statistics=True,
+    )
+    return buf.getvalue()
+
+
+def _write_shard(uri: str, table, meta: dict, storage_options: dict | None) -> str:
+    """Write a shard atomically; returns the sha256 of the bytes written."""
+    data = shard_bytes(table, meta)
+    write_shard_bytes(uri, data, storage_options)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_shard_bytes(uri: str, data: bytes, storage_options: dict | None) -> None:
     with atomic_output(uri, storage_options) as tmp:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=True)
-        with open(tmp, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-    return digest
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise output_error(exc, uri) from exc
+
+
+def output_error(exc: OSError, uri: str) -> InjectionError:
+    """An OSError while writing an output as one clear message (disk full, read-only, permissions)."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        what = "the disk is full"
+        fix = "free space there or choose another --output (preflight estimates the size of a run)"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "the location is not writable"
+        fix = "choose a writable --output (or fix its permissions)"
+    else:
+        what = f"{exc.strerror or exc}"
+        fix = "check the output location and re-run (completed shards are kept)"
+    return InjectionError(f"cannot write {uri}: {what} ({type(exc).__name__}). What to do: {fix}")
+
+
+@dataclass
+class ShardCheck:
+    """What an existing shard holds (from its bytes): ``problem`` is None when it is a readable, whole shard."""
+
+    uri: str
+    sha256: str | None
+    config_hash: str | None
+    n_rows: int
+    task_ids: list[str]
+    problem: str | None = None
+
+
+def inspect_shard(uri: str, storage_options: dict | None, data: bytes | None = None) -> ShardCheck:
+    """Read an existing shard completely (footer, every page) and report what it holds or why it is damaged."""
+    import pyarrow.parquet as pq
+
+    try:
+        data = data if data is not None else read_bytes(uri, storage_options)
+    except DataAccessError as exc:
+        return ShardCheck(uri, None, None, 0, [], f"cannot be read ({exc.problem})")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        pf = pq.ParquetFile(io.BytesIO(data))
+        meta = pf.schema_arrow.metadata or {}
+        table = pf.read()  # every page: a truncated or damaged file fails here
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged shard
+        return ShardCheck(
+            uri,
+            sha,
+            None,
+            0,
+            [],
+            f"is not a readable Parquet shard ({type(exc).__name__}: {exc}; {len(data)} bytes)",
+        )
+    h = meta.get(b"constellation.config_hash")
+    return ShardCheck(
+        uri, sha, h.decode() if h else None, table.num_rows, table.column("task_id").to_pylist()
+    )
 
 
 def _shard_hash(uri: str, storage_options: dict | None) -> str | None:
-    import pyarrow.parquet as pq
-
-    fs, path = get_fs(uri, storage_options)
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-    v = meta.get(b"constellation.config_hash")
-    return v.decode() if v else None
+    """The config hash in a shard's footer (None when it has none)."""
+    return inspect_shard(uri, storage_options).config_hash
 
 
 def decode_image(value: bytes, stamp_size_pix: int) -> np.ndarray:
@@ -218,14 +289,18 @@ def read_stamps(uri: str, storage_options: dict | None = None, bands: Sequence[s
     return table.drop_columns(img_cols), images
 
 
-def _metadata_only(cfg, uri: str, table, storage_options: dict | None):
+def _metadata_only(cfg, uri: str, table, storage_options: dict | None, sha256: str | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if table is None:
-        pf = pq.ParquetFile(io.BytesIO(read_bytes(uri, storage_options)))
+    if table is None or sha256 is None:
+        data = read_bytes(uri, storage_options)
+        sha256 = hashlib.sha256(data).hexdigest()
+        pf = pq.ParquetFile(io.BytesIO(data))
         table = pf.read(columns=[c for c in pf.schema_arrow.names if not c.startswith("image_")])
+        chash = (pf.schema_arrow.metadata or {}).get(b"constellation.config_hash", b"").decode() or None
     else:
+        chash = (table.schema.metadata or {}).get(b"constellation.config_hash", b"").decode() or None
         table = table.drop_columns([c for c in table.column_names if c.startswith("image_")])
     n = table.num_rows
     table = table.replace_schema_metadata(None)
@@ -236,37 +311,53 @@ def _metadata_only(cfg, uri: str, table, storage_options: dict | None):
     table = table.append_column("shard_key", pa.array(keys, pa.string()))
     table = table.append_column("shard_uri", pa.array([uri] * n, pa.string()))
     table = table.append_column("row_in_shard", pa.array(np.arange(n, dtype=np.int32)))
-    return table.append_column("run_output_uri", pa.array([cfg.injection_output] * n, pa.string()))
+    table = table.append_column("run_output_uri", pa.array([cfg.injection_output] * n, pa.string()))
+    table = table.append_column("config_hash", pa.array([chash] * n, pa.string()))
+    return table.append_column("shard_sha256", pa.array([sha256] * n, pa.string()))
 
 
-def register_shards(cfg, shards: Sequence[tuple[str, str, Any]], storage_options: dict | None = None) -> int:
+def _run_filter(cfg):
+    from pyiceberg.expressions import And, EqualTo
+
+    inj = cfg.injection
+    return And(
+        And(EqualTo("run_output_uri", cfg.injection_output), EqualTo("stage", inj.stage)),
+        And(EqualTo("variant", inj.variant), EqualTo("experiment_id", inj.experiment_id)),
+    )
+
+
+def register_shards(
+    cfg, shards: Sequence[tuple], storage_options: dict | None = None, *, replace_run: bool = False
+) -> int:
     """Replace the rows of these shards in the Iceberg table ``sim.injections``, in one commit.
 
-    ``shards``: ``(shard_key "split/00003", shard uri, pyarrow table or None to read it back)``. Rows hold every
-    column but the images, plus ``shard_key``, ``shard_uri``, ``row_in_shard`` and ``run_output_uri``.
+    ``shards``: ``(shard_key "split/00003", shard uri, pyarrow table or None to read it back[, sha256])``. Rows
+    hold every column but the images, plus ``shard_key``, ``shard_uri``, ``row_in_shard``, ``run_output_uri``,
+    ``config_hash`` (from the shard's footer) and ``shard_sha256`` (of the file's bytes).
+    ``replace_run``: the commit replaces every row of the run (not only these shards), so rows of shards that
+    are no longer part of it (``--force`` with fewer partitions) disappear in the same commit.
     """
     import warnings
 
     import pyarrow as pa
-    from pyiceberg.expressions import And, EqualTo, In
+    from pyiceberg.expressions import And, In
 
     from constellation_assets.catalog.tables import open_catalog
 
     if not shards:
         return 0
-    table = pa.concat_tables([_metadata_only(cfg, uri, t, storage_options) for _, uri, t in shards])
+    parts = []
+    for sh in shards:
+        _, uri, t, *rest = sh
+        parts.append(_metadata_only(cfg, uri, t, storage_options, rest[0] if rest else None))
+    table = pa.concat_tables(parts)
     catalog = open_catalog(cfg)
     with contextlib.suppress(Exception):  # racing creators: the namespace exists
         catalog.create_namespace_if_not_exists(TABLE_IDENTIFIER[0])
     _load_or_create_table(catalog, table.schema)
-    inj = cfg.injection
-    flt = And(
-        And(EqualTo("run_output_uri", cfg.injection_output), EqualTo("stage", inj.stage)),
-        And(
-            And(EqualTo("variant", inj.variant), EqualTo("experiment_id", inj.experiment_id)),
-            In("shard_key", sorted({k for k, _, _ in shards})),
-        ),
-    )
+    flt = _run_filter(cfg)
+    if not replace_run:
+        flt = And(flt, In("shard_key", sorted({sh[0] for sh in shards})))
     for attempt in range(6):
         try:
             itable = catalog.load_table(TABLE_IDENTIFIER)
@@ -280,6 +371,51 @@ def register_shards(cfg, shards: Sequence[tuple[str, str, Any]], storage_options
                 raise
             time.sleep(0.1 * 2**attempt)
     return table.num_rows
+
+
+def check_registration(cfg, expected: dict[str, dict], storage_options: dict | None = None) -> list[str]:
+    """Compare the run's rows in ``sim.injections`` with its shards; returns the differences (empty: equal).
+
+    ``expected``: shard uri -> ``{"sha256": ..., "task_ids": [...], "config_hash": ...}`` (what the files hold).
+    Checked: the set of shard uris, per shard the task ids in order, the file's sha256 and config hash.
+    """
+    from pyiceberg.exceptions import NoSuchTableError
+
+    from constellation_assets.catalog.tables import open_catalog
+
+    try:
+        itable = open_catalog(cfg).load_table(TABLE_IDENTIFIER)
+    except NoSuchTableError:
+        return [
+            f"Iceberg table {'.'.join(TABLE_IDENTIFIER)} does not exist: the run's shards are not registered"
+        ]
+    names = {f.name for f in itable.schema().fields}
+    cols = [c for c in ("shard_uri", "row_in_shard", "task_id", "config_hash", "shard_sha256") if c in names]
+    rows = itable.scan(row_filter=_run_filter(cfg), selected_fields=tuple(cols)).to_arrow().to_pylist()
+    by_uri: dict[str, list[dict]] = {}
+    for r in rows:
+        by_uri.setdefault(r["shard_uri"], []).append(r)
+    problems = []
+    for uri in sorted(set(by_uri) - set(expected)):
+        problems.append(f"{len(by_uri[uri])} rows point at {uri}, which is not a shard of the run (deleted?)")
+    for uri, want in sorted(expected.items()):
+        got = sorted(by_uri.get(uri, []), key=lambda r: r["row_in_shard"])
+        if not got:
+            problems.append(f"{uri}: not registered")
+            continue
+        if [r["task_id"] for r in got] != list(want["task_ids"]):
+            problems.append(f"{uri}: registered task ids differ from the file's ({len(got)} rows)")
+        shas = {r.get("shard_sha256") for r in got}
+        if want.get("sha256") and shas != {want["sha256"]}:
+            problems.append(
+                f"{uri}: registered rows describe another version of the file (sha256 {sorted(map(str, shas))[:2]})"
+            )
+        hashes = {r.get("config_hash") for r in got}
+        if want.get("config_hash") and hashes != {want["config_hash"]}:
+            problems.append(
+                f"{uri}: registered rows carry config_hash {sorted(map(str, hashes))}, the file {want['config_hash']}"
+            )
+    return problems
 
 
 def _same_names(itable, table) -> bool:
