@@ -410,7 +410,9 @@ class InjectionConfig(_Section):
         description="a run's lease on its output location is stale (taken over) when not renewed for this long",
     )
     lease_wait_s: float = Field(
-        0.0, ge=0.0, description="how long a second run waits for the lease of a running one (0: refuse at once)"
+        0.0,
+        ge=0.0,
+        description="how long a second run waits for the lease of a running one (0: refuse at once)",
     )
     exclude_damaged_frames: bool = Field(
         False,
@@ -708,10 +710,25 @@ def _read_config_file(source: str | os.PathLike, storage_options: dict | None) -
     return data or {}
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"Invalid config ({source}):"]
-    for err in exc.errors():
+def _format_validation_error(exc: ValidationError, source: str, flag_paths: dict | None = None) -> str:
+    """One line per error; errors in a value that came from a command-line flag name the flag, not the file."""
+    flag_paths = flag_paths or {}
+    errs = exc.errors()
+    from_flags = [
+        next(
+            (f for path, f in flag_paths.items() if tuple(str(x) for x in e["loc"][: len(path)]) == path),
+            None,
+        )
+        for e in errs
+    ]
+    if errs and all(from_flags):
+        lines = ["Invalid command-line flag value:"]
+    else:
+        lines = [f"Invalid config ({source}{' and flags' if any(from_flags) else ''}):"]
+    for err, flag in zip(errs, from_flags, strict=True):
         loc = ".".join(str(x) for x in err["loc"])
+        if flag:
+            loc = f"--{flag} ({loc})"
         if err["type"] == "extra_forbidden":
             parent = tuple(str(x) for x in err["loc"][:-1])
             model: Any = PipelineConfig
@@ -779,7 +796,14 @@ def load_config(
             log.info("flag --%s=%r applied", key.replace("_", "-"), value)
 
     merged = _deep_merge(flags, file_dict)
+    flag_paths = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        path = resolve_override_key(key)
+        if not _get_path(file_dict, path)[0]:  # the flag's value is the one validated
+            flag_paths[tuple(path)] = key.rsplit(".", 1)[-1].replace("_", "-")
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, label)) from None
+        raise ConfigError(_format_validation_error(exc, label, flag_paths)) from None

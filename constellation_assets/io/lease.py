@@ -233,9 +233,7 @@ class Lease:
             if not exists:
                 continue  # released meanwhile: try again at once
             if self._stale(info):
-                log.warning(
-                    "%s: taking over a stale lease held by %s", self.uri, self.describe_holder(info)
-                )
+                log.warning("%s: taking over a stale lease held by %s", self.uri, self.describe_holder(info))
                 if self._take_over(etag):
                     break
                 continue
@@ -319,7 +317,9 @@ class Lease:
                 else:
                     os.unlink(path)
             except Exception as exc:  # noqa: BLE001 - a left-over lease goes stale and is taken over
-                log.warning("%s: could not remove the lease (%s); it goes stale after its timeout", self.uri, exc)
+                log.warning(
+                    "%s: could not remove the lease (%s); it goes stale after its timeout", self.uri, exc
+                )
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,9 +15,8 @@ import numpy as np
 from constellation_assets.io.uri import (
     atomic_output,
     get_fs,
+    is_s3,
     join_uri,
-    read_text,
-    uri_exists,
 )
 from constellation_assets.provenance import (
     config_hash,
@@ -25,7 +25,14 @@ from constellation_assets.provenance import (
 from constellation_assets.sim.injection.common import INJECTION_HASH_SECTIONS, SPLITS
 from constellation_assets.sim.injection.hosts import _check_bands, discover_hosts
 from constellation_assets.sim.injection.render import _bank_n_sources, _load_bank, render_tasks
-from constellation_assets.sim.injection.run import _hash_extra
+from constellation_assets.sim.injection.run import (
+    _damaged_message,
+    _hash_extra,
+    _read_record,
+    record_status,
+    resolved_config,
+    verify_outputs,
+)
 from constellation_assets.sim.injection.tasks import _plan_from_hosts, shards_of, split_of_host
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,26 @@ class PreflightReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+#: Free space asked for beyond the estimated output (temporary files before the atomic rename, estimate error).
+FREE_SPACE_MARGIN = 1.5
+
+
+def free_bytes(uri: str) -> int | None:
+    """Free bytes where ``uri`` would be written (the nearest existing parent); None for object stores."""
+    if is_s3(uri):
+        return None
+    path = os.path.abspath(os.path.expanduser(str(uri)))
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    try:
+        return int(shutil.disk_usage(path).free)
+    except OSError:
+        return None
 
 
 def _probe_writable(uri: str, so: dict | None) -> str | None:
@@ -55,6 +82,7 @@ def _probe_writable(uri: str, so: dict | None) -> str | None:
 
 def preflight(cfg, benchmark_stamps: int = 4) -> PreflightReport:
     """Check everything a run needs and list every problem (empty list: ready to run)."""
+    cfg = resolved_config(cfg)
     inj = cfg.injection
     problems: list[str] = list(_check_bands(inj))
     info: dict[str, Any] = {
@@ -134,24 +162,43 @@ def preflight(cfg, benchmark_stamps: int = 4) -> PreflightReport:
     info["n_stamps"] = n_tasks
     info["n_shards"] = len(shards_of(cfg))
     info["estimated_output_bytes"] = int(n_tasks * row_bytes)
+    free = free_bytes(out)
+    if free is not None:
+        info["free_bytes"] = free
+        need = int(info["estimated_output_bytes"] * FREE_SPACE_MARGIN)
+        if free < need:
+            problems.append(
+                f"output {out!r} has {free / 1e6:.1f} MB free, the run needs about "
+                f"{info['estimated_output_bytes'] / 1e6:.1f} MB (x{FREE_SPACE_MARGIN} margin for temporary "
+                "files): free space there or choose another --output"
+            )
     try:
         rc = run_config_uri(out, inj.stage_dir, inj.variant, inj.experiment_id)
-        if uri_exists(rc, so):
-            old = json.loads(read_text(rc, so)).get("config_hash")
+        record = _read_record(rc, so)
+        if record is not None:
+            old = record.get("config_hash")
             info["existing_run_config"] = rc
             info["existing_config_hash"] = old
+            info["existing_status"] = record_status(record)
             if hosts is not None and (inj.source_mode == "sersic" or bank is not None):
                 new = config_hash(cfg, _hash_extra(cfg, hosts, bank), INJECTION_HASH_SECTIONS)
                 info["config_hash"] = new
-                if new != old and not inj.force:
+                complete = record_status(record) == "complete"
+                if complete and new != old and not inj.force:
                     problems.append(
                         f"{rc} holds a completed run with config_hash {old}, this config's is {new}: the run "
                         "would be refused. Use a new variant/experiment_id or output, or --force to overwrite"
                     )
-                elif new == old and not inj.force:
-                    info["note_existing"] = "the output already holds this run: inject will skip it"
-    except Exception:  # noqa: BLE001 - unwritable outputs were reported above
-        pass
+                elif complete and new == old and not inj.force:
+                    damaged = verify_outputs(cfg, record, so)
+                    if damaged:
+                        problems.append(_damaged_message(rc, damaged))
+                    else:
+                        info["note_existing"] = (
+                            "the output already holds this run (every shard verified): inject will skip it"
+                        )
+    except Exception as exc:  # noqa: BLE001 - unwritable outputs were reported above
+        log.debug("existing run check failed: %s", exc)
     if (
         hosts is not None
         and hosts.hosts

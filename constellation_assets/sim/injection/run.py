@@ -111,12 +111,14 @@ def absolute_uri(uri: str | None) -> str | None:
 def resolved_config(cfg):
     """A copy of ``cfg`` whose data, bank and output locations are absolute (what a run record must hold)."""
     cfg = cfg.model_copy(deep=True)
-    cfg.data.vis_base_uri = absolute_uri(cfg.data.vis_base_uri)
-    cfg.data.catalog_base_uri = absolute_uri(cfg.data.catalog_base_uri)
-    cfg.output.root_uri = absolute_uri(cfg.output.root_uri)
-    cfg.injection.output_uri = absolute_uri(cfg.injection_output)
+    # object.__setattr__: the same values made absolute; no re-validation (preflight passes configs whose
+    # injection section did not validate, to report everything else)
+    object.__setattr__(cfg.data, "vis_base_uri", absolute_uri(cfg.data.vis_base_uri))
+    object.__setattr__(cfg.data, "catalog_base_uri", absolute_uri(cfg.data.catalog_base_uri))
+    object.__setattr__(cfg.output, "root_uri", absolute_uri(cfg.output.root_uri))
+    object.__setattr__(cfg.injection, "output_uri", absolute_uri(cfg.injection_output))
     if cfg.injection.cosmos_bank_h5:
-        cfg.injection.cosmos_bank_h5 = absolute_uri(cfg.injection.cosmos_bank_h5)
+        object.__setattr__(cfg.injection, "cosmos_bank_h5", absolute_uri(cfg.injection.cosmos_bank_h5))
     return cfg
 
 

@@ -234,6 +234,7 @@ class ShardCheck:
 
 def inspect_shard(uri: str, storage_options: dict | None, data: bytes | None = None) -> ShardCheck:
     """Read an existing shard completely (footer, every page) and report what it holds or why it is damaged."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -242,9 +243,9 @@ def inspect_shard(uri: str, storage_options: dict | None, data: bytes | None = N
         return ShardCheck(uri, None, None, 0, [], f"cannot be read ({exc.problem})")
     sha = hashlib.sha256(data).hexdigest()
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
+        pf = pq.ParquetFile(pa.BufferReader(data))
         meta = pf.schema_arrow.metadata or {}
-        table = pf.read()  # every page: a truncated or damaged file fails here
+        table = pf.read(use_threads=False)  # every page: a truncated or damaged file fails here
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged shard
         return ShardCheck(
             uri,
@@ -272,10 +273,11 @@ def decode_image(value: bytes, stamp_size_pix: int) -> np.ndarray:
 
 def read_stamps(uri: str, storage_options: dict | None = None, bands: Sequence[str] | None = None):
     """Read a shard: (pyarrow Table of parameters, {band: float32 array (N, H, W)})."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     data = read_bytes(uri, storage_options)
-    table = pq.read_table(io.BytesIO(data))
+    table = pq.read_table(pa.BufferReader(data))
     meta = table.schema.metadata or {}
     size = int(meta.get(b"constellation.stamp_size_pix", b"0")) or int(
         table.column("stamp_size_pix")[0].as_py()
@@ -296,7 +298,7 @@ def _metadata_only(cfg, uri: str, table, storage_options: dict | None, sha256: s
     if table is None or sha256 is None:
         data = read_bytes(uri, storage_options)
         sha256 = hashlib.sha256(data).hexdigest()
-        pf = pq.ParquetFile(io.BytesIO(data))
+        pf = pq.ParquetFile(pa.BufferReader(data))
         table = pf.read(columns=[c for c in pf.schema_arrow.names if not c.startswith("image_")])
         chash = (pf.schema_arrow.metadata or {}).get(b"constellation.config_hash", b"").decode() or None
     else:
