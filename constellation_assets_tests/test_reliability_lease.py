@@ -57,11 +57,19 @@ def test_dead_holder_taken_over_and_holder_record_kept(tmp_path):
     # a lease left by a process that was killed (same host, pid gone)
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    body = {"token": "x", "host": socket.gethostname(), "pid": p.pid, "renewed_unix": time.time(), "timeout_s": 900}
+    body = {
+        "token": "x",
+        "host": socket.gethostname(),
+        "pid": p.pid,
+        "renewed_unix": time.time(),
+        "timeout_s": 900,
+    }
     (tmp_path / ".lease_exp.json").write_text(json.dumps(body))
     with Lease(uri, timeout_s=900) as lease:
         info = json.loads((tmp_path / ".lease_exp.json").read_text())
-        assert info["token"] == lease.token and info["pid"] == os.getpid() and info["started_utc"].endswith("Z")
+        assert (
+            info["token"] == lease.token and info["pid"] == os.getpid() and info["started_utc"].endswith("Z")
+        )
     assert not (tmp_path / ".lease_exp.json").exists()
 
 
