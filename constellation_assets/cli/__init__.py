@@ -56,22 +56,19 @@ def _stderr_console():
 
 def load_cli_config(config_path: str | None, flags: dict | None = None):
     """Load the config like ``load_config`` but turn config errors into a clean CLI error (exit code 2)."""
-    from constellation_assets.io.uri import DataAccessError, is_s3
+    from constellation_assets.io.uri import is_s3
 
     try:
         return load_config(config_path, {k: v for k, v in (flags or {}).items() if v is not None})
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    except DataAccessError as exc:
-        if config_path and is_s3(str(config_path)):
+        msg = str(exc)
+        if config_path and is_s3(str(config_path)) and msg.startswith("Cannot read config"):
             # the config's own data.s3 settings are not known before it is read: only the environment applies
-            raise DataAccessError(
-                str(config_path),
-                f"Cannot read the --config file ({exc.problem})",
-                "an s3:// --config is read with the AWS_* environment only: set AWS_ENDPOINT_URL for an "
-                "S3-compatible store (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or copy the file locally",
-            ) from None
-        raise
+            msg += (
+                " An s3:// --config is read with the AWS_* environment only: set AWS_ENDPOINT_URL for an "
+                "S3-compatible store (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or copy the file locally."
+            )
+        raise click.UsageError(msg) from None
 
 
 def config_option(f):

@@ -193,10 +193,15 @@ class Lease:
             return False
         except OSError as exc:
             raise _as_access_error(exc, self.uri) from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise _as_access_error(exc, self.uri) from exc
         return True
 
     def _take_over(self, etag: str | None) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 
 from constellation_assets.io.lease import Lease, LeaseHeldError, lease_uri
 from constellation_assets.io.uri import (
+    DataAccessError,
     atomic_output,
     get_fs,
     is_s3,
@@ -58,6 +59,7 @@ from constellation_assets.sim.injection.shards import (
     _shard_metadata,
     check_registration,
     inspect_shard,
+    output_error,
     register_shards,
     shard_bytes,
     write_shard_bytes,
@@ -120,6 +122,36 @@ def resolved_config(cfg):
     if cfg.injection.cosmos_bank_h5:
         object.__setattr__(cfg.injection, "cosmos_bank_h5", absolute_uri(cfg.injection.cosmos_bank_h5))
     return cfg
+
+
+def check_output_location(uri: str, so: dict | None) -> None:
+    """Fail early, as an output problem, when the output cannot exist: a missing bucket, a file in the way."""
+    if is_s3(uri):
+        fs, path = get_fs(uri, so)
+        bucket = path.split("/", 1)[0]
+        try:
+            ok = fs.exists(bucket)
+        except Exception as exc:  # noqa: BLE001
+            raise InjectionError(
+                f"output {uri}: cannot check the bucket {bucket!r} ({type(exc).__name__}: {exc}). What to do: "
+                "check the output URI, data.s3.endpoint_url / AWS_ENDPOINT_URL and the AWS_* credentials"
+            ) from None
+        if not ok:
+            raise InjectionError(
+                f"output {uri}: the output bucket {bucket!r} does not exist. What to do: create it "
+                f"(`aws s3 mb s3://{bucket}`) or choose another --output"
+            )
+        return
+    p = os.path.abspath(os.path.expanduser(uri))
+    while p and not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise InjectionError(
+            f"output {uri}: {p} is a file, not a folder. What to do: choose another --output"
+        )
 
 
 def _hash_extra(cfg, hosts: HostSet, bank) -> dict:
@@ -300,6 +332,7 @@ def run_injection(
     inj = cfg.injection
     out = cfg.injection_output
     so = cfg.storage_options(out)
+    check_output_location(out, so)
     hosts = hosts if hosts is not None else discover_hosts(cfg)
     bank = _load_bank(cfg) if inj.source_mode == "cosmos" else None
     extra = _hash_extra(cfg, hosts, bank)
@@ -365,11 +398,11 @@ def run_injection(
             with _run_lease(cfg, so, wait_s=max(inj.lease_wait_s, RECORD_LEASE_WAIT_S)) as lease:
                 lease.check()
                 _remove(rc_uri, so)  # the run is incomplete until it is recorded again
-        tasks = plan_tasks(cfg, hosts)
-        by_shard = _by_shard(tasks)
         if whole_run:
             _write_record(cfg, _record(cfg, extra, "started", lease=_holder(run_lease)), so)
         try:
+            tasks = plan_tasks(cfg, hosts)
+            by_shard = _by_shard(tasks)
             res = _write_shards(cfg, hosts, bank, h, wanted, by_shard, so, progress, on_progress)
             shas, n_rows, to_register = res
             n_reg = 0
@@ -673,6 +706,14 @@ def _write_png(cfg, r: RenderedTask, png_uri: str) -> None:
     )
     fig.tight_layout()
     so = cfg.storage_options(png_uri)
-    with atomic_output(png_uri, so) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_output(png_uri, so) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    except OSError as exc:
+        raise output_error(exc, png_uri) from None
+    except DataAccessError as exc:
+        raise InjectionError(
+            f"cannot write the PNG {png_uri}: {exc.problem}. What to do: pass a writable --png path"
+        ) from None
+    finally:
+        plt.close(fig)

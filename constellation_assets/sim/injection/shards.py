@@ -193,13 +193,16 @@ def _write_shard(uri: str, table, meta: dict, storage_options: dict | None) -> s
     return hashlib.sha256(data).hexdigest()
 
 
+_fsync = os.fsync  # module-level so tests can simulate a full disk at the shard write
+
+
 def write_shard_bytes(uri: str, data: bytes, storage_options: dict | None) -> None:
     with atomic_output(uri, storage_options) as tmp:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                _fsync(f.fileno())
         except OSError as exc:
             raise output_error(exc, uri) from exc
 
