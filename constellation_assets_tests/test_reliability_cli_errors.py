@@ -92,7 +92,7 @@ def test_usage_errors_exit_2(tmp_path, field_data):
 def test_unwritable_png_path(tmp_path, field_data):
     conf = _conf(tmp_path, field_data)
     tasks = CliRunner().invoke(main, ["inject", "--config", conf, "--list-tasks"])
-    task_id = tasks.output.strip().splitlines()[-1].split("\t")[2]
+    task_id = tasks.stdout.strip().splitlines()[-1].split("\t")[2]
     (tmp_path / "afile").write_text("x")
     png = tmp_path / "afile" / "one.png"  # a file where a folder should be
     res = CliRunner().invoke(main, ["inject", "--config", conf, "--single", task_id, "--png", str(png)])

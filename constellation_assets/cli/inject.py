@@ -109,13 +109,13 @@ _FLAG_KEYS = {
 
 def _default_psf_fwhm(bands: list[str]) -> dict[str, float]:
     """Default PSF FWHM (arcsec) of known bands: VIS 0.17", NISP from the MER mosaics (~0.45-0.5")."""
-    from constellation_assets.sim.field import MER_BANDS, canonical_band
+    from constellation_assets.euclid import BANDS, VIS_PSF_FWHM_ARCSEC, canonical_band
 
     out = {}
     for b in bands:
-        mb = MER_BANDS.get(canonical_band(b))
+        mb = BANDS.get(canonical_band(b))
         if mb is not None:
-            out[b] = 0.17 if mb.psf_fwhm_arcsec is None else mb.psf_fwhm_arcsec
+            out[b] = VIS_PSF_FWHM_ARCSEC if mb.psf_fwhm_arcsec is None else mb.psf_fwhm_arcsec
     return out
 
 

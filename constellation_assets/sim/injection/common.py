@@ -50,6 +50,9 @@ class Quadrant:
     zero_point_mag: float  # AB mag giving 1 ADU in this frame (MAGZEROP + 2.5 log10 EXPTIME)
     gain_e_per_adu: float
     header: str  # the SCI header as text (WCS)
+    #: the quadrant's row of the Q1 quadrant index (``io.q1.index_exposure``): byte ranges of its SCI, RMS, FLG
+    #: and BKG extensions, read with ``io.q1.read_quadrant_hdus``. None for MER-mosaic hosts.
+    row: dict | None = field(default=None, compare=False, repr=False)
 
     def wcs(self):
         return _wcs_from_header_text(self.header)
@@ -161,6 +164,6 @@ MER_HOST_HDU = "MER_MOSAIC"
 
 def _mer_mode(inj) -> bool:
     """True when any configured band is not VIS: every band's host then comes from the MER mosaics."""
-    from constellation_assets.sim.field import canonical_band
+    from constellation_assets.euclid import canonical_band
 
     return any(canonical_band(b) != "VIS" for b in inj.bands)

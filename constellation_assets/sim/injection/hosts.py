@@ -11,23 +11,19 @@ import numpy as np
 
 from constellation_assets.io.uri import (
     join_uri,
-    list_uri,
-    open_uri,
 )
 from constellation_assets.sim.injection.common import (
     HOST_BANDS,
     MER_HOST_HDU,
     Host,
     HostSet,
+    InjectionError,
     Quadrant,
     _header_float,
     _mer_mode,
 )
 
 log = logging.getLogger(__name__)
-
-
-_DET_RE = re.compile(r"EUC_VIS_SWL-DET-(\d{6})-(\d{2})-.*\.fits(\.gz)?$")
 
 
 _HOST_COLUMNS = [
@@ -45,45 +41,97 @@ _HOST_COLUMNS = [
 ]
 
 
-def _list_det_frames(vis_base_uri: str, storage_options: dict | None) -> list[str]:
-    out = []
-    for obs_dir in list_uri(vis_base_uri, storage_options):
-        name = obs_dir.rstrip("/").rsplit("/", 1)[-1]
-        if not name.isdigit():
-            continue
-        out += [u for u in list_uri(obs_dir, storage_options) if _DET_RE.search(u.rsplit("/", 1)[-1])]
-    return sorted(out)
+#: A DET quadrant is usable when all three of its extensions exist (``3-4.F.SCI``, ``.RMS``, ``.FLG``).
+QUADRANT_KINDS = ("SCI", "RMS", "FLG")
+_QUAD_EXT_RE = re.compile(r"^(?P<det_id>\d-\d\.[EFGH])\.(?P<kind>[A-Z]+)$")
+_DAMAGED_HINT = (
+    "download the frame again (or re-run the step that wrote it); or set injection.exclude_damaged_frames: true "
+    "to run without it (the exclusion is recorded in the run record and in the shards' metadata)"
+)
 
 
-def _read_quadrants(frame_uri: str, storage_options: dict | None) -> list[Quadrant]:
-    from astropy.io import fits
+def _exposure_quadrants(exp, storage_options: dict | None) -> list[Quadrant]:
+    """The SCI quadrants of one VIS exposure, from header-only reads (Q1 discovery / index of ``io.q1``).
 
+    Raises :class:`~constellation_assets.io.q1.Q1FormatError` naming the file when the DET file (or its BKG /
+    WGT / PSF companion) is truncated or not FITS, or when a quadrant lacks one of its SCI/RMS/FLG extensions.
+    """
+    from constellation_assets.io.q1 import Q1FormatError, fits_hdu_offsets, index_exposure, magzerop
+
+    hdus = fits_hdu_offsets(exp.det_uri, storage_options)
+    kinds: dict[str, set[str]] = {}
+    for h in hdus:
+        m = _QUAD_EXT_RE.match(h.name)
+        if m:
+            kinds.setdefault(m["det_id"], set()).add(m["kind"])
+    incomplete = {
+        d: sorted(set(QUADRANT_KINDS) - k) for d, k in kinds.items() if not set(QUADRANT_KINDS) <= k
+    }
+    if incomplete:
+        d, missing = sorted(incomplete.items())[0]
+        raise Q1FormatError(
+            exp.det_uri,
+            f"Quadrant {d} has no {'/'.join(missing)} extension"
+            + (f" ({len(incomplete)} incomplete quadrants)" if len(incomplete) > 1 else ""),
+            "the file is damaged or not a complete VIS calibrated frame: download it again",
+        )
+    index = index_exposure(exp, storage_options)
+    by_name = {h.name: h for h in hdus}
+    primary = hdus[0].header
     quads = []
-    with (
-        open_uri(frame_uri, "rb", storage_options) as f,
-        fits.open(f, lazy_load_hdus=True, memmap=False) as hdul,
-    ):
-        primary = hdul[0].header
-        for hdu in hdul:
-            name = str(hdu.header.get("EXTNAME", ""))
-            if not name.endswith(".SCI"):
-                continue
-            h = hdu.header
-            exptime = _header_float(h, "EXPTIME", _header_float(primary, "EXPTIME", 1.0))
-            magzp = _header_float(h, "MAGZEROP", _header_float(primary, "MAGZEROP", float("nan")))
-            gain = _header_float(h, "GAIN", _header_float(primary, "GAIN", float("nan")))
-            quads.append(
-                Quadrant(
-                    frame_uri=frame_uri,
-                    hdu=name,
-                    nx_pix=int(h["NAXIS1"]),
-                    ny_pix=int(h["NAXIS2"]),
-                    zero_point_mag=magzp + 2.5 * math.log10(max(exptime, 1e-30)),
-                    gain_e_per_adu=gain,
-                    header=h.tostring(),
-                )
+    for row in index.to_pylist():
+        h = by_name[row["sci_hdu"]].header
+        exptime = _header_float(h, "EXPTIME", _header_float(primary, "EXPTIME", 1.0))
+        try:
+            magzp = magzerop(h)
+        except (KeyError, ValueError):
+            try:
+                magzp = magzerop(primary)
+            except (KeyError, ValueError):
+                magzp = float("nan")
+        quads.append(
+            Quadrant(
+                frame_uri=exp.det_uri,
+                hdu=row["sci_hdu"],
+                nx_pix=int(h["NAXIS1"]),
+                ny_pix=int(h["NAXIS2"]),
+                zero_point_mag=magzp + 2.5 * math.log10(max(exptime, 1e-30)),
+                gain_e_per_adu=_header_float(h, "GAIN", _header_float(primary, "GAIN", float("nan"))),
+                header=h.tostring(),
+                row=row,
             )
-    return sorted(quads, key=lambda q: q.hdu)
+        )
+    return quads
+
+
+def _vis_quadrants(cfg, problems: list[str], excluded: dict[str, str]) -> list[Quadrant]:
+    """Every SCI quadrant of the VIS frames under ``data.vis_base_uri`` (sorted by frame, then HDU).
+
+    A frame that cannot be read is an :class:`InjectionError` naming it, or, with
+    ``injection.exclude_damaged_frames``, an exclusion recorded in ``excluded`` (uri -> reason).
+    """
+    from constellation_assets.io.q1 import discover_vis_exposures
+    from constellation_assets.io.uri import DataAccessError
+
+    vis = cfg.data.vis_base_uri
+    so = cfg.storage_options(vis)
+    exposures = discover_vis_exposures(vis, storage_options=so)
+    if not exposures:
+        problems.append(
+            f"no VIS DET frames (EUC_VIS_SWL-DET-*.fits in {{obs_id}}/ folders) under data.vis_base_uri={vis!r}; "
+            "run `constellation prepare` / simulate the field, or point data.vis_base_uri at the Q1 VIS folder"
+        )
+    quads: list[Quadrant] = []
+    for exp in exposures:
+        try:
+            quads += _exposure_quadrants(exp, so)
+        except DataAccessError as exc:
+            if cfg.injection.exclude_damaged_frames:
+                excluded[exc.uri] = exc.problem
+                log.warning("excluded (injection.exclude_damaged_frames): %s: %s", exc.uri, exc.problem)
+                continue
+            raise InjectionError(f"{exc.problem}: {exc.uri}. What to do: {_DAMAGED_HINT}") from None
+    return sorted(quads, key=lambda q: (q.frame_uri, q.hdu))
 
 
 def _find_mer_catalog(cfg, tile_id: int) -> str | None:
@@ -148,16 +196,8 @@ def discover_hosts(cfg) -> HostSet:
     size = inj.stamp_size_pix
     half = size // 2
     problems: list[str] = []
-    vis = cfg.data.vis_base_uri
-    frames = _list_det_frames(vis, cfg.storage_options(vis))
-    if not frames:
-        problems.append(
-            f"no VIS DET frames (EUC_VIS_SWL-DET-*.fits in {{obs_id}}/ folders) under data.vis_base_uri={vis!r}; "
-            "run `constellation prepare` / simulate the field, or point data.vis_base_uri at the Q1 VIS folder"
-        )
-    quads: list[Quadrant] = []
-    for fr in frames:
-        quads += _read_quadrants(fr, cfg.storage_options(fr))
+    excluded: dict[str, str] = {}
+    quads = _vis_quadrants(cfg, problems, excluded)
     wcs_cache = {(q.frame_uri, q.hdu): q.wcs() for q in quads}
 
     hosts: list[Host] = []
@@ -210,12 +250,14 @@ def discover_hosts(cfg) -> HostSet:
                 )
             )
     hosts.sort(key=lambda h: (h.tile_id, h.object_id))
-    return HostSet(hosts=hosts, quadrants={(q.frame_uri, q.hdu): q for q in quads}, problems=problems)
+    return HostSet(
+        hosts=hosts, quadrants={(q.frame_uri, q.hdu): q for q in quads}, problems=problems, excluded=excluded
+    )
 
 
 def _check_bands(inj) -> list[str]:
     problems = []
-    from constellation_assets.sim.field import canonical_band
+    from constellation_assets.euclid import canonical_band
 
     for b in inj.bands:
         if canonical_band(b) not in HOST_BANDS:
@@ -245,8 +287,8 @@ def mer_base_uri(cfg) -> str:
 
 def _discover_hosts_mer(cfg) -> HostSet:
     """Hosts placed on the tile's MER mosaics (all configured bands must exist and share one pixel grid)."""
+    from constellation_assets.euclid import canonical_band
     from constellation_assets.io.q1 import discover_mer_mosaics, read_mosaic_info
-    from constellation_assets.sim.field import canonical_band
 
     inj = cfg.injection
     size = inj.stamp_size_pix

@@ -9,10 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from constellation_assets.io.uri import (
-    list_uri,
-    open_uri,
-)
 from constellation_assets.sim.injection.common import (
     _RENDER_BATCH,
     Host,
@@ -24,7 +20,6 @@ from constellation_assets.sim.injection.common import (
     _header_float,
     _mer_mode,
 )
-from constellation_assets.sim.injection.hosts import _DET_RE
 from constellation_assets.sim.injection.tasks import draw_task_parameters, source_band_mags
 
 log = logging.getLogger(__name__)
@@ -65,17 +60,7 @@ class _QuadrantPixels:
     background: np.ndarray | float
     rms: np.ndarray | None
     robust_sigma: float
-
-
-def _find_bkg_frame(frame_uri: str, storage_options: dict | None) -> str | None:
-    # BKG frames share the obs/dither but not the timestamp: match by prefix.
-    d, name = frame_uri.rsplit("/", 1)
-    m = _DET_RE.search(name)
-    if not m:
-        return None
-    prefix = f"EUC_VIS_SWL-BKG-{m.group(1)}-{m.group(2)}-"
-    hits = [u for u in list_uri(d, storage_options) if u.rsplit("/", 1)[-1].startswith(prefix)]
-    return sorted(hits)[-1] if hits else None
+    flagged: np.ndarray | None = None  # FLG & FLG_MASK_BITS != 0
 
 
 _PIXEL_CACHE: dict[tuple[str, str], _QuadrantPixels] = {}
@@ -97,38 +82,38 @@ def _quadrant_pixels(q: Quadrant, storage_options: dict | None) -> _QuadrantPixe
 
 
 def _read_quadrant_pixels(q: Quadrant, storage_options: dict | None) -> _QuadrantPixels:
-    from astropy.io import fits
+    """SCI, RMS, FLG and BKG of a quadrant by byte range (``io.q1.read_quadrant_hdus`` on its index row).
+
+    Pixels with any ``euclid.FLG_MASK_BITS`` bit set are left out of the background and noise statistics.
+    """
     from astropy.stats import sigma_clipped_stats
 
-    base = q.hdu[: -len(".SCI")]
-    with (
-        open_uri(q.frame_uri, "rb", storage_options) as f,
-        fits.open(f, lazy_load_hdus=True, memmap=False) as hdul,
-    ):
-        sci = np.asarray(hdul[q.hdu].data, dtype=np.float32)
-        names = {str(h.header.get("EXTNAME", "")) for h in hdul}
-        rms = np.asarray(hdul[base + ".RMS"].data, dtype=np.float32) if base + ".RMS" in names else None
-    background: np.ndarray | float
-    bkg_uri = _find_bkg_frame(q.frame_uri, storage_options)
-    background = float("nan")
-    if bkg_uri is not None:
-        with (
-            open_uri(bkg_uri, "rb", storage_options) as f,
-            fits.open(f, lazy_load_hdus=True, memmap=False) as hdul,
-        ):
-            names = {str(h.header.get("EXTNAME", "")) for h in hdul}
-            for cand in (base, base + ".BKG", q.hdu):
-                if cand in names:
-                    background = np.asarray(hdul[cand].data, dtype=np.float32)
-                    break
-    _, median, std = sigma_clipped_stats(sci, sigma=3.0, maxiters=5)
+    from constellation_assets.euclid import FLG_MASK_BITS
+    from constellation_assets.io.q1 import read_quadrant_hdus
+    from constellation_assets.io.uri import DataAccessError
+
+    try:
+        hdus = read_quadrant_hdus(q.row, storage_options, kinds=["sci", "rms", "flg", "bkg"])
+    except DataAccessError as exc:
+        raise InjectionError(
+            f"{exc.problem}: {exc.uri} (quadrant {q.hdu}). What to do: {exc.hint or 'check the frame'}"
+        ) from None
+    sci = np.asarray(hdus["sci"][0], dtype=np.float32)
+    rms = np.asarray(hdus["rms"][0], dtype=np.float32) if "rms" in hdus else None
+    flagged = None
+    if "flg" in hdus:
+        flagged = (np.asarray(hdus["flg"][0]).astype(np.int64) & FLG_MASK_BITS) != 0
+    background: np.ndarray | float = float("nan")
+    if "bkg" in hdus and np.shape(hdus["bkg"][0]) == sci.shape:
+        background = np.asarray(hdus["bkg"][0], dtype=np.float32)
+    _, median, std = sigma_clipped_stats(sci, mask=flagged, sigma=3.0, maxiters=5)
     if not isinstance(background, np.ndarray):
         background = float(median)
-    return _QuadrantPixels(sci=sci, background=background, rms=rms, robust_sigma=float(std))
+    return _QuadrantPixels(sci=sci, background=background, rms=rms, robust_sigma=float(std), flagged=flagged)
 
 
-def _cutout(px: _QuadrantPixels, host: Host, size: int) -> tuple[np.ndarray, float, float]:
-    """(background-subtracted float32 cutout, background level at the centre, noise sigma) of a host."""
+def _cutout(px: _QuadrantPixels, host: Host, size: int) -> tuple[np.ndarray, float, float, int | None]:
+    """(background-subtracted float32 cutout, background at the centre, noise sigma, flagged pixels) of a host."""
     x0 = int(round(host.x_pix)) - size // 2
     y0 = int(round(host.y_pix)) - size // 2
     sl = (slice(y0, y0 + size), slice(x0, x0 + size))
@@ -136,12 +121,16 @@ def _cutout(px: _QuadrantPixels, host: Host, size: int) -> tuple[np.ndarray, flo
     cut = (px.sci[sl] - bkg).astype(np.float32)
     bkg_c = float(np.median(bkg)) if isinstance(bkg, np.ndarray) else float(bkg)
     sigma = px.robust_sigma
+    bad = px.flagged[sl] if px.flagged is not None else None
     if px.rms is not None:
         r = px.rms[sl]
-        good = r[np.isfinite(r) & (r > 0)]
+        ok = np.isfinite(r) & (r > 0)
+        if bad is not None:
+            ok &= ~bad
+        good = r[ok]
         if good.size:
             sigma = float(np.median(good))
-    return cut, bkg_c, sigma
+    return cut, bkg_c, sigma, (int(bad.sum()) if bad is not None else None)
 
 
 def _render_arcs(
@@ -236,6 +225,8 @@ class RenderedTask:
     band_zero_point_mag: list[float] | None = None
     band_noise_sigma: list[float] | None = None
     band_source_mag: list[float] | None = None
+    #: VIS-quadrant hosts: stamp pixels with a FLG_MASK_BITS bit set (None: no FLG extension / MER mosaics)
+    host_flagged_pix: int | None = None
 
 
 def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[RenderedTask]:
@@ -252,14 +243,14 @@ def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[
     by_quad: dict[tuple[str, str], list[int]] = {}
     for i, t in enumerate(tasks):
         by_quad.setdefault((t.host.frame_uri, t.host.hdu), []).append(i)
-    cut: dict[int, tuple[np.ndarray, float, float]] = {}
+    cut: dict[int, tuple[np.ndarray, float, float, int | None]] = {}
     for key in sorted(by_quad):
         q = hosts.quadrants[key]
         px = _quadrant_pixels(q, cfg.storage_options(q.frame_uri))
         for i in by_quad[key]:
             cut[i] = _cutout(px, tasks[i].host, inj.stamp_size_pix)
     for i, (t, p) in enumerate(zip(tasks, params, strict=True)):
-        host_img, bkg, sigma = cut[i]
+        host_img, bkg, sigma, n_flagged = cut[i]
         q = hosts.quadrants[(t.host.frame_uri, t.host.hdu)]
         arc = arcs[i]
         comp = np.empty_like(arc)
@@ -286,6 +277,7 @@ def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[
                 noise_sigma_adu=sigma,
                 background_adu=bkg,
                 zero_point_mag=q.zero_point_mag,
+                host_flagged_pix=n_flagged,
             )
         )
     return out
