@@ -252,3 +252,53 @@ def test_unsafe_variant_and_empty_experiment_id_are_usage_errors(tmp_path, field
         assert res.exit_code == 2, res.output
         assert f"{flag} (" in res.output and "path segment" in res.output
     assert not (tmp_path / "x").exists() and not list(tmp_path.rglob("run_config_.json"))
+
+
+def _two_frame_field(root: Path) -> tuple[dict, Path]:
+    """The tiny field plus a second exposure (another observation, same pointing): returns (data, its DET)."""
+    import shutil
+
+    data = make_tiny_field(root)
+    vis = Path(data["vis_base_uri"])
+    det = next((vis / "2689").glob("EUC_VIS_SWL-DET-*.fits"))
+    (vis / "2690").mkdir()
+    second = vis / "2690" / det.name.replace("-002689-", "-002690-")
+    shutil.copy(det, second)
+    return data, second
+
+
+def test_truncated_det_frame_is_an_error_or_a_recorded_exclusion(tmp_path):
+    data, second = _two_frame_field(tmp_path / "data")
+    raw = second.read_bytes()
+    second.write_bytes(raw[: len(raw) // 2])
+    cfg = _cfg(tmp_path, data)
+    with pytest.raises(inj.InjectionError) as ei:
+        inj.run_injection(cfg)
+    assert str(second) in str(ei.value) and "exclude_damaged_frames" in str(ei.value)
+
+    res = CliRunner().invoke(
+        main, ["inject", "--config", _config_file(tmp_path, data, output_uri=str(tmp_path / "o"))]
+    )
+    assert res.exit_code == 1 and str(second) in res.output and "Traceback" not in res.output
+
+    ok = inj.run_injection(_cfg(tmp_path, data, exclude_damaged_frames=True))
+    assert ok.complete and list(ok.excluded_frames) == [str(second)]
+    rec = json.loads(Path(ok.run_config_uri).read_text())
+    assert str(second) in rec["extra"]["excluded_frames"]
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(ok.shard_uris[0]).metadata
+    assert str(second) in json.loads(meta[b"constellation.excluded_frames"])
+
+
+def test_det_frame_missing_a_sci_extension_is_named(tmp_path):
+    from astropy.io import fits
+
+    data, second = _two_frame_field(tmp_path / "data")
+    with fits.open(second) as hdul:
+        kept = [h.copy() for h in hdul if h.header.get("EXTNAME") != "3-4.F.SCI"]
+    fits.HDUList(kept).writeto(second, overwrite=True)
+    with pytest.raises(inj.InjectionError) as ei:
+        inj.run_injection(_cfg(tmp_path, data))
+    msg = str(ei.value)
+    assert str(second) in msg and "3-4.F" in msg and "SCI" in msg
