@@ -25,8 +25,14 @@ HOST_BANDS = ("VIS", "NIR_Y", "NIR_J", "NIR_H")
 TABLE_IDENTIFIER = ("sim", "injections")
 
 
-#: Bumped when the injection recipe changes the numbers produced (part of the config hash).
-INJECTION_CODE_VERSION = "h8-injection-v1"
+#: Version of the injection recipe: ``"injection-{N}"``, N bumped whenever the code changes the bytes of a shard
+#: (draws, rendering, columns, metadata). It is written into every shard's footer and enters the config hash, so
+#: bumping it changes every run's config_hash: a completed run of an older version is then a conflict
+#: (``--force`` to redo it) and ``constellation reproduce`` of an older record reports "NOT identical".
+#: History: "injection-2" (the earlier recipe was recorded as "h8-injection-v1"): adds the shard columns
+#: host_flagged_pix and cosmos_template_hlr_arcsec, cosmos_hlr_arcsec measured on the lensed arc, FLG-masked
+#: noise statistics.
+INJECTION_CODE_VERSION = "injection-2"
 
 
 IMAGE_ENCODING = "float32 little-endian row-major (H, W), ADU"
@@ -108,8 +114,9 @@ class TaskParameters:
     source_q: float
     source_phi_rad: float
     cosmos_index: int | None
-    cosmos_hlr_arcsec: float | None
+    cosmos_hlr_arcsec: float | None  # half-light radius of the rendered lensed arc (cosmos mode)
     noise_seed: int
+    cosmos_template_hlr_arcsec: float | None = None  # the bank template's own (unlensed) radius
 
 
 @dataclass

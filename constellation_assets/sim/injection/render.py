@@ -167,8 +167,8 @@ def _render_arcs(
         idx = np.array([p.cosmos_index for p in params], dtype=np.int64)
         comps, hlr = _bank_components(bank, idx, centers)
         for p, h in zip(params, hlr, strict=True):
-            p.cosmos_hlr_arcsec = float(h)
-            p.source_hlr_arcsec = float(h)
+            p.cosmos_template_hlr_arcsec = float(h)
+            p.source_hlr_arcsec = float(h)  # the unlensed source's radius, as for Sersic sources
     else:
         comps = SourceComponents.sersic(
             arr("source_hlr_arcsec"), arr("source_n"), arr("source_q"), arr("source_phi_rad"), centers
@@ -195,9 +195,36 @@ def _render_arcs(
         batch_size=min(_RENDER_BATCH, cfg.compute.batch_size),
         device=_device(cfg),
     )
-    return res.images_adu.detach().cpu().numpy().astype(
-        np.float32
-    ), res.magnification.detach().cpu().numpy().astype(np.float64)
+    images = res.images_adu.detach().cpu().numpy().astype(np.float32)
+    if inj.source_mode == "cosmos":
+        for p, img in zip(params, images, strict=True):
+            p.cosmos_hlr_arcsec = arc_half_light_radius_arcsec(img[0], inj.pixel_scale_arcsec)
+    return images, res.magnification.detach().cpu().numpy().astype(np.float64)
+
+
+def arc_half_light_radius_arcsec(image: np.ndarray, pixel_scale_arcsec: float) -> float:
+    """Half-light radius of a rendered (noiseless, PSF-convolved) arc: the radius of the circle around the
+    arc's flux-weighted centroid that holds half of its flux in the stamp (pixel centres, linear interpolation).
+
+    This is the seed's ``cosmos_hlr_arcsec``, "half-light radius of the lensed COSMOS arc", measured in the first
+    configured band; the template's own radius is ``cosmos_template_hlr_arcsec``.
+    """
+    img = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
+    total = float(img.sum())
+    if not total > 0:
+        return float("nan")
+    yy, xx = np.indices(img.shape, dtype=np.float64)
+    xc, yc = float((img * xx).sum() / total), float((img * yy).sum() / total)
+    r = np.hypot(xx - xc, yy - yc).ravel()
+    order = np.argsort(r, kind="stable")
+    cum = np.cumsum(img.ravel()[order])
+    k = int(np.searchsorted(cum, 0.5 * total))
+    if k == 0:
+        return float(r[order[0]] * pixel_scale_arcsec)
+    r0, r1 = r[order[k - 1]], r[order[k]]
+    c0, c1 = cum[k - 1], cum[k]
+    frac = (0.5 * total - c0) / (c1 - c0) if c1 > c0 else 0.0
+    return float((r0 + frac * (r1 - r0)) * pixel_scale_arcsec)
 
 
 def _device(cfg) -> str:

@@ -670,6 +670,12 @@ def task_summary(r: RenderedTask) -> dict:
 
     d = {"task_id": r.task.task_id, "split": r.task.split, "host_id": r.task.host.host_id}
     d.update({k: v for k, v in asdict(r.params).items() if k not in ("task_id", "noise_seed")})
+    if r.params.source_mode == "cosmos":
+        # the morphology comes from the bank template (possibly bulge + disk): the Sersic draws are not used
+        for k in ("source_n", "source_q", "source_phi_rad"):
+            d[k] = None
+    else:
+        d.pop("cosmos_template_hlr_arcsec", None)
     d.update(
         magnification=r.magnification,
         arc_snr=float(np.sqrt(np.sum(np.square(r.arc_snr)))),

@@ -69,6 +69,7 @@ def _schema(bands: Sequence[str], size: int, per_band_mer: bool = False):
         ("source_phi_rad", pa.float64()),
         ("cosmos_index", pa.int64()),
         ("cosmos_hlr_arcsec", pa.float64()),
+        ("cosmos_template_hlr_arcsec", pa.float64()),
         ("magnification", pa.float64()),
         ("arc_snr", pa.float64()),
         ("psf_model", pa.string()),
@@ -143,6 +144,7 @@ def _rows_table(cfg, rendered: Sequence[RenderedTask]):
             "source_phi_rad",
             "cosmos_index",
             "cosmos_hlr_arcsec",
+            "cosmos_template_hlr_arcsec",
         ):
             vals[k] = getattr(p, k)
         if p.source_mode == "cosmos":
