@@ -302,3 +302,22 @@ def test_det_frame_missing_a_sci_extension_is_named(tmp_path):
         inj.run_injection(_cfg(tmp_path, data))
     msg = str(ei.value)
     assert str(second) in msg and "3-4.F" in msg and "SCI" in msg
+
+
+def test_preflight_checks_free_space_against_its_estimate(tmp_path, field_data, monkeypatch):
+    import collections
+    import importlib
+
+    from constellation_assets.sim.injection.preflight import FREE_SPACE_MARGIN
+
+    mod = importlib.import_module(
+        "constellation_assets.sim.injection.preflight"
+    )  # the module, not the function
+    cfg = _cfg(tmp_path, field_data)
+    rep = inj.preflight(cfg)
+    assert rep.ok, rep.problems
+    need = rep.info["estimated_output_bytes"] * FREE_SPACE_MARGIN
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9, int(need) - 1))
+    rep = inj.preflight(cfg)
+    assert any("MB free" in p and "--output" in p for p in rep.problems), rep.problems
