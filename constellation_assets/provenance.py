@@ -196,6 +196,8 @@ def check_idempotency(uri: str, new_hash: str, force: bool, storage_options: dic
         old = json.loads(read_text(uri, storage_options))
     except (ValueError, OSError):
         return "run"  # unreadable record: not a completed run
+    if str(old.get("status") or "complete") != "complete":
+        return "run"  # a started or failed run: its outputs are verified and completed by the next run
     old_hash = old.get("config_hash")
     if old_hash == new_hash:
         return "skip"

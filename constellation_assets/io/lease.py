@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Lease", "LeaseHeldError", "LeaseLostError", "lease_uri"]
 
+#: An unreadable local lease younger than this is being written by its creator, not abandoned.
+UNREADABLE_GRACE_S = 10.0
+
 
 class LeaseHeldError(RuntimeError):
     """Another live run holds the output location."""
@@ -120,7 +123,14 @@ class Lease:
 
     def _stale(self, info: dict | None) -> bool:
         if info is None:
-            return True  # unreadable / half-written lease: its writer died mid-write
+            # unreadable: being written right now (local create + write is not one step), or its writer died
+            # mid-write. S3 puts are atomic, so there it is garbage; locally wait until it is a few seconds old.
+            if is_s3(self.uri):
+                return True
+            try:
+                return _now() - os.stat(self._path()).st_mtime > UNREADABLE_GRACE_S
+            except FileNotFoundError:
+                return True
         renewed = float(info.get("renewed_unix", 0) or 0)
         timeout = float(info.get("timeout_s", self.timeout_s) or self.timeout_s)
         if _now() - renewed > timeout:
