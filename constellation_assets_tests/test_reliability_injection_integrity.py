@@ -321,3 +321,34 @@ def test_preflight_checks_free_space_against_its_estimate(tmp_path, field_data, 
     monkeypatch.setattr(mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9, int(need) - 1))
     rep = inj.preflight(cfg)
     assert any("MB free" in p and "--output" in p for p in rep.problems), rep.problems
+
+
+def test_flagged_pixels_are_counted_and_left_out_of_the_noise(tmp_path):
+    """FLG pixels with a FLG_MASK_BITS bit (here: saturated, with a huge RMS) do not enter the noise sigma."""
+    import pyarrow.parquet as pq
+    from astropy.io import fits
+
+    from constellation_assets.euclid import FLG_MASK_BITS, FLG_QUADEDGE, FLG_SAT
+
+    data = make_tiny_field(tmp_path / "data")
+    clean = inj.run_injection(_cfg(tmp_path, data, "clean"))
+    before = pq.read_table(clean.shard_uris[0]).to_pylist()
+    det = next(Path(data["vis_base_uri"]).rglob("EUC_VIS_SWL-DET-*.fits"))
+    row = before[0]
+    x0, y0 = round(row["host_x_pix"]) - 16, round(row["host_y_pix"]) - 16
+    with fits.open(det) as hdul:
+        hdus = [h.copy() for h in hdul]
+    for h in hdus:
+        name = h.header.get("EXTNAME", "")
+        if name == row["host_hdu"].replace(".SCI", ".FLG"):
+            h.data[y0 : y0 + 5, x0 : x0 + 8] = FLG_SAT  # 40 masked pixels
+            h.data[y0 + 20, x0 : x0 + 32] = FLG_QUADEDGE  # informational: not masked
+        if name == row["host_hdu"].replace(".SCI", ".RMS"):
+            h.data[y0 : y0 + 16, x0 : x0 + 32] = 1e6  # half the stamp, the 40 masked pixels among them
+    fits.HDUList(hdus).writeto(det, overwrite=True)
+    assert FLG_SAT & FLG_MASK_BITS and not FLG_QUADEDGE & FLG_MASK_BITS
+    after = pq.read_table(inj.run_injection(_cfg(tmp_path, data, "flagged")).shard_uris[0]).to_pylist()[0]
+    assert before[0]["host_flagged_pix"] == 0 and after["host_flagged_pix"] == 40
+    # without the mask the median RMS would sit between sigma and 1e6 (512 of 1024 pixels each); with it,
+    # 472 large against 512 small values: the median is the clean sigma
+    assert after["noise_sigma_adu"] == pytest.approx(before[0]["noise_sigma_adu"])
