@@ -352,3 +352,45 @@ def test_flagged_pixels_are_counted_and_left_out_of_the_noise(tmp_path):
     # without the mask the median RMS would sit between sigma and 1e6 (512 of 1024 pixels each); with it,
     # 472 large against 512 small values: the median is the clean sigma
     assert after["noise_sigma_adu"] == pytest.approx(before[0]["noise_sigma_adu"])
+
+
+@pytest.mark.integration
+def test_concurrent_runs_on_s3_one_writer(tmp_path, field_data, moto_s3):
+    """The same race on S3 (moto): the lease is a conditional PutObject (If-None-Match: *)."""
+    bucket, client = moto_s3["bucket"], moto_s3["client"]
+    out = f"s3://{bucket}/runs"
+    procs = []
+    for seed in (42, 43):
+        d = tmp_path / f"c{seed}"
+        d.mkdir()
+        conf = json.loads(Path(_config_file(d, field_data, output_uri=out, seed_base=seed)).read_text())
+        conf["data"]["s3"] = {"endpoint_url": moto_s3["endpoint_url"]}
+        (d / "conf.json").write_text(json.dumps(conf))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "constellation_assets.cli",
+                    "inject",
+                    "--config",
+                    str(d / "conf.json"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outs
+    loser = outs[codes.index(1)]
+    assert "Traceback" not in loser and ("another run is writing" in loser or "--force" in loser), loser
+    rec = json.loads(client.get_object(Bucket=bucket, Key=f"runs/{RC}")["Body"].read())
+    assert rec["status"] == "complete"
+    so = moto_s3["storage_options"]
+    for rel, sha in rec["extra"]["shard_sha256"].items():
+        chk = inj.shards.inspect_shard(f"{out}/{rel}", so)
+        assert chk.sha256 == sha and chk.config_hash == rec["config_hash"]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not [k for k in keys if ".lease_" in k]  # released
