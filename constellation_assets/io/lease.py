@@ -246,7 +246,8 @@ class Lease:
                 break
             info, etag, exists = self._read()
             if not exists:
-                continue  # released meanwhile: try again at once
+                time.sleep(0.01)  # released meanwhile: try again
+                continue
             if self._stale(info):
                 log.warning("%s: taking over a stale lease held by %s", self.uri, self.describe_holder(info))
                 if self._take_over(etag):
