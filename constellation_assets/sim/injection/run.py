@@ -245,13 +245,19 @@ def _write_record(cfg, record: dict, so) -> str:
     return uri
 
 
-def verify_outputs(cfg, record: dict, so: dict | None) -> list[str]:
-    """Every shard the record lists, hashed and compared with its recorded sha256; returns the problems."""
+def verify_outputs(
+    cfg, record: dict, so: dict | None, shards: list[tuple[str, int]] | None = None
+) -> list[str]:
+    """Every shard the record lists (or only ``shards``), hashed and compared with its recorded sha256; returns
+    the problems (empty: the outputs are what the record says)."""
     want = (record.get("extra") or {}).get("shard_sha256") or {}
     problems = []
     if not want:
         problems.append("the run record lists no shard checksums")
+    only = None if shards is None else {_rel(cfg, shard_uri(cfg, s, k)) for s, k in shards}
     for rel, sha in sorted(want.items()):
+        if only is not None and rel not in only:
+            continue
         uri = join_uri(cfg.injection_output, rel)
         if not uri_exists(uri, so):
             problems.append(f"{uri} is missing")
@@ -347,7 +353,6 @@ def run_injection(
         )
     if verify_only:
         return _verify_run(cfg, hosts, bank, h, wanted, rc_uri, so, t0)
-
     whole_run = partitions is None
     run_lease = _run_lease(cfg, so) if whole_run else None
     if run_lease is not None:
@@ -361,7 +366,8 @@ def run_injection(
                     f"config_hash is {h}. Use a new variant/experiment_id or output location, or pass --force to "
                     "overwrite it."
                 )
-            problems = verify_outputs(cfg, old, so)
+            # a Dagster partition verifies its own shard; a whole run every shard
+            problems = verify_outputs(cfg, old, so, None if whole_run else wanted)
             if problems:
                 raise InjectionError(_damaged_message(rc_uri, problems))
             shas = (old.get("extra") or {}).get("shard_sha256", {})
