@@ -19,6 +19,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +63,10 @@ PROVENANCE_KEYS = frozenset(
         "spark_version",
         "record_type",
         "stage_dir",
+        "status",
+        "completed_utc",
+        "error",
+        "lease",
         "run_id",
         "extra",
         "output_uri_written",
@@ -405,7 +410,21 @@ class InjectionConfig(_Section):
     psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": 0.17})
     pixel_scale_arcsec: float = Field(0.1, gt=0.0)
     force: bool = False
-    # Injection physics and host selection (helper H8). Ranges are [min, max] of uniform draws per task.
+    lease_timeout_s: float = Field(
+        900.0,
+        gt=0.0,
+        description="a run's lease on its output location is stale (taken over) when not renewed for this long",
+    )
+    lease_wait_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="how long a second run waits for the lease of a running one (0: refuse at once)",
+    )
+    exclude_damaged_frames: bool = Field(
+        False,
+        description="skip VIS frames that cannot be read (recorded in the run record) instead of failing the run",
+    )
+    # Injection physics and host selection. Ranges are [min, max] of uniform draws per task.
     split_fractions: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
         description="fraction of hosts in each split (hash of split_seed and the host id)",
@@ -446,6 +465,17 @@ class InjectionConfig(_Section):
     def _range(cls, v: tuple[float, float], info) -> tuple[float, float]:
         if not v[0] <= v[1]:
             raise ValueError(f"{info.field_name} must be [min, max] with min <= max, got {list(v)}")
+        return v
+
+    @field_validator("stage", "variant", "experiment_id")
+    @classmethod
+    def _path_segment(cls, v: str, info) -> str:
+        # These name folders and files of the output: one safe path segment each.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", str(v)) or ".." in str(v):
+            raise ValueError(
+                f"{info.field_name} {v!r} must be one path segment of letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit, no '..', at most 128 characters), e.g. v5_cosmos_source"
+            )
         return v
 
     @field_validator("split_fractions")
@@ -813,10 +843,25 @@ def _read_config_file(source: str | os.PathLike, storage_options: dict | None) -
     return data or {}
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"Invalid config ({source}):"]
-    for err in exc.errors():
+def _format_validation_error(exc: ValidationError, source: str, flag_paths: dict | None = None) -> str:
+    """One line per error; errors in a value that came from a command-line flag name the flag, not the file."""
+    flag_paths = flag_paths or {}
+    errs = exc.errors()
+    from_flags = [
+        next(
+            (f for path, f in flag_paths.items() if tuple(str(x) for x in e["loc"][: len(path)]) == path),
+            None,
+        )
+        for e in errs
+    ]
+    if errs and all(from_flags):
+        lines = ["Invalid command-line flag value:"]
+    else:
+        lines = [f"Invalid config ({source}{' and flags' if any(from_flags) else ''}):"]
+    for err, flag in zip(errs, from_flags, strict=True):
         loc = ".".join(str(x) for x in err["loc"])
+        if flag:
+            loc = f"--{flag} ({loc})"
         if err["type"] == "extra_forbidden":
             parent = tuple(str(x) for x in err["loc"][:-1])
             model: Any = PipelineConfig
@@ -884,7 +929,14 @@ def load_config(
             log.info("flag --%s=%r applied", key.replace("_", "-"), value)
 
     merged = _deep_merge(flags, file_dict)
+    flag_paths = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        path = resolve_override_key(key)
+        if not _get_path(file_dict, path)[0]:  # the flag's value is the one validated
+            flag_paths[tuple(path)] = key.rsplit(".", 1)[-1].replace("_", "-")
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, label)) from None
+        raise ConfigError(_format_validation_error(exc, label, flag_paths)) from None

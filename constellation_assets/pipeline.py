@@ -31,10 +31,12 @@ class RunSummary:
     checks: list[Any]
     tile_shear: Any  # polars DataFrame: per-tile recovered vs injected shear
     run_configs: dict[str, str]
+    #: tiles that could not be processed (tile id -> the error); the other tiles were completed
+    failed_tiles: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed or c.severity != "error" for c in self.checks)
+        return not self.failed_tiles and all(c.passed or c.severity != "error" for c in self.checks)
 
 
 def write_stage_record(cfg, stage: str, extra: dict | None = None) -> str:
@@ -71,8 +73,13 @@ def infer_many(
     device: str | None = None,
     batch_size: int | None = None,
     on_done: Callable[[Any], None] | None = None,
+    on_error: Callable[[str, BaseException], None] | None = None,
 ) -> list:
-    """Run the estimator on many manifests, in ``workers`` processes (spawned: torch is not fork-safe)."""
+    """Run the estimator on many manifests, in ``workers`` processes (spawned: torch is not fork-safe).
+
+    ``on_error(manifest_uri, exc)``: when given, a failing sub-tile is reported there and the others go on;
+    without it the first failure raises.
+    """
     from constellation_assets.shear.infer import infer_manifest
     from constellation_assets.shear.worker import infer_record_extra
 
@@ -81,7 +88,13 @@ def infer_many(
     results = []
     if workers == 1:
         for uri in uris:
-            res = infer_manifest(cfg, uri, device=device, batch_size=batch_size)
+            try:
+                res = infer_manifest(cfg, uri, device=device, batch_size=batch_size)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(uri, exc)
+                continue
             results.append(res)
             if on_done:
                 on_done(res)
@@ -92,7 +105,13 @@ def infer_many(
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futs = {pool.submit(_infer_one, cfg_dict, u, device, batch_size, threads): u for u in uris}
         for fut in cf.as_completed(futs):
-            res = fut.result()  # a failing sub-tile raises here, naming its manifest
+            try:
+                res = fut.result()  # a failing sub-tile raises here, naming its manifest
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(futs[fut], exc)
+                continue
             results.append(res)
             if on_done:
                 on_done(res)
@@ -141,8 +160,16 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
         truth = truth_frame(fs)
         seconds["field"] = time.perf_counter() - t0
 
+    # Per-tile failures (a damaged frame, a bad catalog) are reported and the healthy tiles are finished.
+    failed: dict[int, str] = {}
     t0 = time.perf_counter()
-    prep = prepare(cfg, tile_ids, progress=progress)
+    prep = []
+    for tile in tile_ids:
+        try:
+            prep += prepare(cfg, [tile], progress=progress)
+        except Exception as exc:  # noqa: BLE001 - reported per tile in the summary
+            failed[int(tile)] = _one_line(exc)
+            console.log(f"[bold red]tile {tile} failed[/] in prepare: {failed[int(tile)]}")
     manifests = [m for p in prep for m in p.manifest_uris]
     seconds["prepare"] = time.perf_counter() - t0
     records["prepare"] = stage_record_uri(cfg, "prepare")  # written by prepare()
@@ -159,7 +186,15 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
     )
     with Progress(*cols, console=console, disable=not progress) as bar:
         task = bar.add_task("infer sub-tiles", total=len(manifests))
-        results = infer_many(cfg, manifests, on_done=lambda r: bar.advance(task))
+
+        def _sub_tile_failed(uri: str, exc: BaseException) -> None:
+            tile = _tile_of_manifest(uri)
+            failed.setdefault(tile, f"sub-tile {uri.rsplit('/', 1)[-1]}: {_one_line(exc)}")
+            console.log(f"[bold red]tile {tile} failed[/] in infer: {failed[tile]}")
+            bar.advance(task)
+
+        results = infer_many(cfg, manifests, on_done=lambda r: bar.advance(task), on_error=_sub_tile_failed)
+    results = [r for r in results if _tile_of_manifest(r.manifest_uri) not in failed]  # no partial tiles
     seconds["infer"] = time.perf_counter() - t0
     n_written = sum(r.status == "written" for r in results)
     records["infer"] = stage_record_uri(cfg, "infer")  # written by infer_many()
@@ -187,10 +222,11 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
 
     t0 = time.perf_counter()
     grid = cfg.tiling.sub_tile_grid
+    done_ids = [t for t in tile_ids if int(t) not in failed]
     checks = run_catalog_checks(
-        cfg, expected=len(tile_ids) * grid[0] * grid[1], truth=truth, tile_ids=tile_ids
+        cfg, expected=len(done_ids) * grid[0] * grid[1], truth=truth, tile_ids=done_ids
     )
-    sources, subtiles = catalog_frames(catalog, tile_ids, namespace_from_config(cfg))
+    sources, subtiles = catalog_frames(catalog, done_ids, namespace_from_config(cfg))
     tile_shear = tile_shear_summary(subtiles, truth)
     seconds["validate"] = time.perf_counter() - t0
     return RunSummary(
@@ -202,4 +238,16 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
         checks=checks,
         tile_shear=tile_shear,
         run_configs=records,
+        failed_tiles=failed,
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _tile_of_manifest(uri: str) -> int:
+    """``{root}/manifests/{tile_id}/{tile_id}_{row}_{col}.yaml`` -> tile_id."""
+    name = str(uri).rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("_", 1)[0])

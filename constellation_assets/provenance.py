@@ -52,6 +52,8 @@ NON_DETERMINING_KEYS = frozenset(
         "output_uri",
         "force",
         "cosmos_bank_h5",  # the bank's content hash is recorded instead when it is used
+        "lease_timeout_s",  # how concurrent runs are kept apart, not what they produce
+        "lease_wait_s",
     }
 )
 
@@ -222,6 +224,8 @@ def check_idempotency(uri: str, new_hash: str, force: bool, storage_options: dic
         old = json.loads(read_text(uri, storage_options))
     except (ValueError, OSError):
         return "run"  # unreadable record: not a completed run
+    if str(old.get("status") or "complete") != "complete":
+        return "run"  # a started or failed run: its outputs are verified and completed by the next run
     old_hash = old.get("config_hash")
     if old_hash == new_hash:
         return "skip"

@@ -1,4 +1,4 @@
-"""End to end on H2's synthetic Q1 field: simulate a tiny field -> prepare one tile -> infer its 16 manifests
+"""End to end on the synthetic Q1 field: simulate a tiny field -> prepare one tile -> infer its 16 manifests
 (through the CLI) -> results readable, every core source in exactly one sub-tile, shear consistent with truth."""
 
 import json

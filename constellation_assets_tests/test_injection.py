@@ -48,7 +48,7 @@ def _bytes(uris):
 
 def write_test_bank(path: Path, n: int = 50, seed: int = 3) -> Path:
     """A small bank with every dataset the bank loader requires (single-Sersic and bulge + disk rows)."""
-    from constellation_assets.sim.bank import REQUIRED_DATASETS
+    from constellation_assets.sim.bank import REQUIRED_DATASETS, content_sha256
 
     rng = np.random.default_rng(seed)
     d = {
@@ -76,7 +76,7 @@ def write_test_bank(path: Path, n: int = 50, seed: int = 3) -> Path:
     with h5py.File(path, "w") as f:
         for k, v in d.items():
             f.create_dataset(k, data=v)
-        f.attrs["content_sha256"] = hashlib.sha256(b"".join(v.tobytes() for v in d.values())).hexdigest()
+        f.attrs["content_sha256"] = content_sha256(d)
         f.attrs["n_sources"] = n
     return path
 
@@ -245,7 +245,16 @@ def test_cosmos_mode_seed_columns_and_salt(tmp_path, field_data):
     for r in rows:
         assert r["source_mode"] == "cosmos"
         assert r["cosmos_index"] == choose_cosmos_index(r["task_id"], 50, "gen5_v1")
-        assert r["cosmos_hlr_arcsec"] == pytest.approx(hlr[r["cosmos_index"]])
+        # the template's own radius in its column; cosmos_hlr_arcsec is measured on the rendered lensed arc
+        assert r["cosmos_template_hlr_arcsec"] == pytest.approx(hlr[r["cosmos_index"]])
+        assert r["source_hlr_arcsec"] == r["cosmos_template_hlr_arcsec"]
+        assert r["cosmos_hlr_arcsec"] > 0 and r["cosmos_hlr_arcsec"] != r["cosmos_template_hlr_arcsec"]
+    # the measured radius is the one of the noiseless arc the run rendered for that task
+    single, _ = inj.render_single(cfg, rows[0]["task_id"])
+    assert rows[0]["cosmos_hlr_arcsec"] == inj.render.arc_half_light_radius_arcsec(single.arc[0], 0.1)
+    summary = inj.task_summary(single)
+    assert summary["source_n"] is None and summary["source_q"] is None  # Sersic draws unused in cosmos mode
+    assert summary["cosmos_hlr_arcsec"] == rows[0]["cosmos_hlr_arcsec"]
     record = json.loads(Path(res.run_config_uri).read_text())
     assert record["cosmos_salt"] == "gen5_v1" and record["cosmos_bank_h5"] == str(bank)
     assert record["extra"]["cosmos_bank_content_hash"]
@@ -306,3 +315,17 @@ def test_injection_hash_ignores_unrelated_sections():
     assert config_hash(a, {}, INJECTION_HASH_SECTIONS) == config_hash(b, {}, INJECTION_HASH_SECTIONS)
     assert config_hash(a, {}, INJECTION_HASH_SECTIONS) != config_hash(c, {}, INJECTION_HASH_SECTIONS)
     assert config_hash(a) != config_hash(b)  # the whole-config hash still sees them
+
+
+def test_arc_half_light_radius_against_a_gaussian():
+    """Circular Gaussian of sigma s: half of the flux lies within s * sqrt(2 ln 2)."""
+    from constellation_assets.sim.injection.render import arc_half_light_radius_arcsec
+
+    yy, xx = np.mgrid[0:128, 0:128]
+    for sigma_pix in (3.0, 6.0):
+        img = np.exp(-0.5 * ((xx - 63.3) ** 2 + (yy - 64.6) ** 2) / sigma_pix**2)
+        want = sigma_pix * np.sqrt(2 * np.log(2)) * 0.1
+        assert arc_half_light_radius_arcsec(img, 0.1) == pytest.approx(want, rel=0.02)
+    # a ring of radius 20 px and width ~1 px: the radius about its centroid is ~20 px
+    ring = np.exp(-0.5 * (np.hypot(xx - 64, yy - 64) - 20.0) ** 2)
+    assert arc_half_light_radius_arcsec(ring, 0.1) == pytest.approx(2.0, rel=0.03)

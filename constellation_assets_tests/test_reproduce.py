@@ -99,11 +99,11 @@ def test_inject_cli_config_precedence_single_png_and_force(tmp_path, monkeypatch
 
     conf = tmp_path / "gen5b.json"  # the run now in the output
     tasks = runner.invoke(main, ["inject", "--config", str(conf), "--list-tasks"])
-    task_id = tasks.output.strip().splitlines()[0].split("\t")[2]
+    task_id = tasks.stdout.strip().splitlines()[0].split("\t")[2]
     png = tmp_path / "one.png"
     res = runner.invoke(main, ["inject", "--config", str(conf), "--single", task_id, "--png", str(png)])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output[: res.output.rindex("}") + 1])
+    info = json.loads(res.stdout)
     assert info["task_id"] == task_id and info["cosmos_index"] is None and info["magnification"] > 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the single render is the same injection as in the run's shard

@@ -3,6 +3,10 @@
 Sub-commands live in the modules of this package: every module that defines ``register(main)`` adds its
 commands to the group (``constellation --help`` lists them). They call the same domain functions as the
 Dagster assets.
+
+Errors: every failure a user can cause or fix (bad input, missing data, a full disk, a held output) is printed
+as one message, ``Error: what, which input, what to do``, without a traceback (``--debug`` shows it). Exit
+codes: 0 success, 1 error, 2 usage (bad flags, invalid config), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -16,17 +20,25 @@ import sys
 import click
 
 from constellation_assets import __version__
+from constellation_assets.cli.errors import ConstellationGroup, set_debug
 from constellation_assets.config import ConfigError, load_config
 
 __all__ = ["config_options", "load_cli_config", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=ConstellationGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.version_option(__version__, prog_name="constellation")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="show the traceback of an error (and debug logging)")
+def main(verbose: bool, debug: bool) -> None:
     """Constellation: Euclid weak-lensing shear catalog and reproducible lens-injection simulations."""
     from rich.logging import RichHandler
+
+    set_debug(debug)
+    verbose = verbose or debug
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -44,10 +56,19 @@ def _stderr_console():
 
 def load_cli_config(config_path: str | None, flags: dict | None = None):
     """Load the config like ``load_config`` but turn config errors into a clean CLI error (exit code 2)."""
+    from constellation_assets.io.uri import is_s3
+
     try:
         return load_config(config_path, {k: v for k, v in (flags or {}).items() if v is not None})
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        msg = str(exc)
+        if config_path and is_s3(str(config_path)) and msg.startswith("Cannot read config"):
+            # the config's own data.s3 settings are not known before it is read: only the environment applies
+            msg += (
+                " An s3:// --config is read with the AWS_* environment only: set AWS_ENDPOINT_URL for an "
+                "S3-compatible store (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or copy the file locally."
+            )
+        raise click.UsageError(msg) from None
 
 
 def config_option(f):
@@ -92,6 +113,8 @@ def config_show(config_path, sets, **flags) -> None:
 def _register_all() -> None:
     pkg = sys.modules[__name__]
     for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
         module = importlib.import_module(f"{__name__}.{mod.name}")
         register = getattr(module, "register", None)
         if callable(register):

@@ -109,13 +109,13 @@ _FLAG_KEYS = {
 
 def _default_psf_fwhm(bands: list[str]) -> dict[str, float]:
     """Default PSF FWHM (arcsec) of known bands: VIS 0.17", NISP from the MER mosaics (~0.45-0.5")."""
-    from constellation_assets.sim.field import MER_BANDS, canonical_band
+    from constellation_assets.euclid import BANDS, VIS_PSF_FWHM_ARCSEC, canonical_band
 
     out = {}
     for b in bands:
-        mb = MER_BANDS.get(canonical_band(b))
+        mb = BANDS.get(canonical_band(b))
         if mb is not None:
-            out[b] = 0.17 if mb.psf_fwhm_arcsec is None else mb.psf_fwhm_arcsec
+            out[b] = VIS_PSF_FWHM_ARCSEC if mb.psf_fwhm_arcsec is None else mb.psf_fwhm_arcsec
     return out
 
 
@@ -259,9 +259,12 @@ def inject_cmd(config_path, single, png, list_tasks, partition_keys, **flags) ->
         )
     except _user_errors() as exc:
         _fail(exc)
+    for uri, why in sorted(res.excluded_frames.items()):
+        click.echo(f"excluded (injection.exclude_damaged_frames): {uri}: {why}", err=True)
     if res.skipped:
         click.echo(
-            f"Already complete (config_hash {res.config_hash}): {res.run_config_uri}. Use --force to redo."
+            f"Already complete (config_hash {res.config_hash}, all {len(res.shard_sha256)} shards verified against "
+            f"the recorded sha256): {res.run_config_uri}. Use --force to redo."
         )
         return
     click.echo(f"{res.n_rows} stamps in {len(res.shard_uris)} shard(s), {res.seconds:.1f} s")
@@ -290,13 +293,25 @@ def reproduce_cmd(run_config, output, force) -> None:
     except _user_errors() as exc:
         _fail(exc)
     res = rep.result
-    click.echo(f"{res.n_rows} stamps in {len(res.shard_uris)} shard(s) under {output}")
-    if rep.identical:
-        click.echo(f"byte-identical: all {len(res.shard_sha256)} shards match the recorded sha256")
+    where = "re-rendered in memory and compared with the files" if rep.rerendered_in_place else "written"
+    click.echo(f"{res.n_rows} stamps in {len(res.shard_uris)} shard(s) {where} under {output}")
+    if rep.identical and not rep.damaged_files:
+        click.echo(
+            f"byte-identical: all {len(res.shard_sha256)} re-rendered shards match the recorded sha256"
+        )
         return
+    if rep.identical:
+        click.echo(
+            f"Error: the record's config re-renders byte-identical shards, but {len(rep.damaged_files)} file(s) at "
+            f"the output differ from them: {rep.damaged_files[:5]}. What to do: `constellation reproduce "
+            f"{run_config} --output {output} --force` rewrites them",
+            err=True,
+        )
+        sys.exit(1)
     click.echo(
-        f"NOT identical: {len(rep.mismatched)} shard(s) differ {rep.mismatched[:5]}, missing {rep.missing[:5]} "
-        f"(recorded config_hash {rep.recorded_config_hash}, now {res.config_hash})",
+        f"Error: NOT identical: {len(rep.mismatched)} shard(s) differ {rep.mismatched[:5]}, missing {rep.missing[:5]} "
+        f"(recorded config_hash {rep.recorded_config_hash}, now {res.config_hash}): the inputs (hosts, bank), the "
+        "code or the platform changed since the run was recorded",
         err=True,
     )
     sys.exit(1)

@@ -46,6 +46,8 @@ def _print_summary(summary, console) -> None:
     console.print(f"catalog rows: {summary.n_sources_catalog} sources; timings: {secs}")
     for stage, uri in summary.run_configs.items():
         console.print(f"run config ({stage}): {uri}")
+    for tile, why in sorted(getattr(summary, "failed_tiles", {}).items()):
+        console.print(f"[bold red]tile {tile} FAILED[/] (not in the catalog): {why}")
 
 
 def register(main: click.Group) -> None:
@@ -84,6 +86,7 @@ def register(main: click.Group) -> None:
                 ],
                 "tile_shear": summary.tile_shear.to_dicts(),
                 "run_configs": summary.run_configs,
+                "failed_tiles": {str(k): v for k, v in getattr(summary, "failed_tiles", {}).items()},
             }
             click.echo(json.dumps(out, indent=2, default=str))
         if not summary.passed:

@@ -245,6 +245,7 @@ def lens_injections(
             "run_complete": dg.MetadataValue.bool(res.complete),
             "run_config_uri": dg.MetadataValue.text(str(res.run_config_uri or "")),
             "n_registered": dg.MetadataValue.int(res.n_registered),
+            "excluded_frames": dg.MetadataValue.json(dict(res.excluded_frames)),
         }
     )
 

@@ -214,7 +214,7 @@ class _PeakMemory:
 
 
 def _estimator_kwargs(cfg) -> dict[str, Any]:
-    """Estimator settings from the ``shear`` config section (H3's ``fpfs_kwargs_from_config``)."""
+    """Estimator settings from the ``shear`` config section (``shear.fpfs.fpfs_kwargs_from_config``)."""
     from constellation_assets.shear import fpfs
 
     kw = dict(fpfs.fpfs_kwargs_from_config(cfg))

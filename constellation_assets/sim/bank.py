@@ -444,16 +444,35 @@ def _load_cached(uri: str, fingerprint: str, storage_key: str) -> CosmosBank:
         raise CosmosBankError(
             f"{uri} is not a readable HDF5 COSMOS bank ({exc}); rebuild it with `constellation bank build`."
         ) from exc
-    with handle as f:
-        missing = [d for d in REQUIRED_DATASETS if d not in f]
-        if missing:
-            raise CosmosBankError(
-                f"{uri} lacks datasets {missing}: not a COSMOS bank of version {BANK_VERSION}; "
-                "rebuild it with `constellation bank build`."
-            )
-        data = {k: f[k][()] for k in f if k != "images"}
-        images = f["images"][()] if "images" in f else None
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    try:
+        with handle as f:
+            missing = [d for d in REQUIRED_DATASETS if d not in f]
+            if missing:
+                raise CosmosBankError(
+                    f"{uri} lacks datasets {missing}: not a COSMOS bank of version {BANK_VERSION}; "
+                    "rebuild it with `constellation bank build`."
+                )
+            data = {k: f[k][()] for k in f if k != "images"}
+            images = f["images"][()] if "images" in f else None
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CosmosBankError):
+            raise
+        raise CosmosBankError(
+            f"{uri}: the bank's data cannot be read ({type(exc).__name__}: {exc}); the file is damaged: "
+            "rebuild it with `constellation bank build` or copy it again."
+        ) from exc
+    # The recorded digest is verified against the content, so a bank edited in place (or damaged) is never
+    # used under its old identity: runs record the digest of what they actually read.
+    recorded = str(attrs.get("content_sha256") or "")
+    actual = content_sha256({**data, **({"images": images} if images is not None else {})})
+    if recorded and recorded != actual:
+        raise CosmosBankError(
+            f"{uri}: content sha256 {actual[:16]}... differs from the digest recorded in the bank "
+            f"({recorded[:16]}...): the file was modified or damaged after it was built. Rebuild it with "
+            "`constellation bank build` (or restore the original file)."
+        )
+    attrs["content_sha256"] = actual
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) != 1 or next(iter(lengths.values())) == 0:
         raise CosmosBankError(
