@@ -32,6 +32,18 @@ ROWS = [
         ),
     ),
     (
+        "S/N 10-100, FPFS S/N >= 10 (smooth, width 2), Sersic",
+        dict(
+            population="sersic",
+            n_galaxies=4000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            estimator_snr_min=10.0,
+            selection_bin_width=2.0,
+        ),
+    ),
+    (
         "realistic S/N 10-100, bulge+disk, PSF g=(0.03,0.02)",
         dict(
             population="bulge_disk",

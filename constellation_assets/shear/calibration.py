@@ -39,10 +39,11 @@ import numpy as np
 
 from constellation_assets.shear.ensemble import jackknife_blocks
 from constellation_assets.shear.fpfs import (
+    MOMENT_NAMES,
     FpfsSettings,
     measure_stamps,
     moment_noise_covariance,
-    shape_from_moments,
+    shear_from_moments,
 )
 
 POPULATIONS = ("sersic", "bulge_disk", "cosmos", "fixed")
@@ -75,6 +76,9 @@ class CalibrationSettings:
     c_ratio: float = FpfsSettings.c_ratio
     precision: str = FpfsSettings.precision
     noise_bias_correction: bool = FpfsSettings.noise_bias_correction
+    # Smooth selection on the measured FPFS S/N (0: none) and the width of its weight ramp.
+    estimator_snr_min: float = FpfsSettings.snr_min
+    selection_bin_width: float = FpfsSettings.selection_bin_width
     device: str = "cpu"
     batch_size: int = FpfsSettings.batch_size
     chunk_galaxies: int = 256
@@ -245,19 +249,19 @@ def render_galaxy_quad(settings: CalibrationSettings, index: int, psf, psf_symme
 
 
 def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp, cov, settings, measure_kw):
-    """Control variate: remove the first-order noise term ``J(M_clean) . M_noise`` from e and R.
+    """Control variate: remove the first-order noise term ``J(M_clean) . M_noise`` from w e and w R.
 
     The sims know each stamp's noise field, and the moments are linear in the image, so the linear
     noise term of any function of the moments is ``J . M_noise`` with the Jacobian ``J`` taken at the
     noiseless moments.  Its coefficient does not depend on the noise, so its mean is exactly zero: the
-    expectation of e and R (hence m and c) is unchanged, while the noise-driven scatter (dominant at low
-    S/N) drops to second order.
+    expectation of w e and w R (hence m and c) is unchanged, while the noise-driven scatter (dominant at
+    low S/N) drops to second order.  ``e_r`` holds the weighted ``we1, we2, wr11, wr22``.
     """
     import torch
 
     n_g = len(clean)
     n_real = noise_only[0].shape[0]
-    mom_names = ("m00", "m2c", "m2s", "a1", "a2")
+    nm = len(MOMENT_NAMES)
     cln = measure_stamps(
         np.concatenate(clean),
         psf_stamp,
@@ -265,20 +269,29 @@ def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp
         return_moments=True,
         **measure_kw,
     )
-    m0 = torch.tensor(np.stack([cln[k] for k in mom_names], axis=1), requires_grad=True)
-    c_const = settings.c_ratio * torch.sqrt(cov[0, 0]) * torch.ones(m0.shape[0], dtype=torch.float64)
-    shape = shape_from_moments(m0, cov.expand(m0.shape[0], 5, 5), c_const, settings.noise_bias_correction)
+    m0 = torch.tensor(np.stack([cln[k] for k in MOMENT_NAMES], axis=1), requires_grad=True)
+    sigma = torch.sqrt(cov[0, 0]) * torch.ones(m0.shape[0], dtype=torch.float64)
+    shape = shear_from_moments(
+        m0,
+        cov.expand(m0.shape[0], nm, nm),
+        sigma,
+        settings.c_ratio * sigma,
+        settings.estimator_snr_min,
+        settings.selection_bin_width,
+        settings.noise_bias_correction,
+    )
+    weighted = {f"w{k}": shape["weight"] * shape[k] for k in ("e1", "e2", "r11", "r22")}
     # Noise-only stamps: variants (0, 1) carry the noise at offset d, (2, 3) the rotated noise at d'.
     nz = np.concatenate(noise_only).reshape(-1, *noise_only[0].shape[2:])  # (n_g * n_real * 2, H, W)
     q_off = np.concatenate(clean_offsets).reshape(n_g, 4, 2)
     nz_off = np.repeat(q_off[:, [0, 2]][:, None], n_real, axis=1).reshape(-1, 2)
     nmo = measure_stamps(nz, psf_stamp, offsets_pix=nz_off, return_moments=True, **measure_kw)
-    mn = np.stack([nmo[k] for k in mom_names], axis=1).reshape(n_g, n_real, 2, 5)
-    mn = np.repeat(mn, 2, axis=2)  # (n_g, n_real, 4, 5): variant v uses noise v // 2
+    mn = np.stack([nmo[k] for k in MOMENT_NAMES], axis=1).reshape(n_g, n_real, 2, nm)
+    mn = np.repeat(mn, 2, axis=2)  # (n_g, n_real, 4, nm): variant v uses noise v // 2
     out = {}
     for key, value in e_r.items():
-        (jac,) = torch.autograd.grad(shape[key].sum(), m0, retain_graph=True)
-        jac = jac.detach().numpy().reshape(n_g, 1, 4, 5)
+        (jac,) = torch.autograd.grad(weighted[key].sum(), m0, retain_graph=True)
+        jac = jac.detach().numpy().reshape(n_g, 1, 4, nm)
         term = (jac * mn).sum(-1).reshape(-1)
         out[key] = value - term
     return out
@@ -354,6 +367,8 @@ def run_calibration(
         sigma_arcsec=settings.sigma_arcsec,
         c_ratio=settings.c_ratio,
         noise_bias_correction=settings.noise_bias_correction,
+        snr_min=settings.estimator_snr_min,
+        selection_bin_width=settings.selection_bin_width,
         precision=settings.precision,
         batch_size=settings.batch_size,
     )
@@ -395,7 +410,7 @@ def run_calibration(
             cat = measure_stamps(
                 np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
             )
-            e_r = {k: cat[k] for k in ("e1", "e2", "r11", "r22")}
+            e_r = {f"w{k}": cat["weight"] * cat[k] for k in ("e1", "e2", "r11", "r22")}
             if use_cv:
                 e_r = _subtract_linear_noise_term(
                     e_r, clean, clean_offsets, noise_only, psf_stamp, cov, settings, measure_kw
@@ -403,10 +418,9 @@ def run_calibration(
             sign = np.concatenate(signs)
             per_gal = n_real if noisy else 1
             gal_of_stamp = np.repeat(np.arange(len(idx)), 4 * per_gal) + start
-            w = cat["weight"]
             for comp in (0, 1):
-                e = e_r[f"e{comp + 1}"] * w
-                r = e_r[f"r{comp + 1}{comp + 1}"] * w
+                e = e_r[f"we{comp + 1}"]
+                r = e_r[f"wr{comp + 1}{comp + 1}"]
                 for k, s in enumerate((1.0, -1.0)):
                     sel = sign == s
                     np.add.at(sums[:, comp, k, 0], gal_of_stamp[sel], e[sel])
@@ -450,6 +464,8 @@ _SHEAR_FIELDS = {
     "device",
     "batch_size",
     "stamp_size_pix",
+    "estimator_snr_min",
+    "selection_bin_width",
 }
 
 
