@@ -18,6 +18,21 @@ import time
 from constellation_assets.shear.calibration import run_calibration
 
 ROWS = [
+    # Truncated PSF models: galaxies see the full PSF, the estimator a 21 x 21 cut-out (Q1 PSF stamps).
+    (
+        "noiseless, Moffat PSF cut to 21x21, as given",
+        dict(n_galaxies=500, measure_psf_box_pix=21, psf_wings="none"),
+    ),
+    ("noiseless, Moffat PSF cut to 21x21, fitted wing", dict(n_galaxies=500, measure_psf_box_pix=21)),
+    ("noiseless, Airy x Gaussian PSF, full", dict(n_galaxies=500, psf_model="airy_gaussian")),
+    (
+        "noiseless, Airy x Gaussian PSF cut to 21x21, as given",
+        dict(n_galaxies=500, psf_model="airy_gaussian", measure_psf_box_pix=21, psf_wings="none"),
+    ),
+    (
+        "noiseless, Airy x Gaussian PSF cut to 21x21, fitted wing",
+        dict(n_galaxies=500, psf_model="airy_gaussian", measure_psf_box_pix=21),
+    ),
     ("isolated noiseless, Sersic", dict(population="sersic", n_galaxies=2000)),
     ("isolated noiseless, COSMOS Sersic fits", dict(population="cosmos", n_galaxies=1000)),
     ("isolated noiseless, bulge+disk", dict(population="bulge_disk", n_galaxies=1000)),
@@ -82,6 +97,7 @@ def main() -> None:
     results = []
     t_all = time.perf_counter()
     for label, row in ROWS:
+        row = {"population": "sersic", **row}
         if args.only and args.only not in label:
             continue
         kw = {**COMMON, **row, "device": args.device}

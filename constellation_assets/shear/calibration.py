@@ -47,7 +47,13 @@ from constellation_assets.shear.fpfs import (
 )
 
 POPULATIONS = ("sersic", "bulge_disk", "cosmos", "fixed")
-PSF_MODELS = ("moffat", "gaussian", "image")
+PSF_MODELS = ("moffat", "gaussian", "airy_gaussian", "image")
+
+#: ``airy_gaussian``: Airy of a 1.2 m aperture with 0.3 central obscuration at 700 nm (lambda / D =
+#: 0.12") convolved with a Gaussian (jitter, charge diffusion) of FWHM 0.11": FWHM ~0.17", Airy-ring wings.
+AIRY_LAM_OVER_DIAM_ARCSEC = 0.12
+AIRY_OBSCURATION = 0.3
+AIRY_GAUSSIAN_FWHM_ARCSEC = 0.11
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,10 @@ class CalibrationSettings:
     moffat_beta: float = 2.5
     psf_g1: float = 0.0
     psf_g2: float = 0.0
+    # The estimator's PSF: the drawn PSF stamp cut to a centred box of this many pixels (0: the whole
+    # stamp), as real PSF models are (Q1: 21 x 21), while the galaxies see the full PSF.
+    measure_psf_box_pix: int = 0
+    psf_wings: str = "extend"
     pixel_scale_arcsec: float = 0.1
     stamp_size_pix: int = 64
     noise_sigma: float = 0.0
@@ -105,6 +115,8 @@ class CalibrationSettings:
             )
         if self.stamp_size_pix < 16 or self.stamp_size_pix % 2:
             raise ValueError(f"stamp_size_pix={self.stamp_size_pix} must be even and >= 16")
+        if self.measure_psf_box_pix < 0 or (self.measure_psf_box_pix and self.measure_psf_box_pix % 2 == 0):
+            raise ValueError(f"measure_psf_box_pix={self.measure_psf_box_pix} must be 0 or an odd box size")
         if self.n_noise_realizations < 1:
             raise ValueError(f"n_noise_realizations={self.n_noise_realizations} must be >= 1")
         return self
@@ -198,11 +210,27 @@ def make_psf(settings: CalibrationSettings, psf_image: np.ndarray | None = None)
         )
     elif settings.psf_model == "gaussian":
         psf = galsim.Gaussian(fwhm=settings.psf_fwhm_arcsec)
+    elif settings.psf_model == "airy_gaussian":
+        psf = galsim.Convolve(
+            galsim.Airy(lam_over_diam=AIRY_LAM_OVER_DIAM_ARCSEC, obscuration=AIRY_OBSCURATION),
+            galsim.Gaussian(fwhm=AIRY_GAUSSIAN_FWHM_ARCSEC),
+        )
     else:
         psf = galsim.Moffat(beta=settings.moffat_beta, fwhm=settings.psf_fwhm_arcsec)
     if settings.psf_g1 or settings.psf_g2:
         psf = psf.shear(g1=settings.psf_g1, g2=settings.psf_g2)
     return psf.withFlux(1.0)
+
+
+def truncate_psf(psf_stamp: np.ndarray, box_pix: int) -> np.ndarray:
+    """The PSF stamp with every pixel outside the centred ``box_pix`` x ``box_pix`` box set to 0 (not
+    renormalised: a truncated model sums to less than 1)."""
+    h, w = psf_stamp.shape[-2:]
+    half = int(box_pix) // 2
+    out = np.zeros_like(psf_stamp)
+    sl = (slice(h // 2 - half, h // 2 + half + 1), slice(w // 2 - half, w // 2 + half + 1))
+    out[sl] = psf_stamp[sl]
+    return out
 
 
 def _draw(obj, settings: CalibrationSettings, offset=(0.0, 0.0)) -> np.ndarray:
@@ -355,6 +383,8 @@ def run_calibration(
     psf_symmetric = settings.psf_model != "image" and settings.psf_g1 == 0 and settings.psf_g2 == 0
     psf_stamp = _draw(psf, settings)
     psf_stamp /= psf_stamp.sum()
+    if settings.measure_psf_box_pix:
+        psf_stamp = truncate_psf(psf_stamp, settings.measure_psf_box_pix)
 
     n_gal = settings.n_galaxies
     n_real = max(1, settings.n_noise_realizations)
@@ -369,6 +399,7 @@ def run_calibration(
         noise_bias_correction=settings.noise_bias_correction,
         snr_min=settings.estimator_snr_min,
         selection_bin_width=settings.selection_bin_width,
+        psf_wings=settings.psf_wings,
         precision=settings.precision,
         batch_size=settings.batch_size,
     )

@@ -62,12 +62,15 @@ relative) is far below the 1e-4 level of shear calibration.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Bit flags of the ``flags`` column (0 means a good measurement).
 FLAG_NONFINITE_INPUT = 1
@@ -321,6 +324,83 @@ def _prepare_psf_batch(
     return inv_f, inv_p2, bad
 
 
+#: A PSF stamp whose outermost pixel frame holds more than this fraction of its flux is truncated.
+PSF_BORDER_FRACTION_WARN = 1e-3
+
+
+def psf_support_half_size(psf_t: torch.Tensor) -> int:
+    """Half-size ``h`` of the centred square box ``(H//2 +- h, W//2 +- h)`` holding every nonzero PSF pixel."""
+    ny, nx = psf_t.shape[-2:]
+    nz = (psf_t != 0).reshape(-1, ny, nx).any(dim=0)
+    rows = torch.nonzero(nz.any(dim=1)).flatten()
+    cols = torch.nonzero(nz.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return 0
+    cy, cx = ny // 2, nx // 2
+    return int(max(cy - rows[0], rows[-1] - cy, cx - cols[0], cols[-1] - cx))
+
+
+def psf_border_fraction(psf_t: torch.Tensor, half: int) -> torch.Tensor:
+    """Fraction (N,) of each PSF's flux in the outermost pixel frame of its support box (truncation test)."""
+    ny, nx = psf_t.shape[-2:]
+    cy, cx = ny // 2, nx // 2
+    box = psf_t[..., cy - half : cy + half + 1, cx - half : cx + half + 1].to(torch.float64)
+    inner = box[..., 1:-1, 1:-1].sum(dim=(-2, -1)) if half >= 1 else torch.zeros(box.shape[:-2])
+    total = box.sum(dim=(-2, -1))
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total != 0, (total - inner) / safe, torch.zeros_like(total))
+
+
+def extend_psf_wings(psf_t: torch.Tensor, half: int, ring_pix: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend PSF stamps truncated to the box ``|x|, |y| <= half`` with a fitted power-law wing.
+
+    Real PSF models stop at a few arcsec (Euclid Q1: 21 x 21 native pixels) while the galaxy light was
+    convolved with the full PSF; deconvolving with the truncated (renormalised) stamp misestimates the
+    low-k transfer function.  For each PSF (N, H, W) the azimuthal mean profile in the ``ring_pix``
+    outermost one-pixel annuli inside the box (radii ``half - ring_pix + 1 .. half``) is fitted with
+    ``I(r) = A r^-gamma`` (least squares in log-log, ``gamma`` clamped to [2, 8]) and the pixels
+    outside the box are set to that law, so the stamp carries the wing out to its own edges (the
+    galaxy stamp's extent); the estimator then normalises the whole stamp to unit sum.  A PSF whose
+    ring is not positive keeps its truncated form.  Returns ``(extended psf, ok (N,))``.
+    """
+    ny, nx = psf_t.shape[-2:]
+    cy, cx = ny // 2, nx // 2
+    radii, member, log_r, outside = _wing_geometry(ny, nx, half, ring_pix, psf_t.device)
+    if len(radii) < 2:
+        return psf_t, torch.zeros(psf_t.shape[0], dtype=torch.bool, device=psf_t.device)
+    box = psf_t[:, cy - half : cy + half + 1, cx - half : cx + half + 1].to(torch.float64)
+    prof = box.reshape(box.shape[0], -1) @ member  # (N, R): azimuthal means in the ring annuli
+    ok = (prof > 0).all(dim=1)
+    logp = torch.log(torch.where(prof > 0, prof, torch.ones_like(prof)))
+    logr = torch.log(radii)
+    lr = logr - logr.mean()
+    slope = ((logp - logp.mean(dim=1, keepdim=True)) * lr).sum(dim=1) / (lr * lr).sum()
+    gamma = (-slope).clamp(2.0, 8.0)
+    log_a = (logp + gamma[:, None] * logr).mean(dim=1)
+    dt = psf_t.dtype
+    wing = torch.exp(log_a.to(dt)[:, None, None] - gamma.to(dt)[:, None, None] * log_r.to(dt)[None])
+    ext = torch.where(outside[None] & ok[:, None, None], wing, psf_t)
+    return ext, ok
+
+
+@functools.lru_cache(maxsize=16)
+def _wing_geometry(
+    ny: int, nx: int, half: int, ring_pix: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ring radii (R,), annulus averaging matrix ((2h+1)^2, R), log r (H, W) and the outside-box mask."""
+    cy, cx = ny // 2, nx // 2
+    yy = torch.arange(ny, dtype=torch.float64, device=device) - cy
+    xx = torch.arange(nx, dtype=torch.float64, device=device) - cx
+    r = torch.sqrt(yy[:, None] ** 2 + xx[None, :] ** 2)
+    radii = torch.arange(half - ring_pix + 1, half + 1, dtype=torch.float64, device=device)
+    radii = radii[radii >= 1]
+    rb = torch.round(r[cy - half : cy + half + 1, cx - half : cx + half + 1]).reshape(-1)
+    member = (rb[:, None] == radii[None, :]).to(torch.float64)
+    member = member / member.sum(dim=0).clamp_min(1.0)
+    outside = (yy.abs()[:, None] > half) | (xx.abs()[None, :] > half)
+    return radii, member, torch.log(r.clamp_min(1.0)), outside
+
+
 def moment_noise_covariance(
     psf: Any,
     pixel_scale_arcsec: float,
@@ -477,6 +557,7 @@ def measure_stamps(
     psf_floor: float = FpfsSettings.psf_floor,
     return_moments: bool = False,
     return_covariance: bool = False,
+    psf_wings: str = "extend",
 ) -> dict[str, np.ndarray]:
     """Measure FPFS ellipticities and analytic shear responses on a batch of stamps.
 
@@ -498,6 +579,11 @@ def measure_stamps(
             ``snr_min`` to 1 at ``snr_min + selection_bin_width`` (:func:`selection_weight`); its
             noise-corrected response is in ``r11``/``r22`` (see :func:`shear_from_moments`).
         return_moments: also return the raw moments :data:`MOMENT_NAMES` (pixel frame).
+        psf_wings: PSF stamps whose nonzero pixels stop inside the stamp (a truncated PSF model):
+            ``"extend"`` (default) continues them with a power-law wing fitted to their outer ring
+            (:func:`extend_psf_wings`), ``"none"`` deconvolves the truncated stamp as given.  Either way
+            ``psf_border_frac`` reports the flux fraction in the support box's outermost pixel frame;
+            above :data:`PSF_BORDER_FRACTION_WARN` the PSF model is truncated (logged).
         return_covariance: also return ``cov`` (N, 6, 6), the moments' noise covariance (to combine
             exposures at the moment level, :func:`constellation_assets.shear.stamps.combine_exposure_moments`).
 
@@ -547,6 +633,13 @@ def measure_stamps(
         if offs.shape != (n, 2):
             raise ValueError(f"offsets_pix must have shape ({n}, 2) as (dx, dy); got {tuple(offs.shape)}")
 
+    if psf_wings not in ("extend", "none"):
+        raise ValueError(f"psf_wings={psf_wings!r} is not supported: use 'extend' or 'none'")
+    support = psf_support_half_size(psf_t)
+    truncated = 0 < support < min(ny // 2, nx // 2) - 1  # room outside the model's box
+    extend = truncated and psf_wings == "extend"
+    border = torch.zeros(n, dtype=torch.float64, device=dev)
+
     weights, mult, kx_pix, ky_pix, pair = _weight_tables(
         ny, nx, float(pixel_scale_arcsec), float(sigma_arcsec), dev
     )
@@ -556,7 +649,12 @@ def measure_stamps(
     finite = torch.empty(n, dtype=torch.bool, device=dev)
     shared_psf = psf_t.shape[0] == 1
     if shared_psf:
-        inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_t.to(dev, torch.float64), psf_floor)
+        psf_d = psf_t.to(dev, torch.float64)
+        if truncated:
+            border[:] = psf_border_fraction(psf_d, support)[0]
+        if extend:
+            psf_d = extend_psf_wings(psf_d, support)[0]
+        inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_d, psf_floor)
         w_ri = _weights_ri(weights, inv_psf_f.reshape(-1), rdtype)
         cov = _cov_from_inv_psf2(inv_psf2, pair, npix=ny * nx, noise_var=noise**2) if with_noise else None
     else:
@@ -575,9 +673,13 @@ def measure_stamps(
             batch = torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)
         inv_f = None
         if not shared_psf:
-            inv_f, q2, bad_psf[start:stop] = _prepare_psf_batch(
-                psf_t[start:stop].to(device=dev, non_blocking=True), psf_floor, rdtype
-            )
+            psf_b = psf_t[start:stop].to(device=dev, non_blocking=True)
+            if truncated:
+                border[start:stop] = psf_border_fraction(psf_b, support)
+            if extend:
+                psf_b = extend_psf_wings(psf_b, support)[0]
+            inv_f, q2, bad_psf[start:stop] = _prepare_psf_batch(psf_b, psf_floor, rdtype)
+            del psf_b
             if cov is not None:
                 cov[start:stop] = _cov_from_inv_psf2(q2, pair, ny * nx, noise[start:stop] ** 2)
             del q2
@@ -618,6 +720,19 @@ def measure_stamps(
     result_t["weight"] = torch.where(good, shape["weight"], zero)
     result_t["snr"] = snr
     result_t["m00"] = moments[:, _M00]
+    result_t["psf_border_frac"] = border
+    if truncated:
+        worst = float(border.max()) if n else 0.0
+        if worst > PSF_BORDER_FRACTION_WARN:
+            log.warning(
+                "PSF model truncated: its %dx%d support box carries up to %.2e of its flux in the outermost "
+                "pixel frame (> %.0e); %s",
+                2 * support + 1,
+                2 * support + 1,
+                worst,
+                PSF_BORDER_FRACTION_WARN,
+                "wings extended with a fitted power law" if extend else "deconvolved as truncated",
+            )
     result_t["flags"] = flags
     if return_moments:
         for i, name in enumerate(MOMENT_NAMES[1:], start=1):
