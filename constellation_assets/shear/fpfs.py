@@ -326,6 +326,8 @@ def _prepare_psf_batch(
 
 #: A PSF stamp whose outermost pixel frame holds more than this fraction of its flux is truncated.
 PSF_BORDER_FRACTION_WARN = 1e-3
+#: Width of the outer ring of a truncated PSF model on which its power-law wing is fitted (pixels).
+WING_RING_PIX = 4
 
 
 def psf_support_half_size(psf_t: torch.Tensor) -> int:
@@ -351,7 +353,9 @@ def psf_border_fraction(psf_t: torch.Tensor, half: int) -> torch.Tensor:
     return torch.where(total != 0, (total - inner) / safe, torch.zeros_like(total))
 
 
-def extend_psf_wings(psf_t: torch.Tensor, half: int, ring_pix: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def extend_psf_wings(
+    psf_t: torch.Tensor, half: int, ring_pix: int = WING_RING_PIX
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend PSF stamps truncated to the box ``|x|, |y| <= half`` with a fitted power-law wing.
 
     Real PSF models stop at a few arcsec (Euclid Q1: 21 x 21 native pixels) while the galaxy light was
@@ -581,7 +585,8 @@ def measure_stamps(
         return_moments: also return the raw moments :data:`MOMENT_NAMES` (pixel frame).
         psf_wings: PSF stamps whose nonzero pixels stop inside the stamp (a truncated PSF model):
             ``"extend"`` (default) continues them with a power-law wing fitted to their outer ring
-            (:func:`extend_psf_wings`), ``"none"`` deconvolves the truncated stamp as given.  Either way
+            (:func:`extend_psf_wings`; for a support box of half-size >= 8 pixels, so the ring is in the
+            wing), ``"none"`` deconvolves the truncated stamp as given.  Either way
             ``psf_border_frac`` reports the flux fraction in the support box's outermost pixel frame;
             above :data:`PSF_BORDER_FRACTION_WARN` the PSF model is truncated (logged).
         return_covariance: also return ``cov`` (N, 6, 6), the moments' noise covariance (to combine
@@ -637,7 +642,8 @@ def measure_stamps(
         raise ValueError(f"psf_wings={psf_wings!r} is not supported: use 'extend' or 'none'")
     support = psf_support_half_size(psf_t)
     truncated = 0 < support < min(ny // 2, nx // 2) - 1  # room outside the model's box
-    extend = truncated and psf_wings == "extend"
+    # The wing is fitted on the ring half - 3 .. half: only meaningful when that ring lies outside the core.
+    extend = truncated and psf_wings == "extend" and support >= 2 * WING_RING_PIX
     border = torch.zeros(n, dtype=torch.float64, device=dev)
 
     weights, mult, kx_pix, ky_pix, pair = _weight_tables(
