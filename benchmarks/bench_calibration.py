@@ -59,6 +59,29 @@ ROWS = [
         ),
     ),
     (
+        "S/N 10-100, 4 exposures, moment-level, FPFS S/N >= 10",
+        dict(
+            n_galaxies=1000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            n_exposures=4,
+            estimator_snr_min=10.0,
+        ),
+    ),
+    (
+        "S/N 10-100, 4 exposures, per-exposure e/R, S/N >= 10",
+        dict(
+            n_galaxies=1000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            n_exposures=4,
+            exposure_combination="per_exposure",
+            estimator_snr_min=10.0,
+        ),
+    ),
+    (
         "realistic S/N 10-100, bulge+disk, PSF g=(0.03,0.02)",
         dict(
             population="bulge_disk",

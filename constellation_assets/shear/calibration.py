@@ -79,6 +79,11 @@ class CalibrationSettings:
     snr_power_law_index: float = -2.0
     population: str = "sersic"
     n_noise_realizations: int = 1
+    # Noisy runs: each stamp observed in this many exposures, each with noise_sigma * sqrt(n_exposures)
+    # (the combined depth is unchanged), combined at the moment level ("moments", the pipeline's way)
+    # or as per-exposure e / R ("per_exposure": ratios, cut and responses at the single-exposure S/N).
+    n_exposures: int = 1
+    exposure_combination: str = "moments"
     control_variate: bool = True
     seed: int = 0
     # Estimator settings (the ``shear`` section).
@@ -117,6 +122,11 @@ class CalibrationSettings:
             raise ValueError(f"stamp_size_pix={self.stamp_size_pix} must be even and >= 16")
         if self.measure_psf_box_pix < 0 or (self.measure_psf_box_pix and self.measure_psf_box_pix % 2 == 0):
             raise ValueError(f"measure_psf_box_pix={self.measure_psf_box_pix} must be 0 or an odd box size")
+        if self.n_exposures < 1 or self.exposure_combination not in ("moments", "per_exposure"):
+            raise ValueError(
+                f"n_exposures={self.n_exposures} must be >= 1 and exposure_combination="
+                f"{self.exposure_combination!r} one of 'moments', 'per_exposure'"
+            )
         if self.n_noise_realizations < 1:
             raise ValueError(f"n_noise_realizations={self.n_noise_realizations} must be >= 1")
         return self
@@ -325,6 +335,34 @@ def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp
     return out
 
 
+def _measure_exposures(images, offsets, psf_stamp, settings, measure_kw, n_exp):
+    """Per-stamp e, R, weight from ``n_exp`` consecutive exposures per stamp (``exposure_combination``)."""
+    from constellation_assets.shear.stamps import combine_exposure_moments, combine_exposures
+
+    n = len(images) // n_exp
+    si = np.repeat(np.arange(n), n_exp)
+    kw = dict(measure_kw, noise_sigma=settings.noise_sigma * math.sqrt(n_exp))
+    if settings.exposure_combination == "per_exposure":
+        per = measure_stamps(images, psf_stamp, offsets_pix=offsets, **kw)
+        return combine_exposures(n, si, per, np.ones(len(si), dtype=bool))
+    kw["snr_min"] = 0.0
+    per = measure_stamps(
+        images, psf_stamp, offsets_pix=offsets, return_moments=True, return_covariance=True, **kw
+    )
+    mom = np.stack([per[k] for k in MOMENT_NAMES], axis=1)
+    return combine_exposure_moments(
+        n,
+        si,
+        mom,
+        per["cov"],
+        np.ones(len(si), dtype=bool),
+        c_ratio=settings.c_ratio,
+        snr_min=settings.estimator_snr_min,
+        selection_bin_width=settings.selection_bin_width,
+        noise_bias_correction=settings.noise_bias_correction,
+    )
+
+
 def _draw_snr(settings: CalibrationSettings, rng: np.random.Generator) -> float:
     """Matched-filter S/N from a power law dN/dS ~ S^index on [snr_min, snr_max]."""
     a, b, k = settings.snr_min, settings.snr_max, settings.snr_power_law_index
@@ -403,7 +441,9 @@ def run_calibration(
         precision=settings.precision,
         batch_size=settings.batch_size,
     )
-    use_cv = noisy and settings.control_variate
+    n_exp = settings.n_exposures
+    # The control variate needs the estimator to be a function of the combined moments.
+    use_cv = noisy and settings.control_variate and (n_exp == 1 or settings.exposure_combination == "moments")
     if use_cv:
         cov = moment_noise_covariance(
             psf_stamp, settings.pixel_scale_arcsec, settings.noise_sigma, settings.sigma_arcsec
@@ -420,15 +460,27 @@ def run_calibration(
                     # One noise field per realisation, shared by the +g and -g stamps (noise cancels in
                     # g+ - g-) and rotated with the galaxy for the 90-degree pair.
                     rng = _rng(settings.seed, i, "noise")
-                    noise = rng.standard_normal(size=(n_real, *quad.shape[1:]), dtype=np.float32)
-                    noise *= np.float32(settings.noise_sigma)
-                    noise90 = rot90_about_centre(noise)
-                    stamps.append(
-                        (quad[None] + np.stack([noise, noise, noise90, noise90], axis=1)).reshape(
-                            -1, *quad.shape[1:]
+                    if n_exp == 1:
+                        noise = rng.standard_normal(size=(n_real, *quad.shape[1:]), dtype=np.float32)
+                        noise *= np.float32(settings.noise_sigma)
+                        noise90 = rot90_about_centre(noise)
+                        stamps.append(
+                            (quad[None] + np.stack([noise, noise, noise90, noise90], axis=1)).reshape(
+                                -1, *quad.shape[1:]
+                            )
                         )
-                    )
-                    offsets.append(np.tile(off, (n_real, 1)))
+                        offsets.append(np.tile(off, (n_real, 1)))
+                    else:
+                        # (n_real, n_exp, H, W): exposure noise, each sqrt(n_exp) deeper than the total.
+                        noise_e = rng.standard_normal(size=(n_real, n_exp, *quad.shape[1:]), dtype=np.float32)
+                        noise_e *= np.float32(settings.noise_sigma * math.sqrt(n_exp))
+                        noise_e90 = rot90_about_centre(noise_e)
+                        per_exp = quad[None, :, None] + np.stack(
+                            [noise_e, noise_e, noise_e90, noise_e90], axis=1
+                        )
+                        stamps.append(per_exp.reshape(-1, *quad.shape[1:]))  # variant-major, then exposure
+                        offsets.append(np.tile(np.repeat(off, n_exp, axis=0), (n_real, 1)))
+                        noise, noise90 = noise_e.mean(axis=1), noise_e90.mean(axis=1)  # combined noise
                     signs.append(np.tile(sign, n_real))
                     if use_cv:
                         clean.append(quad)
@@ -438,9 +490,14 @@ def run_calibration(
                     stamps.append(quad)
                     offsets.append(off)
                     signs.append(sign)
-            cat = measure_stamps(
-                np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
-            )
+            if noisy and n_exp > 1:
+                cat = _measure_exposures(
+                    np.concatenate(stamps), np.concatenate(offsets), psf_stamp, settings, measure_kw, n_exp
+                )
+            else:
+                cat = measure_stamps(
+                    np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
+                )
             e_r = {f"w{k}": cat["weight"] * cat[k] for k in ("e1", "e2", "r11", "r22")}
             if use_cv:
                 e_r = _subtract_linear_noise_term(

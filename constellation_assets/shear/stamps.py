@@ -118,7 +118,9 @@ __all__ = [
 
 #: FLG bits that mask a pixel for shear: any of the first 8 (INVALID, HOT, COLD, SATURATED, COSMIC, ...).
 FLG_MASK_BITS = 0xFF
-CENTER_RADIUS_PIX_DEFAULT = 2.0
+#: A masked pixel this close to the source centre rejects the exposure (1 px: with the cubic symmetric fill
+#: the bias of 5 % cosmic-ray masks is the same as with 2 px, and 14 % instead of 34 % of stamps are lost).
+CENTER_RADIUS_PIX_DEFAULT = 1.0
 MAX_MASKED_FRACTION_DEFAULT = 0.5
 APERTURE_RADIUS_PIX_DEFAULT = 8.0
 
