@@ -83,6 +83,11 @@ class CalibrationSettings:
     # (the combined depth is unchanged), combined at the moment level ("moments", the pipeline's way)
     # or as per-exposure e / R ("per_exposure": ratios, cut and responses at the single-exposure S/N).
     n_exposures: int = 1
+    # Noisy runs: a catalog-like detection cut without response, as the MER S/N cut upstream: keep a
+    # stamp when its flux in a fixed round Gaussian aperture (sigma detection_sigma_arcsec) on the noisy
+    # sheared image has S/N >= detection_snr_min (0: no cut).  Disables the control variate.
+    detection_snr_min: float = 0.0
+    detection_sigma_arcsec: float = 0.15
     exposure_combination: str = "moments"
     control_variate: bool = True
     seed: int = 0
@@ -335,6 +340,21 @@ def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp
     return out
 
 
+def _detection_snr(images, offsets, settings, n_exp):
+    """S/N of the flux in a round Gaussian aperture at the source (a catalog detection S/N proxy)."""
+    n, h, w = images.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    s = settings.detection_sigma_arcsec / settings.pixel_scale_arcsec
+    dx = xx[None] - (w // 2 + offsets[:, 0, None, None])
+    dy = yy[None] - (h // 2 + offsets[:, 1, None, None])
+    g = np.exp(-0.5 * (dx * dx + dy * dy) / s**2)
+    sigma = settings.noise_sigma * math.sqrt(n_exp)
+    snr = (images * g).sum(axis=(1, 2)) / (sigma * np.sqrt((g * g).sum(axis=(1, 2))))
+    if n_exp > 1:  # exposures of one stamp: combined (equal depth) S/N
+        snr = snr.reshape(-1, n_exp).sum(axis=1) / math.sqrt(n_exp)
+    return snr
+
+
 def _measure_exposures(images, offsets, psf_stamp, settings, measure_kw, n_exp):
     """Per-stamp e, R, weight from ``n_exp`` consecutive exposures per stamp (``exposure_combination``)."""
     from constellation_assets.shear.stamps import combine_exposure_moments, combine_exposures
@@ -443,7 +463,12 @@ def run_calibration(
     )
     n_exp = settings.n_exposures
     # The control variate needs the estimator to be a function of the combined moments.
-    use_cv = noisy and settings.control_variate and (n_exp == 1 or settings.exposure_combination == "moments")
+    use_cv = (
+        noisy
+        and settings.control_variate
+        and (n_exp == 1 or settings.exposure_combination == "moments")
+        and settings.detection_snr_min <= 0
+    )
     if use_cv:
         cov = moment_noise_covariance(
             psf_stamp, settings.pixel_scale_arcsec, settings.noise_sigma, settings.sigma_arcsec
@@ -499,6 +524,9 @@ def run_calibration(
                     np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
                 )
             e_r = {f"w{k}": cat["weight"] * cat[k] for k in ("e1", "e2", "r11", "r22")}
+            if noisy and settings.detection_snr_min > 0:
+                keep = _detection_snr(np.concatenate(stamps), np.concatenate(offsets), settings, n_exp)
+                e_r = {k: v * (keep >= settings.detection_snr_min) for k, v in e_r.items()}
             if use_cv:
                 e_r = _subtract_linear_noise_term(
                     e_r, clean, clean_offsets, noise_only, psf_stamp, cov, settings, measure_kw

@@ -7,8 +7,12 @@ Engines (``inference.engine`` in the config, an opaque section):
 
 ``builtin`` (default)
     The PyTorch FPFS estimator (:func:`constellation_assets.shear.measure_stamps`) on stamps cut by
-    :mod:`constellation_assets.shear.stamps`, measured per exposure in batches of ``compute.batch_size``
-    and combined per source by inverse variance.
+    :mod:`constellation_assets.shear.stamps`, measured per exposure in batches of ``compute.batch_size``;
+    each exposure's FPFS moments are mapped to the sky frame and combined per source by inverse variance,
+    then e, the smooth FPFS S/N selection (``shear.estimator_snr_min``) and the noise-corrected responses
+    are formed once per source (:func:`constellation_assets.shear.stamps.combine_exposure_moments`).
+    Catalog frame: ``E1``/``E2`` in (west, north), ``E1 > 0`` along RA, ``E2 > 0`` along NW-SE; tools
+    working in (east, north) need ``-E2`` (see :mod:`constellation_assets.shear.stamps`).
 ``external``
     A configured command (e.g. SHINE) run once per manifest as a subprocess; it must write a Parquet file
     with the per-source columns of ``SOURCE_RESULT_SCHEMA`` (optionally with the sub-tile summary as JSON
