@@ -1313,10 +1313,12 @@ def combine_exposure_moments(
     a = np.where(good, a, 0.0)
     sum_a = np.bincount(si, weights=a, minlength=n_sources)
     nm = moments.shape[1]
-    mom_c = np.zeros((n_sources, nm))
-    cov_c = np.zeros((n_sources, nm, nm))
-    np.add.at(mom_c, si, a[:, None] * moments)
-    np.add.at(cov_c, si, (a * a)[:, None, None] * cov)
+    # Per-source sums, one bincount per moment / covariance entry (np.add.at is ~10x slower).
+    mom_c = np.stack([np.bincount(si, weights=a * moments[:, i], minlength=n_sources) for i in range(nm)], 1)
+    cov_flat = cov.reshape(len(si), nm * nm)
+    cov_c = np.stack(
+        [np.bincount(si, weights=a * a * cov_flat[:, k], minlength=n_sources) for k in range(nm * nm)], 1
+    ).reshape(n_sources, nm, nm)
     has = sum_a > 0
     inv = np.where(has, 1.0 / np.where(has, sum_a, 1.0), 0.0)
     mom_c *= inv[:, None]
