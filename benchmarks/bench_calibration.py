@@ -81,6 +81,43 @@ ROWS = [
             estimator_snr_min=10.0,
         ),
     ),
+    # A catalog (MER-like) detection S/N cut without response vs the FPFS S/N cut with its response,
+    # on a population reaching below the cut (matched-filter S/N 5-100).  No control variate with a
+    # detection cut (it depends on the noise), hence the larger errors.
+    (
+        "S/N 5-100, detection S/N >= 10, no response",
+        dict(
+            n_galaxies=1000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            snr_min=5.0,
+            detection_snr_min=10.0,
+        ),
+    ),  # fmt: skip
+    (
+        "S/N 5-100, detection S/N >= 5 + FPFS S/N >= 10",
+        dict(
+            n_galaxies=1000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            snr_min=5.0,
+            detection_snr_min=5.0,
+            estimator_snr_min=10.0,
+        ),
+    ),  # fmt: skip
+    (
+        "S/N 5-100, FPFS S/N >= 10 only",
+        dict(
+            n_galaxies=1000,
+            noise_sigma=1.0,
+            n_noise_realizations=25,
+            stamp_size_pix=48,
+            snr_min=5.0,
+            estimator_snr_min=10.0,
+        ),
+    ),  # fmt: skip
     (
         "realistic S/N 10-100, bulge+disk, PSF g=(0.03,0.02)",
         dict(
