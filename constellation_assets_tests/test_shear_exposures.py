@@ -108,6 +108,11 @@ def test_moment_level_combination_is_inverse_variance_and_selects_once():
     assert out["flags"][3] == st.FLAG_NO_COVERAGE
     single = st.combine_exposure_moments(1, np.zeros(1, int), mom[2:3], cov[2:3], good[:1], snr_min=10.0)
     assert single["weight"][0] == 0 and single["flags"][0] & fpfs.FLAG_BELOW_SNR_MIN
+    # No stamps at all (every source off the manifest's quadrants).
+    none = st.combine_exposure_moments(
+        3, np.zeros(0, int), np.zeros((0, 6)), np.zeros((0, 6, 6)), np.zeros(0, bool)
+    )
+    assert np.all(none["weight"] == 0) and np.all(none["flags"] == st.FLAG_NO_COVERAGE)
 
 
 def test_cubic_symmetric_fill_does_not_smooth_the_profile():

@@ -1311,14 +1311,21 @@ def combine_exposure_moments(
         a = np.where(var0 > 0, 1.0 / np.where(var0 > 0, var0, 1.0), 0.0)
     a = np.where(noiseless[si] & (var0 <= 0), 1.0, a) if len(si) else a
     a = np.where(good, a, 0.0)
-    sum_a = np.bincount(si, weights=a, minlength=n_sources)
+    sum_a = np.bincount(si, weights=a, minlength=n_sources).astype(np.float64)
     nm = moments.shape[1]
     # Per-source sums, one bincount per moment / covariance entry (np.add.at is ~10x slower).
-    mom_c = np.stack([np.bincount(si, weights=a * moments[:, i], minlength=n_sources) for i in range(nm)], 1)
+    # (np.bincount returns int64 for an empty input: cast.)
+    mom_c = np.stack(
+        [np.bincount(si, weights=a * moments[:, i], minlength=n_sources) for i in range(nm)], 1
+    ).astype(np.float64)
     cov_flat = cov.reshape(len(si), nm * nm)
-    cov_c = np.stack(
-        [np.bincount(si, weights=a * a * cov_flat[:, k], minlength=n_sources) for k in range(nm * nm)], 1
-    ).reshape(n_sources, nm, nm)
+    cov_c = (
+        np.stack(
+            [np.bincount(si, weights=a * a * cov_flat[:, k], minlength=n_sources) for k in range(nm * nm)], 1
+        )
+        .astype(np.float64)
+        .reshape(n_sources, nm, nm)
+    )
     has = sum_a > 0
     inv = np.where(has, 1.0 / np.where(has, sum_a, 1.0), 0.0)
     mom_c *= inv[:, None]
