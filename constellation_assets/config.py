@@ -256,13 +256,19 @@ class ShearConfig(_Section):
         4.0, ge=0.0, description="FPFS ellipticity denominator constant, in units of sigma(M00)"
     )
     estimator_snr_min: float = Field(
-        0.0, ge=0.0, description="cut on the measured FPFS S/N (0: none); its selection response goes into R"
+        0.0,
+        ge=0.0,
+        description="smooth selection on the FPFS S/N of the exposure-combined moments (0: none); "
+        "its noise-corrected response goes into R",
     )
     selection_bin_width: float = Field(
-        0.5, gt=0.0, description="S/N width for the analytic selection response"
+        2.0,
+        gt=0.0,
+        description="S/N width of the selection weight's ramp (0 at snr_min, 1 at snr_min + width)",
     )
     noise_bias_correction: bool = Field(
-        True, description="second-order FPFS noise-bias correction of e and R"
+        True,
+        description="subtract the noise term of the shape and selection responses (exact for Gaussian noise)",
     )
     precision: Literal["float32", "float64"] = Field(
         "float32", description="FFT and moment precision (e, R and noise covariance: float64)"

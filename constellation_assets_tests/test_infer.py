@@ -13,6 +13,7 @@ from constellation_assets.catalog.schema import SOURCE_RESULT_SCHEMA, read_subti
 from constellation_assets.config import load_config
 from constellation_assets.shear import measure_stamps
 from constellation_assets.shear import stamps as st
+from constellation_assets.shear.fpfs import MOMENT_NAMES
 from constellation_assets.shear.infer import ExternalEngineError, infer_manifest, result_uri_for
 from constellation_assets_tests import test_stamps_synth as syn
 
@@ -83,24 +84,32 @@ def test_infer_manifest_two_exposures(tmp_path):
     assert summary["CONVERGENCE"] == 1.0 and summary["config_hash"] == res.config_hash
     assert np.isfinite(summary["G1_ERR"]) and summary["G1_ERR"] > 0
 
-    # Per-source e equals the inverse-variance combination of the two exposures measured separately.
+    # Per-source e is the ratio of the inverse-variance combined sky-frame moments of the two exposures.
     manifest_d = __import__("yaml").safe_load(Path(manifest).read_text())
     sources, _ = st.sources_from_manifest(manifest_d)
     per = []
     for entry in manifest_d["quadrants"]:
         s = st.quadrant_stamps(st.read_quadrant_images(entry), sources, 48)
-        m = measure_stamps(s.images, s.psf, noise_sigma=s.noise_sigma, offsets_pix=s.offsets_pix)
-        per.append((s, m))
-    (s0, m0), (s1, m1) = per
-    a0 = (m0["snr"] / m0["m00"]) ** 2
-    a1 = (m1["snr"] / m1["m00"]) ** 2
+        m = measure_stamps(
+            s.images, s.psf, noise_sigma=s.noise_sigma, offsets_pix=s.offsets_pix, return_moments=True,
+            return_covariance=True,
+        )  # fmt: skip
+        mom = np.stack([m[k] for k in MOMENT_NAMES], axis=1)
+        mom, cov = st.moments_to_sky_frame(mom, m["cov"], st.sky_frame_transform(s.jacobian))
+        per.append((s, m, mom, cov))
+    (s0, m0, x0, c0), (s1, m1, x1, c1) = per
+    a0 = 1.0 / c0[:, 0, 0]
+    a1 = 1.0 / c1[:, 0, 0]
     # Exposure 2 is twice as noisy: inverse-variance weights ~ 4:1.
     assert np.median(a0 / a1) == pytest.approx(4.0, rel=0.05)
     use1 = s1.reject == 0
-    e_exp = (a0[1:] * m0["e1"][1:] + a1[1:] * m1["e1"][1:]) / (a0[1:] + a1[1:])
-    np.testing.assert_allclose(table["E1"].to_numpy()[1:], e_exp, atol=2e-5)  # + WCS frame terms
+    x = (a0[1:, None] * x0[1:] + a1[1:, None] * x1[1:]) / (a0[1:] + a1[1:])[:, None]
+    sigma = 1.0 / np.sqrt(a0[1:] + a1[1:])
+    e_exp = -x[:, 1] / (x[:, 0] + 4.0 * sigma)
+    np.testing.assert_allclose(table["E1"].to_numpy()[1:], e_exp, rtol=1e-5, atol=1e-7)
     assert not use1[0]
-    assert table["E1"].to_numpy()[0] == pytest.approx(m0["e1"][0], rel=1e-5)
+    assert table["E1"].to_numpy()[0] == pytest.approx(-x0[0, 1] / (x0[0, 0] + 4.0 / np.sqrt(a0[0])), rel=1e-5)
+    np.testing.assert_allclose(table["SNR"].to_numpy()[1:], x[:, 0] / sigma, rtol=1e-5)
     snr = table["SNR"].to_numpy()
     assert np.all(snr[1:] > np.maximum(m0["snr"][1:], m1["snr"][1:]))
 

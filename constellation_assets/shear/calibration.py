@@ -39,14 +39,21 @@ import numpy as np
 
 from constellation_assets.shear.ensemble import jackknife_blocks
 from constellation_assets.shear.fpfs import (
+    MOMENT_NAMES,
     FpfsSettings,
     measure_stamps,
     moment_noise_covariance,
-    shape_from_moments,
+    shear_from_moments,
 )
 
 POPULATIONS = ("sersic", "bulge_disk", "cosmos", "fixed")
-PSF_MODELS = ("moffat", "gaussian", "image")
+PSF_MODELS = ("moffat", "gaussian", "airy_gaussian", "image")
+
+#: ``airy_gaussian``: Airy of a 1.2 m aperture with 0.3 central obscuration at 700 nm (lambda / D =
+#: 0.12") convolved with a Gaussian (jitter, charge diffusion) of FWHM 0.11": FWHM ~0.17", Airy-ring wings.
+AIRY_LAM_OVER_DIAM_ARCSEC = 0.12
+AIRY_OBSCURATION = 0.3
+AIRY_GAUSSIAN_FWHM_ARCSEC = 0.11
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,10 @@ class CalibrationSettings:
     moffat_beta: float = 2.5
     psf_g1: float = 0.0
     psf_g2: float = 0.0
+    # The estimator's PSF: the drawn PSF stamp cut to a centred box of this many pixels (0: the whole
+    # stamp), as real PSF models are (Q1: 21 x 21), while the galaxies see the full PSF.
+    measure_psf_box_pix: int = 0
+    psf_wings: str = "extend"
     pixel_scale_arcsec: float = 0.1
     stamp_size_pix: int = 64
     noise_sigma: float = 0.0
@@ -68,6 +79,16 @@ class CalibrationSettings:
     snr_power_law_index: float = -2.0
     population: str = "sersic"
     n_noise_realizations: int = 1
+    # Noisy runs: each stamp observed in this many exposures, each with noise_sigma * sqrt(n_exposures)
+    # (the combined depth is unchanged), combined at the moment level ("moments", the pipeline's way)
+    # or as per-exposure e / R ("per_exposure": ratios, cut and responses at the single-exposure S/N).
+    n_exposures: int = 1
+    # Noisy runs: a catalog-like detection cut without response, as the MER S/N cut upstream: keep a
+    # stamp when its flux in a fixed round Gaussian aperture (sigma detection_sigma_arcsec) on the noisy
+    # sheared image has S/N >= detection_snr_min (0: no cut).  Disables the control variate.
+    detection_snr_min: float = 0.0
+    detection_sigma_arcsec: float = 0.15
+    exposure_combination: str = "moments"
     control_variate: bool = True
     seed: int = 0
     # Estimator settings (the ``shear`` section).
@@ -75,6 +96,9 @@ class CalibrationSettings:
     c_ratio: float = FpfsSettings.c_ratio
     precision: str = FpfsSettings.precision
     noise_bias_correction: bool = FpfsSettings.noise_bias_correction
+    # Smooth selection on the measured FPFS S/N (0: none) and the width of its weight ramp.
+    estimator_snr_min: float = FpfsSettings.snr_min
+    selection_bin_width: float = FpfsSettings.selection_bin_width
     device: str = "cpu"
     batch_size: int = FpfsSettings.batch_size
     chunk_galaxies: int = 256
@@ -101,6 +125,13 @@ class CalibrationSettings:
             )
         if self.stamp_size_pix < 16 or self.stamp_size_pix % 2:
             raise ValueError(f"stamp_size_pix={self.stamp_size_pix} must be even and >= 16")
+        if self.measure_psf_box_pix < 0 or (self.measure_psf_box_pix and self.measure_psf_box_pix % 2 == 0):
+            raise ValueError(f"measure_psf_box_pix={self.measure_psf_box_pix} must be 0 or an odd box size")
+        if self.n_exposures < 1 or self.exposure_combination not in ("moments", "per_exposure"):
+            raise ValueError(
+                f"n_exposures={self.n_exposures} must be >= 1 and exposure_combination="
+                f"{self.exposure_combination!r} one of 'moments', 'per_exposure'"
+            )
         if self.n_noise_realizations < 1:
             raise ValueError(f"n_noise_realizations={self.n_noise_realizations} must be >= 1")
         return self
@@ -194,11 +225,27 @@ def make_psf(settings: CalibrationSettings, psf_image: np.ndarray | None = None)
         )
     elif settings.psf_model == "gaussian":
         psf = galsim.Gaussian(fwhm=settings.psf_fwhm_arcsec)
+    elif settings.psf_model == "airy_gaussian":
+        psf = galsim.Convolve(
+            galsim.Airy(lam_over_diam=AIRY_LAM_OVER_DIAM_ARCSEC, obscuration=AIRY_OBSCURATION),
+            galsim.Gaussian(fwhm=AIRY_GAUSSIAN_FWHM_ARCSEC),
+        )
     else:
         psf = galsim.Moffat(beta=settings.moffat_beta, fwhm=settings.psf_fwhm_arcsec)
     if settings.psf_g1 or settings.psf_g2:
         psf = psf.shear(g1=settings.psf_g1, g2=settings.psf_g2)
     return psf.withFlux(1.0)
+
+
+def truncate_psf(psf_stamp: np.ndarray, box_pix: int) -> np.ndarray:
+    """The PSF stamp with every pixel outside the centred ``box_pix`` x ``box_pix`` box set to 0 (not
+    renormalised: a truncated model sums to less than 1)."""
+    h, w = psf_stamp.shape[-2:]
+    half = int(box_pix) // 2
+    out = np.zeros_like(psf_stamp)
+    sl = (slice(h // 2 - half, h // 2 + half + 1), slice(w // 2 - half, w // 2 + half + 1))
+    out[sl] = psf_stamp[sl]
+    return out
 
 
 def _draw(obj, settings: CalibrationSettings, offset=(0.0, 0.0)) -> np.ndarray:
@@ -245,19 +292,19 @@ def render_galaxy_quad(settings: CalibrationSettings, index: int, psf, psf_symme
 
 
 def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp, cov, settings, measure_kw):
-    """Control variate: remove the first-order noise term ``J(M_clean) . M_noise`` from e and R.
+    """Control variate: remove the first-order noise term ``J(M_clean) . M_noise`` from w e and w R.
 
     The sims know each stamp's noise field, and the moments are linear in the image, so the linear
     noise term of any function of the moments is ``J . M_noise`` with the Jacobian ``J`` taken at the
     noiseless moments.  Its coefficient does not depend on the noise, so its mean is exactly zero: the
-    expectation of e and R (hence m and c) is unchanged, while the noise-driven scatter (dominant at low
-    S/N) drops to second order.
+    expectation of w e and w R (hence m and c) is unchanged, while the noise-driven scatter (dominant at
+    low S/N) drops to second order.  ``e_r`` holds the weighted ``we1, we2, wr11, wr22``.
     """
     import torch
 
     n_g = len(clean)
     n_real = noise_only[0].shape[0]
-    mom_names = ("m00", "m2c", "m2s", "a1", "a2")
+    nm = len(MOMENT_NAMES)
     cln = measure_stamps(
         np.concatenate(clean),
         psf_stamp,
@@ -265,23 +312,75 @@ def _subtract_linear_noise_term(e_r, clean, clean_offsets, noise_only, psf_stamp
         return_moments=True,
         **measure_kw,
     )
-    m0 = torch.tensor(np.stack([cln[k] for k in mom_names], axis=1), requires_grad=True)
-    c_const = settings.c_ratio * torch.sqrt(cov[0, 0]) * torch.ones(m0.shape[0], dtype=torch.float64)
-    shape = shape_from_moments(m0, cov.expand(m0.shape[0], 5, 5), c_const, settings.noise_bias_correction)
+    m0 = torch.tensor(np.stack([cln[k] for k in MOMENT_NAMES], axis=1), requires_grad=True)
+    sigma = torch.sqrt(cov[0, 0]) * torch.ones(m0.shape[0], dtype=torch.float64)
+    shape = shear_from_moments(
+        m0,
+        cov.expand(m0.shape[0], nm, nm),
+        sigma,
+        settings.c_ratio * sigma,
+        settings.estimator_snr_min,
+        settings.selection_bin_width,
+        settings.noise_bias_correction,
+    )
+    weighted = {f"w{k}": shape["weight"] * shape[k] for k in ("e1", "e2", "r11", "r22")}
     # Noise-only stamps: variants (0, 1) carry the noise at offset d, (2, 3) the rotated noise at d'.
     nz = np.concatenate(noise_only).reshape(-1, *noise_only[0].shape[2:])  # (n_g * n_real * 2, H, W)
     q_off = np.concatenate(clean_offsets).reshape(n_g, 4, 2)
     nz_off = np.repeat(q_off[:, [0, 2]][:, None], n_real, axis=1).reshape(-1, 2)
     nmo = measure_stamps(nz, psf_stamp, offsets_pix=nz_off, return_moments=True, **measure_kw)
-    mn = np.stack([nmo[k] for k in mom_names], axis=1).reshape(n_g, n_real, 2, 5)
-    mn = np.repeat(mn, 2, axis=2)  # (n_g, n_real, 4, 5): variant v uses noise v // 2
+    mn = np.stack([nmo[k] for k in MOMENT_NAMES], axis=1).reshape(n_g, n_real, 2, nm)
+    mn = np.repeat(mn, 2, axis=2)  # (n_g, n_real, 4, nm): variant v uses noise v // 2
     out = {}
     for key, value in e_r.items():
-        (jac,) = torch.autograd.grad(shape[key].sum(), m0, retain_graph=True)
-        jac = jac.detach().numpy().reshape(n_g, 1, 4, 5)
+        (jac,) = torch.autograd.grad(weighted[key].sum(), m0, retain_graph=True)
+        jac = jac.detach().numpy().reshape(n_g, 1, 4, nm)
         term = (jac * mn).sum(-1).reshape(-1)
         out[key] = value - term
     return out
+
+
+def _detection_snr(images, offsets, settings, n_exp):
+    """S/N of the flux in a round Gaussian aperture at the source (a catalog detection S/N proxy)."""
+    n, h, w = images.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    s = settings.detection_sigma_arcsec / settings.pixel_scale_arcsec
+    dx = xx[None] - (w // 2 + offsets[:, 0, None, None])
+    dy = yy[None] - (h // 2 + offsets[:, 1, None, None])
+    g = np.exp(-0.5 * (dx * dx + dy * dy) / s**2)
+    sigma = settings.noise_sigma * math.sqrt(n_exp)
+    snr = (images * g).sum(axis=(1, 2)) / (sigma * np.sqrt((g * g).sum(axis=(1, 2))))
+    if n_exp > 1:  # exposures of one stamp: combined (equal depth) S/N
+        snr = snr.reshape(-1, n_exp).sum(axis=1) / math.sqrt(n_exp)
+    return snr
+
+
+def _measure_exposures(images, offsets, psf_stamp, settings, measure_kw, n_exp):
+    """Per-stamp e, R, weight from ``n_exp`` consecutive exposures per stamp (``exposure_combination``)."""
+    from constellation_assets.shear.stamps import combine_exposure_moments, combine_exposures
+
+    n = len(images) // n_exp
+    si = np.repeat(np.arange(n), n_exp)
+    kw = dict(measure_kw, noise_sigma=settings.noise_sigma * math.sqrt(n_exp))
+    if settings.exposure_combination == "per_exposure":
+        per = measure_stamps(images, psf_stamp, offsets_pix=offsets, **kw)
+        return combine_exposures(n, si, per, np.ones(len(si), dtype=bool))
+    kw["snr_min"] = 0.0
+    per = measure_stamps(
+        images, psf_stamp, offsets_pix=offsets, return_moments=True, return_covariance=True, **kw
+    )
+    mom = np.stack([per[k] for k in MOMENT_NAMES], axis=1)
+    return combine_exposure_moments(
+        n,
+        si,
+        mom,
+        per["cov"],
+        np.ones(len(si), dtype=bool),
+        c_ratio=settings.c_ratio,
+        snr_min=settings.estimator_snr_min,
+        selection_bin_width=settings.selection_bin_width,
+        noise_bias_correction=settings.noise_bias_correction,
+    )
 
 
 def _draw_snr(settings: CalibrationSettings, rng: np.random.Generator) -> float:
@@ -342,6 +441,8 @@ def run_calibration(
     psf_symmetric = settings.psf_model != "image" and settings.psf_g1 == 0 and settings.psf_g2 == 0
     psf_stamp = _draw(psf, settings)
     psf_stamp /= psf_stamp.sum()
+    if settings.measure_psf_box_pix:
+        psf_stamp = truncate_psf(psf_stamp, settings.measure_psf_box_pix)
 
     n_gal = settings.n_galaxies
     n_real = max(1, settings.n_noise_realizations)
@@ -354,10 +455,20 @@ def run_calibration(
         sigma_arcsec=settings.sigma_arcsec,
         c_ratio=settings.c_ratio,
         noise_bias_correction=settings.noise_bias_correction,
+        snr_min=settings.estimator_snr_min,
+        selection_bin_width=settings.selection_bin_width,
+        psf_wings=settings.psf_wings,
         precision=settings.precision,
         batch_size=settings.batch_size,
     )
-    use_cv = noisy and settings.control_variate
+    n_exp = settings.n_exposures
+    # The control variate needs the estimator to be a function of the combined moments.
+    use_cv = (
+        noisy
+        and settings.control_variate
+        and (n_exp == 1 or settings.exposure_combination == "moments")
+        and settings.detection_snr_min <= 0
+    )
     if use_cv:
         cov = moment_noise_covariance(
             psf_stamp, settings.pixel_scale_arcsec, settings.noise_sigma, settings.sigma_arcsec
@@ -374,15 +485,27 @@ def run_calibration(
                     # One noise field per realisation, shared by the +g and -g stamps (noise cancels in
                     # g+ - g-) and rotated with the galaxy for the 90-degree pair.
                     rng = _rng(settings.seed, i, "noise")
-                    noise = rng.standard_normal(size=(n_real, *quad.shape[1:]), dtype=np.float32)
-                    noise *= np.float32(settings.noise_sigma)
-                    noise90 = rot90_about_centre(noise)
-                    stamps.append(
-                        (quad[None] + np.stack([noise, noise, noise90, noise90], axis=1)).reshape(
-                            -1, *quad.shape[1:]
+                    if n_exp == 1:
+                        noise = rng.standard_normal(size=(n_real, *quad.shape[1:]), dtype=np.float32)
+                        noise *= np.float32(settings.noise_sigma)
+                        noise90 = rot90_about_centre(noise)
+                        stamps.append(
+                            (quad[None] + np.stack([noise, noise, noise90, noise90], axis=1)).reshape(
+                                -1, *quad.shape[1:]
+                            )
                         )
-                    )
-                    offsets.append(np.tile(off, (n_real, 1)))
+                        offsets.append(np.tile(off, (n_real, 1)))
+                    else:
+                        # (n_real, n_exp, H, W): exposure noise, each sqrt(n_exp) deeper than the total.
+                        noise_e = rng.standard_normal(size=(n_real, n_exp, *quad.shape[1:]), dtype=np.float32)
+                        noise_e *= np.float32(settings.noise_sigma * math.sqrt(n_exp))
+                        noise_e90 = rot90_about_centre(noise_e)
+                        per_exp = quad[None, :, None] + np.stack(
+                            [noise_e, noise_e, noise_e90, noise_e90], axis=1
+                        )
+                        stamps.append(per_exp.reshape(-1, *quad.shape[1:]))  # variant-major, then exposure
+                        offsets.append(np.tile(np.repeat(off, n_exp, axis=0), (n_real, 1)))
+                        noise, noise90 = noise_e.mean(axis=1), noise_e90.mean(axis=1)  # combined noise
                     signs.append(np.tile(sign, n_real))
                     if use_cv:
                         clean.append(quad)
@@ -392,10 +515,18 @@ def run_calibration(
                     stamps.append(quad)
                     offsets.append(off)
                     signs.append(sign)
-            cat = measure_stamps(
-                np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
-            )
-            e_r = {k: cat[k] for k in ("e1", "e2", "r11", "r22")}
+            if noisy and n_exp > 1:
+                cat = _measure_exposures(
+                    np.concatenate(stamps), np.concatenate(offsets), psf_stamp, settings, measure_kw, n_exp
+                )
+            else:
+                cat = measure_stamps(
+                    np.concatenate(stamps), psf_stamp, offsets_pix=np.concatenate(offsets), **measure_kw
+                )
+            e_r = {f"w{k}": cat["weight"] * cat[k] for k in ("e1", "e2", "r11", "r22")}
+            if noisy and settings.detection_snr_min > 0:
+                keep = _detection_snr(np.concatenate(stamps), np.concatenate(offsets), settings, n_exp)
+                e_r = {k: v * (keep >= settings.detection_snr_min) for k, v in e_r.items()}
             if use_cv:
                 e_r = _subtract_linear_noise_term(
                     e_r, clean, clean_offsets, noise_only, psf_stamp, cov, settings, measure_kw
@@ -403,10 +534,9 @@ def run_calibration(
             sign = np.concatenate(signs)
             per_gal = n_real if noisy else 1
             gal_of_stamp = np.repeat(np.arange(len(idx)), 4 * per_gal) + start
-            w = cat["weight"]
             for comp in (0, 1):
-                e = e_r[f"e{comp + 1}"] * w
-                r = e_r[f"r{comp + 1}{comp + 1}"] * w
+                e = e_r[f"we{comp + 1}"]
+                r = e_r[f"wr{comp + 1}{comp + 1}"]
                 for k, s in enumerate((1.0, -1.0)):
                     sel = sign == s
                     np.add.at(sums[:, comp, k, 0], gal_of_stamp[sel], e[sel])
@@ -450,6 +580,8 @@ _SHEAR_FIELDS = {
     "device",
     "batch_size",
     "stamp_size_pix",
+    "estimator_snr_min",
+    "selection_bin_width",
 }
 
 

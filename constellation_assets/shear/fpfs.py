@@ -14,31 +14,40 @@ weight ``W(k) = exp(-sigma^2 |k|^2 / 2)`` (``sigma = sigma_arcsec``) we measure
 
     M00 = sum W f,   M2c = sum sigma^2 (kx^2 - ky^2) W f,   M2s = sum 2 sigma^2 kx ky W f,
 
-and the two response moments
+the two response moments
 
-    A1 = sum [2 sigma^2 k^2 - sigma^4 (kx^2 - ky^2)^2] W f,   A2 = sum [2 sigma^2 k^2 - 4 sigma^4 kx^2 ky^2] W f.
+    A1 = sum [2 sigma^2 k^2 - sigma^4 (kx^2 - ky^2)^2] W f,   A2 = sum [2 sigma^2 k^2 - 4 sigma^4 kx^2 ky^2] W f,
+
+and the cross-response moment ``B12 = sum 2 sigma^4 (kx^2 - ky^2) kx ky W f``.
 
 A shear ``A = [[1+g1, g2], [g2, 1-g1]]`` of the pre-PSF image maps ``f(k) -> f(A k)`` (unit
 determinant), so the derivative of any moment ``sum w f`` is ``sum -(grad w . S k) f``; for the
-weights above this gives ``dM00/dg1 = M2c``, ``dM2c/dg1 = -A1`` (and the same for component 2).
-The ellipticity and its exact first-order shear response are
+weights above this gives ``dM00/dg1 = M2c``, ``dM2c/dg1 = -A1``, ``dM00/dg2 = M2s``, ``dM2s/dg2 = -A2``
+and ``dM2c/dg2 = dM2s/dg1 = B12``.  The ellipticity and its first-order shear responses are
 
-    e1 = -M2c / (M00 + C),   R11 = de1/dg1 = A1 / (M00 + C) + M2c^2 / (M00 + C)^2,
+    e1 = -M2c / D,   R11 = de1/dg1 = A1 / D + M2c^2 / D^2,   R12 = de1/dg2 = -B12 / D + M2c M2s / D^2,
 
-where ``C = c_ratio * sigma(M00)`` is a constant set by the noise level only (so it has no shear
-response).  The ensemble shear is ``g1 = sum(w e1) / sum(w R11)``.
+with ``D = M00 + C``, where ``C = c_ratio * sigma(M00)`` is a constant set by the noise level only (so it
+has no shear response).  The ensemble shear is ``g1 = sum(w e1) / sum(w R11)``.
 
-Noise bias: ``e`` and ``R`` are ratios of noisy linear moments.  Their noise covariance is known
-analytically (white pixel noise ``sigma_n``: ``Cov(Ma, Mb) = sigma_n^2 / Npix * sum wa wb / |P|^2``),
-so each source's ``e`` and ``R`` are corrected to second order in the noise (the FPFS noise-bias
-correction of Li, Li & Mandelbaum 2018, sec. 3.3): e.g. ``E[N/D] = N/D - Cov(N,D)/D^2 + N Var(D)/D^3``.
+Selection and noise (:func:`shear_from_moments`): with ``snr_min > 0`` each source gets the smooth
+weight ``w = u(snr)`` of its measured FPFS ``snr = M00 / sigma(M00)`` (0 below ``snr_min``, 1 above
+``snr_min + selection_bin_width``, C2 in between), and ``w e`` is differentiated exactly, selection
+term ``u' e dsnr/dg`` included.  All cuts on measured quantities go through such weights; the MER
+detection cut upstream has no response.  ``e`` and ``R`` are nonlinear functions of noisy linear
+moments whose noise covariance is known analytically (white pixel noise ``sigma_n``:
+``Cov(Ma, Mb) = sigma_n^2 Npix sum wa wb / |P|^2``).  The measured response
+``grad(w e) . dx/dg`` evaluated at the noisy moments carries the noise term ``E[grad(w e) . L n]``
+(e.g. ``E[e dsnr/dg]`` picks up ``-u' Var(M2c) / (sigma D)``); for Gaussian noise Stein's lemma gives
+it exactly as ``sum (L Cov)_ij d_i d_j (w e)``, which is subtracted per source, so
+``sum w e / sum w R`` is unbiased to all orders in the noise at linear order in the shear (the
+ellipticities themselves are not corrected: the ensemble needs the response of their noisy mean).
+Exposures are combined at the moment level before any of this
+(:func:`constellation_assets.shear.stamps.combine_exposure_moments`).
 
-Selection: with ``snr_min > 0`` sources with ``snr = M00 / sigma(M00)`` below the cut get weight 0,
-and the analytic selection response (Li & Mandelbaum 2023, eq. 20 with a top-hat derivative of the
-step of width ``selection_bin_width``) ``e1 * dnu/dg1 / dnu`` of the sources just above the cut is
-added to their ``r11`` (reported separately as ``r11_sel``), so ``sum(w e1) / sum(w r11)`` stays
-unbiased.  By default no cut is made on measured quantities and weights are uniform, so there is no
-selection or weight response.
+Frames: ``e1 > 0`` is elongated along the stamp's x axis (columns), ``e2 > 0`` along x = y; the
+pipeline maps moments to the sky frame ``(west, north)`` before combining exposures (see
+:mod:`constellation_assets.shear.stamps` for the catalog's E1/E2 convention).
 
 Compute: one real FFT per stamp, one complex multiply for the recentring phase (per-stamp PSFs: one
 more for ``1/P``) and one small real matmul against the precomputed weight matrix (a shared PSF's
@@ -53,12 +62,15 @@ relative) is far below the 1e-4 level of shear calibration.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Bit flags of the ``flags`` column (0 means a good measurement).
 FLAG_NONFINITE_INPUT = 1
@@ -67,8 +79,9 @@ FLAG_BELOW_SNR_MIN = 4
 FLAG_BAD_PSF = 8
 
 #: Index of each moment in the stacked moment vectors.
-MOMENT_NAMES = ("m00", "m2c", "m2s", "a1", "a2")
-_M00, _M2C, _M2S, _A1, _A2 = range(5)
+MOMENT_NAMES = ("m00", "m2c", "m2s", "a1", "a2", "b12")
+_M00, _M2C, _M2S, _A1, _A2, _B12 = range(6)
+N_MOMENTS = len(MOMENT_NAMES)
 
 #: A PSF Fourier amplitude below this fraction of its zero-frequency value is not deconvolved.
 PSF_FLOOR_DEFAULT = 1e-4
@@ -81,7 +94,7 @@ class FpfsSettings:
     sigma_arcsec: float = 0.35
     c_ratio: float = 4.0
     snr_min: float = 0.0
-    selection_bin_width: float = 0.5
+    selection_bin_width: float = 2.0
     noise_bias_correction: bool = True
     batch_size: int = 4096
     precision: str = "float32"
@@ -157,7 +170,14 @@ def fourier_weights(
     q1 = kx * kx - ky * ky
     q2 = 2.0 * kx * ky
     w = torch.stack(
-        [gauss, q1 * gauss, q2 * gauss, (2.0 * k2 - q1 * q1) * gauss, (2.0 * k2 - q2 * q2) * gauss],
+        [
+            gauss,
+            q1 * gauss,
+            q2 * gauss,
+            (2.0 * k2 - q1 * q1) * gauss,
+            (2.0 * k2 - q2 * q2) * gauss,
+            q1 * q2 * gauss,
+        ],
         dim=-1,
     )
     # Half-plane sum == full-plane sum: interior columns stand for +k and -k.  The Nyquist row and
@@ -170,7 +190,7 @@ def fourier_weights(
     if ny % 2 == 0:
         mult[ny // 2, :] = 0.0
     w = w * mult[..., None]
-    return w.reshape(-1, 5), mult.reshape(-1), kx_pix, ky_pix
+    return w.reshape(-1, N_MOMENTS), mult.reshape(-1), kx_pix, ky_pix
 
 
 def _moments_batch(
@@ -181,7 +201,7 @@ def _moments_batch(
     ky_pix: torch.Tensor,
     offsets: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Moments (B, 5) in float64 for one batch of stamps.
+    """Moments (B, 6) in float64 for one batch of stamps.
 
     ``weights_ri`` (2K, 5) acts on ``view_as_real`` of the half-plane transform, so the real part of
     ``sum_k w(k) f(k)`` is a single real matmul.  For a shared PSF ``1/P(k)`` is already folded into it
@@ -203,33 +223,41 @@ def _moments_batch(
 
 
 def _weights_ri(weights: torch.Tensor, inv_psf_flat: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """(2K, 5) real matrix with Re/Im rows interleaved: ``Re(f w / P) = Re f Re(w/P) - Im f Im(w/P)``."""
+    """(2K, 6) real matrix with Re/Im rows interleaved: ``Re(f w / P) = Re f Re(w/P) - Im f Im(w/P)``."""
     wc = weights.to(torch.complex128)
     if inv_psf_flat is not None:
         wc = wc * inv_psf_flat[:, None]
-    out = torch.stack([wc.real, -wc.imag], dim=1)  # (K, 2, 5)
+    out = torch.stack([wc.real, -wc.imag], dim=1)  # (K, 2, 6)
     return out.reshape(-1, weights.shape[1]).to(dtype)
 
 
+_TRIU = torch.triu_indices(N_MOMENTS, N_MOMENTS)  # the 21 distinct entries of a symmetric 6 x 6
+
+
 def _pair_weights(weights: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
-    """(K, 25) float64 products ``wa wb`` divided once by the half-plane multiplicity (see below)."""
-    pair = weights[:, :, None] * weights[:, None, :]  # (K, 5, 5)
+    """(K, 21) float64 products ``wa wb`` (a <= b) divided once by the half-plane multiplicity (see below)."""
+    i, j = _TRIU.to(weights.device)
+    pair = weights[:, i] * weights[:, j]  # (K, 21)
     inv_mult = torch.where(mult > 0, 1.0 / mult.clamp_min(1.0), torch.zeros_like(mult))
-    return pair.reshape(pair.shape[0], -1) * inv_mult[:, None]
+    return pair * inv_mult[:, None]
 
 
 def _cov_from_inv_psf2(
     inv_psf2: torch.Tensor, pair: torch.Tensor, npix: int, noise_var: torch.Tensor
 ) -> torch.Tensor:
-    """``Cov = sigma_n^2 Npix sum_k wa wb / |P|^2``: (B, 5, 5) float64 from ``1/|P|^2`` ((B or 1), K)."""
-    cov = (inv_psf2.to(torch.float64) @ pair).reshape(-1, 5, 5)
+    """``Cov = sigma_n^2 Npix sum_k wa wb / |P|^2``: (B, 6, 6) float64 from ``1/|P|^2`` ((B or 1), K)."""
+    tri = inv_psf2.to(torch.float64) @ pair  # (B, 21): each symmetric pair once
+    cov = torch.empty((tri.shape[0], N_MOMENTS, N_MOMENTS), dtype=torch.float64, device=tri.device)
+    i, j = _TRIU.to(tri.device)
+    cov[:, i, j] = tri
+    cov[:, j, i] = tri
     return cov * (noise_var * npix)[:, None, None]
 
 
 def _noise_covariance(
     inv_psf2: torch.Tensor, weights: torch.Tensor, mult: torch.Tensor, npix: int, noise_var: torch.Tensor
 ) -> torch.Tensor:
-    """Cov(Ma, Mb) for white pixel noise: (B, 5, 5), float64.
+    """Cov(Ma, Mb) for white pixel noise: (B, 6, 6), float64.
 
     With ``Ma = sum_k wa(k) f(k)`` over the full plane, ``Ma = sum_x n(x) Ka(x)`` and Parseval gives
     ``Cov = sigma_n^2 * Npix * sum_k wa wb / |P|^2``.  ``inv_psf2`` is ``1/|P(k)|^2`` on the half
@@ -296,6 +324,87 @@ def _prepare_psf_batch(
     return inv_f, inv_p2, bad
 
 
+#: A PSF stamp whose outermost pixel frame holds more than this fraction of its flux is truncated.
+PSF_BORDER_FRACTION_WARN = 1e-3
+#: Width of the outer ring of a truncated PSF model on which its power-law wing is fitted (pixels).
+WING_RING_PIX = 4
+
+
+def psf_support_half_size(psf_t: torch.Tensor) -> int:
+    """Half-size ``h`` of the centred square box ``(H//2 +- h, W//2 +- h)`` holding every nonzero PSF pixel."""
+    ny, nx = psf_t.shape[-2:]
+    nz = (psf_t != 0).reshape(-1, ny, nx).any(dim=0)
+    rows = torch.nonzero(nz.any(dim=1)).flatten()
+    cols = torch.nonzero(nz.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return 0
+    cy, cx = ny // 2, nx // 2
+    return int(max(cy - rows[0], rows[-1] - cy, cx - cols[0], cols[-1] - cx))
+
+
+def psf_border_fraction(psf_t: torch.Tensor, half: int) -> torch.Tensor:
+    """Fraction (N,) of each PSF's flux in the outermost pixel frame of its support box (truncation test)."""
+    ny, nx = psf_t.shape[-2:]
+    cy, cx = ny // 2, nx // 2
+    box = psf_t[..., cy - half : cy + half + 1, cx - half : cx + half + 1].to(torch.float64)
+    inner = box[..., 1:-1, 1:-1].sum(dim=(-2, -1)) if half >= 1 else torch.zeros(box.shape[:-2])
+    total = box.sum(dim=(-2, -1))
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total != 0, (total - inner) / safe, torch.zeros_like(total))
+
+
+def extend_psf_wings(
+    psf_t: torch.Tensor, half: int, ring_pix: int = WING_RING_PIX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend PSF stamps truncated to the box ``|x|, |y| <= half`` with a fitted power-law wing.
+
+    Real PSF models stop at a few arcsec (Euclid Q1: 21 x 21 native pixels) while the galaxy light was
+    convolved with the full PSF; deconvolving with the truncated (renormalised) stamp misestimates the
+    low-k transfer function.  For each PSF (N, H, W) the azimuthal mean profile in the ``ring_pix``
+    outermost one-pixel annuli inside the box (radii ``half - ring_pix + 1 .. half``) is fitted with
+    ``I(r) = A r^-gamma`` (least squares in log-log, ``gamma`` clamped to [2, 8]) and the pixels
+    outside the box are set to that law, so the stamp carries the wing out to its own edges (the
+    galaxy stamp's extent); the estimator then normalises the whole stamp to unit sum.  A PSF whose
+    ring is not positive keeps its truncated form.  Returns ``(extended psf, ok (N,))``.
+    """
+    ny, nx = psf_t.shape[-2:]
+    cy, cx = ny // 2, nx // 2
+    radii, member, log_r, outside = _wing_geometry(ny, nx, half, ring_pix, psf_t.device)
+    if len(radii) < 2:
+        return psf_t, torch.zeros(psf_t.shape[0], dtype=torch.bool, device=psf_t.device)
+    box = psf_t[:, cy - half : cy + half + 1, cx - half : cx + half + 1].to(torch.float64)
+    prof = box.reshape(box.shape[0], -1) @ member  # (N, R): azimuthal means in the ring annuli
+    ok = (prof > 0).all(dim=1)
+    logp = torch.log(torch.where(prof > 0, prof, torch.ones_like(prof)))
+    logr = torch.log(radii)
+    lr = logr - logr.mean()
+    slope = ((logp - logp.mean(dim=1, keepdim=True)) * lr).sum(dim=1) / (lr * lr).sum()
+    gamma = (-slope).clamp(2.0, 8.0)
+    log_a = (logp + gamma[:, None] * logr).mean(dim=1)
+    dt = psf_t.dtype
+    wing = torch.exp(log_a.to(dt)[:, None, None] - gamma.to(dt)[:, None, None] * log_r.to(dt)[None])
+    ext = torch.where(outside[None] & ok[:, None, None], wing, psf_t)
+    return ext, ok
+
+
+@functools.lru_cache(maxsize=16)
+def _wing_geometry(
+    ny: int, nx: int, half: int, ring_pix: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ring radii (R,), annulus averaging matrix ((2h+1)^2, R), log r (H, W) and the outside-box mask."""
+    cy, cx = ny // 2, nx // 2
+    yy = torch.arange(ny, dtype=torch.float64, device=device) - cy
+    xx = torch.arange(nx, dtype=torch.float64, device=device) - cx
+    r = torch.sqrt(yy[:, None] ** 2 + xx[None, :] ** 2)
+    radii = torch.arange(half - ring_pix + 1, half + 1, dtype=torch.float64, device=device)
+    radii = radii[radii >= 1]
+    rb = torch.round(r[cy - half : cy + half + 1, cx - half : cx + half + 1]).reshape(-1)
+    member = (rb[:, None] == radii[None, :]).to(torch.float64)
+    member = member / member.sum(dim=0).clamp_min(1.0)
+    outside = (yy.abs()[:, None] > half) | (xx.abs()[None, :] > half)
+    return radii, member, torch.log(r.clamp_min(1.0)), outside
+
+
 def moment_noise_covariance(
     psf: Any,
     pixel_scale_arcsec: float,
@@ -303,7 +412,7 @@ def moment_noise_covariance(
     sigma_arcsec: float = FpfsSettings.sigma_arcsec,
     psf_floor: float = FpfsSettings.psf_floor,
 ) -> torch.Tensor:
-    """Noise covariance (5, 5) of the moments ``m00, m2c, m2s, a1, a2`` for white pixel noise."""
+    """Noise covariance (6, 6) of the moments :data:`MOMENT_NAMES` for white pixel noise."""
     psf_t = _as_tensor(psf, "psf", torch.device("cpu"), torch.float64)[None]
     ny, nx = psf_t.shape[-2:]
     weights, mult, _, _ = fourier_weights(ny, nx, pixel_scale_arcsec, sigma_arcsec, torch.device("cpu"))
@@ -312,40 +421,126 @@ def moment_noise_covariance(
     return _noise_covariance(inv_psf2, weights, mult, ny * nx, var)[0]
 
 
+def selection_weight(
+    snr: torch.Tensor, snr_min: float, width: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth selection weight ``u(snr)`` and its first two derivatives ``du/dsnr``, ``d2u/dsnr2``.
+
+    ``u`` rises from 0 at ``snr_min`` to 1 at ``snr_min + width`` as the quintic smooth step
+    ``t^3 (10 - 15 t + 6 t^2)`` (``t = (snr - snr_min) / width``; C2-continuous, so the response and its
+    noise correction have no delta functions).  ``snr_min <= 0`` means no selection: ``u = 1``.
+    """
+    if snr_min <= 0:
+        one = torch.ones_like(snr)
+        return one, torch.zeros_like(snr), torch.zeros_like(snr)
+    if width <= 0:
+        raise ValueError(f"selection_bin_width={width} must be > 0 when snr_min > 0")
+    t = ((snr - snr_min) / width).clamp(0.0, 1.0)
+    u = t**3 * (10.0 + t * (-15.0 + 6.0 * t))
+    du = 30.0 * t**2 * (1.0 - t) ** 2 / width
+    d2u = 60.0 * t * (1.0 - t) * (1.0 - 2.0 * t) / width**2
+    return u, du, d2u
+
+
+def shear_from_moments(
+    mom: torch.Tensor,
+    cov: torch.Tensor | None,
+    sigma_m00: torch.Tensor,
+    c_const: torch.Tensor,
+    snr_min: float = FpfsSettings.snr_min,
+    selection_bin_width: float = FpfsSettings.selection_bin_width,
+    correct: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-source weight, ellipticity and noise-corrected shear responses from moments (N, 6).
+
+    ``mom`` follows :data:`MOMENT_NAMES`; ``cov`` (N, 6, 6) is their noise covariance (None: noiseless);
+    ``sigma_m00`` (N,) the flux-moment noise (``snr = M00 / sigma_m00``) and ``c_const`` (N,) the
+    denominator constant ``C`` (``c_ratio * sigma_m00``): constants of the source, without shear response.  With the selection weight
+    ``u(snr)`` of :func:`selection_weight` the shear estimator of component ``a`` is
+
+        g_a = sum_i u_i e_a,i / sum_i u_i R_aa,i,    e_1 = -M2c / D,  e_2 = -M2s / D,  D = M00 + C.
+
+    Response: ``F = u e`` is a function of the moments ``x``, whose shear derivative is linear in them,
+    ``dx/dg_b = L_b x`` (``dM00/dg1 = M2c``, ``dM2c/dg1 = -A1``, ``dM2c/dg2 = dM2s/dg1 = B12``, ...).
+    The ensemble needs ``d E[F(x + n)] / dg = E[grad F(x + n) . L_b x]``, but the measured
+    ``grad F(x_obs) . L_b x_obs`` also carries ``E[grad F(x + n) . L_b n]``; for Gaussian noise
+    ``n ~ N(0, Cov)`` Stein's lemma makes that term exactly ``sum_ij (L_b Cov)_ij E[d_i d_j F]``, so
+
+        R_ab = grad F_a . L_b x_obs - sum_ij (L_b Cov)_ij d_i d_j F_a(x_obs)
+
+    is an unbiased estimate of the response of ``E[sum u e]`` to any order in the noise (no Taylor
+    series: the numerator needs no correction, and the selection may be as sharp as the variance
+    allows).  This is the noise bias of the selection response (``E[e dnu/dg]`` picks up
+    ``-u' Var(M2c) / (sigma D)``) and of the shape response removed together.
+
+    Returns float64 tensors ``weight`` (= u), ``e1, e2`` (ellipticities), ``r11, r22, r12, r21`` (per unit
+    weight: ``weight * r11`` is the response of ``weight * e1``), their parts ``r11_shape, r22_shape``
+    (terms in ``u``) and ``r11_sel, r22_sel`` (terms in ``u'``, ``u''``), ``snr`` and ``denominator``.
+    """
+    sig = torch.where(sigma_m00 > 0, sigma_m00, torch.ones_like(sigma_m00))
+    snr = torch.where(sigma_m00 > 0, mom[:, _M00] / sig, torch.full_like(sigma_m00, math.inf))
+    u, u1, u2 = selection_weight(snr, snr_min, selection_bin_width)
+    if snr_min <= 0:
+        u = torch.ones_like(snr)
+    d = mom[:, _M00] + c_const
+    safe_d = torch.where(d > 0, d, torch.ones_like(d))
+    inv_d = 1.0 / safe_d
+    inv_sig = 1.0 / sig
+    use_cov = correct and cov is not None
+
+    def c(i: int, j: int) -> torch.Tensor:
+        return cov[:, i, j]
+
+    out: dict[str, torch.Tensor] = {"weight": u, "snr": snr, "denominator": d}
+    for comp, (ni, nx, ai) in enumerate(((_M2C, _M2S, _A1), (_M2S, _M2C, _A2)), start=1):
+        other = 3 - comp
+        n = mom[:, ni]
+        e = -n * inv_d
+        # F = u e.  dF/dM00 = u a0 + u' a1, dF/dN = -u / D; Hessian terms in (M00, N) (d2F/dN2 = 0):
+        a0 = n * inv_d**2
+        a1 = -n * inv_d * inv_sig
+        h0, h1, h2 = -2.0 * n * inv_d**3, 2.0 * n * inv_d**2 * inv_sig, -n * inv_d * inv_sig**2
+        k0, k1 = inv_d**2, -inv_d * inv_sig
+        # Own component: dM00/dg = N, dN/dg = -A.
+        shape = a0 * n + mom[:, ai] * inv_d
+        sel_u1 = a1 * n
+        sel_u2 = torch.zeros_like(n)
+        # Cross component: dM00/dg_other = Nx, dN/dg_other = B12.
+        x_shape = a0 * mom[:, nx] - mom[:, _B12] * inv_d
+        x_u1 = a1 * mom[:, nx]
+        x_u2 = torch.zeros_like(n)
+        if use_cov:
+            t_h = c(ni, _M00)  # (L Cov) entries paired with d2F/dM00^2
+            t_k = c(ni, ni) - c(ai, _M00)  # ... with d2F/dM00 dN (both orderings)
+            shape = shape - (h0 * t_h + k0 * t_k)
+            sel_u1 = sel_u1 - (h1 * t_h + k1 * t_k)
+            sel_u2 = sel_u2 - h2 * t_h
+            x_h = c(nx, _M00)
+            x_k = c(nx, ni) + c(_B12, _M00)
+            x_shape = x_shape - (h0 * x_h + k0 * x_k)
+            x_u1 = x_u1 - (h1 * x_h + k1 * x_k)
+            x_u2 = x_u2 - h2 * x_h
+        pos = u > 0
+        safe_u = torch.where(pos, u, torch.ones_like(u))
+        sel = torch.where(pos, (u1 * sel_u1 + u2 * sel_u2) / safe_u, torch.zeros_like(u))
+        x_sel = torch.where(pos, (u1 * x_u1 + u2 * x_u2) / safe_u, torch.zeros_like(u))
+        out[f"e{comp}"] = e
+        out[f"r{comp}{comp}_shape"] = shape
+        out[f"r{comp}{comp}_sel"] = sel
+        out[f"r{comp}{comp}"] = shape + sel
+        out[f"r{comp}{other}"] = x_shape + x_sel
+    return out
+
+
 def shape_from_moments(
     moments: torch.Tensor, cov: torch.Tensor | None, c_const: torch.Tensor, correct: bool = True
 ) -> dict[str, torch.Tensor]:
-    """``e1, e2, r11, r22`` from moments (N, 5) (order of :data:`MOMENT_NAMES`); differentiable."""
-    return _response_and_ellipticity(moments, cov, c_const, correct)
-
-
-def _response_and_ellipticity(
-    mom: torch.Tensor, cov: torch.Tensor | None, c_const: torch.Tensor, correct: bool
-) -> dict[str, torch.Tensor]:
-    d = mom[:, _M00] + c_const
-    out = {}
-    for comp, (n_i, a_i) in enumerate(((_M2C, _A1), (_M2S, _A2)), start=1):
-        n = mom[:, n_i]
-        a = mom[:, a_i]
-        e = -n / d
-        r = a / d + (n / d) ** 2
-        if correct and cov is not None:
-            var_d = cov[:, _M00, _M00]
-            var_n = cov[:, n_i, n_i]
-            cov_nd = cov[:, n_i, _M00]
-            cov_ad = cov[:, a_i, _M00]
-            # Second-order noise bias of the ratios, evaluated at the measured values.
-            e = e - cov_nd / d**2 + n * var_d / d**3
-            r = r - (
-                -cov_ad / d**2
-                + a * var_d / d**3
-                + var_n / d**2
-                - 4.0 * n * cov_nd / d**3
-                + 3.0 * n**2 * var_d / d**4
-            )
-        out[f"e{comp}"] = e
-        out[f"r{comp}{comp}"] = r
-    return out
+    """:func:`shear_from_moments` without selection, with the denominator constant ``c_const`` (N,)."""
+    if cov is not None:
+        sigma = cov[:, _M00, _M00].clamp_min(0).sqrt()
+    else:
+        sigma = torch.zeros(moments.shape[0], dtype=moments.dtype, device=moments.device)
+    return shear_from_moments(moments, cov, sigma, c_const, 0.0, 1.0, correct)
 
 
 def measure_stamps(
@@ -365,6 +560,8 @@ def measure_stamps(
     precision: str = FpfsSettings.precision,
     psf_floor: float = FpfsSettings.psf_floor,
     return_moments: bool = False,
+    return_covariance: bool = False,
+    psf_wings: str = "extend",
 ) -> dict[str, np.ndarray]:
     """Measure FPFS ellipticities and analytic shear responses on a batch of stamps.
 
@@ -378,17 +575,29 @@ def measure_stamps(
         device: torch device ("cpu", "cuda", ...).
         sigma_arcsec: real-space scale of the Gaussian FPFS weight (larger than the PSF sigma).
         c_ratio: ellipticity denominator constant ``C`` in units of ``sigma(M00)``.
-        snr_min: cut on the measured ``snr`` (0: no cut); the selection response goes into ``r11``.
         noise_bias_correction: apply the second-order noise-bias correction.
         batch_size: stamps per FFT batch (bounds memory).
         precision: FFT, ``1/P`` and moment precision, "float32" (default, ~2x faster) or "float64"; e, R
             and the noise covariance sums are always float64.
-        return_moments: also return the raw moments ``m00, m2c, m2s, a1, a2``.
+        snr_min: smooth selection on the measured FPFS ``snr`` (0: none): the weight rises from 0 at
+            ``snr_min`` to 1 at ``snr_min + selection_bin_width`` (:func:`selection_weight`); its
+            noise-corrected response is in ``r11``/``r22`` (see :func:`shear_from_moments`).
+        return_moments: also return the raw moments :data:`MOMENT_NAMES` (pixel frame).
+        psf_wings: PSF stamps whose nonzero pixels stop inside the stamp (a truncated PSF model):
+            ``"extend"`` (default) continues them with a power-law wing fitted to their outer ring
+            (:func:`extend_psf_wings`; for a support box of half-size >= 8 pixels, so the ring is in the
+            wing), ``"none"`` deconvolves the truncated stamp as given.  Either way
+            ``psf_border_frac`` reports the flux fraction in the support box's outermost pixel frame;
+            above :data:`PSF_BORDER_FRACTION_WARN` the PSF model is truncated (logged).
+        return_covariance: also return ``cov`` (N, 6, 6), the moments' noise covariance (to combine
+            exposures at the moment level, :func:`constellation_assets.shear.stamps.combine_exposure_moments`).
 
     Returns:
-        dict of float64 numpy arrays of length N: ``e1, e2, r11, r22, r11_shape, r22_shape,
+        dict of float64 numpy arrays of length N: ``e1, e2, r11, r22, r12, r21, r11_shape, r22_shape,
         r11_sel, r22_sel, weight, snr, m00`` and int32 ``flags``.  Ensemble shear:
-        ``g1 = sum(weight*e1) / sum(weight*r11)`` (see :func:`ensemble_shear`).
+        ``g1 = sum(weight*e1) / sum(weight*r11)`` (see :func:`ensemble_shear`); ``weight*r12`` is the
+        response of ``weight*e1`` to ``g2``.  Frame: the stamp's pixel frame, ``e1 > 0`` elongated
+        along x (columns), ``e2 > 0`` along x = y.
     """
     dev = resolve_device(device)
     rdtype, _ = _dtypes(precision)
@@ -429,23 +638,36 @@ def measure_stamps(
         if offs.shape != (n, 2):
             raise ValueError(f"offsets_pix must have shape ({n}, 2) as (dx, dy); got {tuple(offs.shape)}")
 
+    if psf_wings not in ("extend", "none"):
+        raise ValueError(f"psf_wings={psf_wings!r} is not supported: use 'extend' or 'none'")
+    support = psf_support_half_size(psf_t)
+    truncated = 0 < support < min(ny // 2, nx // 2) - 1  # room outside the model's box
+    # The wing is fitted on the ring half - 3 .. half: only meaningful when that ring lies outside the core.
+    extend = truncated and psf_wings == "extend" and support >= 2 * WING_RING_PIX
+    border = torch.zeros(n, dtype=torch.float64, device=dev)
+
     weights, mult, kx_pix, ky_pix, pair = _weight_tables(
         ny, nx, float(pixel_scale_arcsec), float(sigma_arcsec), dev
     )
     with_noise = bool((noise > 0).any())
 
-    moments = torch.empty((n, 5), dtype=torch.float64, device=dev)
+    moments = torch.empty((n, N_MOMENTS), dtype=torch.float64, device=dev)
     finite = torch.empty(n, dtype=torch.bool, device=dev)
     shared_psf = psf_t.shape[0] == 1
     if shared_psf:
-        inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_t.to(dev, torch.float64), psf_floor)
+        psf_d = psf_t.to(dev, torch.float64)
+        if truncated:
+            border[:] = psf_border_fraction(psf_d, support)[0]
+        if extend:
+            psf_d = extend_psf_wings(psf_d, support)[0]
+        inv_psf_f, inv_psf2, bad_psf = _prepare_psf(psf_d, psf_floor)
         w_ri = _weights_ri(weights, inv_psf_f.reshape(-1), rdtype)
         cov = _cov_from_inv_psf2(inv_psf2, pair, npix=ny * nx, noise_var=noise**2) if with_noise else None
     else:
         # Per-stamp PSFs: 1/P(k), 1/|P|^2 and the noise covariance are built batch by batch, in the working
         # precision, next to the stamps they deconvolve (memory bounded by batch_size, one pass each).
         w_ri = _weights_ri(weights, None, rdtype)
-        cov = torch.empty((n, 5, 5), dtype=torch.float64, device=dev) if with_noise else None
+        cov = torch.empty((n, N_MOMENTS, N_MOMENTS), dtype=torch.float64, device=dev) if with_noise else None
         bad_psf = torch.empty(n, dtype=torch.bool, device=dev)
     for start in range(0, n, max(1, int(batch_size))):
         stop = min(n, start + int(batch_size))
@@ -457,9 +679,13 @@ def measure_stamps(
             batch = torch.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)
         inv_f = None
         if not shared_psf:
-            inv_f, q2, bad_psf[start:stop] = _prepare_psf_batch(
-                psf_t[start:stop].to(device=dev, non_blocking=True), psf_floor, rdtype
-            )
+            psf_b = psf_t[start:stop].to(device=dev, non_blocking=True)
+            if truncated:
+                border[start:stop] = psf_border_fraction(psf_b, support)
+            if extend:
+                psf_b = extend_psf_wings(psf_b, support)[0]
+            inv_f, q2, bad_psf[start:stop] = _prepare_psf_batch(psf_b, psf_floor, rdtype)
+            del psf_b
             if cov is not None:
                 cov[start:stop] = _cov_from_inv_psf2(q2, pair, ny * nx, noise[start:stop] ** 2)
             del q2
@@ -468,52 +694,60 @@ def measure_stamps(
         )
 
     if cov is not None and cov.shape[0] == 1:
-        cov = cov.expand(n, 5, 5)
+        cov = cov.expand(n, N_MOMENTS, N_MOMENTS)
     if cov is not None:
         sigma_m00 = cov[:, _M00, _M00].clamp_min(0).sqrt()
     else:
         sigma_m00 = torch.zeros(n, dtype=torch.float64, device=dev)
-    c_const = c_ratio * sigma_m00
-    shape = _response_and_ellipticity(moments, cov, c_const, noise_bias_correction)
-
-    m00 = moments[:, _M00]
-    snr = torch.where(sigma_m00 > 0, m00 / torch.where(sigma_m00 > 0, sigma_m00, 1.0), torch.inf)
+    shape = shear_from_moments(
+        moments,
+        cov,
+        sigma_m00,
+        c_ratio * sigma_m00,
+        snr_min,
+        selection_bin_width,
+        noise_bias_correction,
+    )
+    snr = shape["snr"]
     flags = torch.zeros(n, dtype=torch.int32, device=dev)
     flags |= torch.where(finite, 0, FLAG_NONFINITE_INPUT).to(torch.int32)
-    flags |= torch.where((m00 + c_const) > 0, 0, FLAG_NONPOSITIVE_DENOMINATOR).to(torch.int32)
+    flags |= torch.where(shape["denominator"] > 0, 0, FLAG_NONPOSITIVE_DENOMINATOR).to(torch.int32)
     bad_psf_n = bad_psf.expand(n) if bad_psf.shape[0] == 1 else bad_psf
     flags |= torch.where(bad_psf_n, FLAG_BAD_PSF, 0).to(torch.int32)
-
-    r11_sel = torch.zeros(n, dtype=torch.float64, device=dev)
-    r22_sel = torch.zeros(n, dtype=torch.float64, device=dev)
     if snr_min > 0:
-        flags |= torch.where(snr >= snr_min, 0, FLAG_BELOW_SNR_MIN).to(torch.int32)
-        safe_sig = torch.where(sigma_m00 > 0, sigma_m00, 1.0)
-        near_cut = (snr >= snr_min) & (snr < snr_min + selection_bin_width)
-        # d(snr)/dg = dM00/dg / sigma(M00) = M2c/sigma, M2s/sigma.
-        for comp, (idx, out) in enumerate(((_M2C, r11_sel), (_M2S, r22_sel)), start=1):
-            dnu = moments[:, idx] / safe_sig
-            out += torch.where(near_cut, shape[f"e{comp}"] * dnu / selection_bin_width, 0.0)
+        flags |= torch.where(shape["weight"] > 0, 0, FLAG_BELOW_SNR_MIN).to(torch.int32)
 
     good = flags == 0
-    weight = good.to(torch.float64)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     result_t = {
-        "e1": torch.where(good, shape["e1"], zero),
-        "e2": torch.where(good, shape["e2"], zero),
-        "r11_shape": torch.where(good, shape["r11"], zero),
-        "r22_shape": torch.where(good, shape["r22"], zero),
-        "r11_sel": torch.where(good, r11_sel, zero),
-        "r22_sel": torch.where(good, r22_sel, zero),
-        "weight": weight,
-        "snr": snr,
-        "m00": moments[:, _M00],
-        "flags": flags,
+        k: torch.where(good, shape[k], zero)
+        for k in ("e1", "e2", "r11", "r22", "r12", "r21", "r11_shape", "r22_shape", "r11_sel", "r22_sel")
     }
-    result_t["r11"] = result_t["r11_shape"] + result_t["r11_sel"]
-    result_t["r22"] = result_t["r22_shape"] + result_t["r22_sel"]
+    result_t["weight"] = torch.where(good, shape["weight"], zero)
+    result_t["snr"] = snr
+    result_t["m00"] = moments[:, _M00]
+    result_t["psf_border_frac"] = border
+    if truncated:
+        worst = float(border.max()) if n else 0.0
+        if worst > PSF_BORDER_FRACTION_WARN:
+            log.warning(
+                "PSF model truncated: its %dx%d support box carries up to %.2e of its flux in the outermost "
+                "pixel frame (> %.0e); %s",
+                2 * support + 1,
+                2 * support + 1,
+                worst,
+                PSF_BORDER_FRACTION_WARN,
+                "wings extended with a fitted power law" if extend else "deconvolved as truncated",
+            )
+    result_t["flags"] = flags
     if return_moments:
         for i, name in enumerate(MOMENT_NAMES[1:], start=1):
             result_t[name] = moments[:, i]
+    if return_covariance:
+        result_t["cov"] = (
+            cov
+            if cov is not None
+            else torch.zeros((n, N_MOMENTS, N_MOMENTS), dtype=torch.float64, device=dev)
+        )
     # Single device->host transfer at the very end.
     return {k: v.detach().cpu().numpy() for k, v in result_t.items()}

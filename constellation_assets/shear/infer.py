@@ -7,8 +7,12 @@ Engines (``inference.engine`` in the config, an opaque section):
 
 ``builtin`` (default)
     The PyTorch FPFS estimator (:func:`constellation_assets.shear.measure_stamps`) on stamps cut by
-    :mod:`constellation_assets.shear.stamps`, measured per exposure in batches of ``compute.batch_size``
-    and combined per source by inverse variance.
+    :mod:`constellation_assets.shear.stamps`, measured per exposure in batches of ``compute.batch_size``;
+    each exposure's FPFS moments are mapped to the sky frame and combined per source by inverse variance,
+    then e, the smooth FPFS S/N selection (``shear.estimator_snr_min``) and the noise-corrected responses
+    are formed once per source (:func:`constellation_assets.shear.stamps.combine_exposure_moments`).
+    Catalog frame: ``E1``/``E2`` in (west, north), ``E1 > 0`` along RA, ``E2 > 0`` along NW-SE; tools
+    working in (east, north) need ``-E2`` (see :mod:`constellation_assets.shear.stamps`).
 ``external``
     A configured command (e.g. SHINE) run once per manifest as a subprocess; it must write a Parquet file
     of one of two shapes (told apart by their columns):
@@ -226,11 +230,12 @@ def _estimator_kwargs(cfg) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Built-in engine
 
+#: Moments per stamp (len(fpfs.MOMENT_NAMES); fpfs, hence torch, is imported only when measuring).
+_N_MOMENTS = 6
+
 
 class _BatchMeasurer:
     """Buffers usable stamps across quadrants and measures them in batches of ``batch_size``."""
-
-    FIELDS = ("e1", "e2", "r11", "r22", "weight", "snr", "m00", "flags")
 
     def __init__(
         self, device: str, batch_size: int, est_kwargs: dict, progress: Callable[[int], None] | None
@@ -254,13 +259,14 @@ class _BatchMeasurer:
             return
         rejected = stamps.select(~usable)
         if len(rejected):
-            zeros = np.zeros(len(rejected))
+            nr = len(rejected)
             self.parts.append(
                 {
                     "source_index": rejected.source_index,
-                    "usable": np.zeros(len(rejected), bool),
-                    **{k: zeros for k in self.FIELDS if k != "flags"},
-                    "flags": np.zeros(len(rejected), np.int64),
+                    "usable": np.zeros(nr, bool),
+                    "moments": np.zeros((nr, _N_MOMENTS)),
+                    "cov": np.zeros((nr, _N_MOMENTS, _N_MOMENTS)),
+                    "flags": np.zeros(nr, np.int64),
                 }
             )
         good = stamps.select(usable)
@@ -277,7 +283,9 @@ class _BatchMeasurer:
             return {
                 "source_index": np.zeros(0, np.intp),
                 "usable": np.zeros(0, bool),
-                **{k: np.zeros(0) for k in self.FIELDS},
+                "moments": np.zeros((0, _N_MOMENTS)),
+                "cov": np.zeros((0, _N_MOMENTS, _N_MOMENTS)),
+                "flags": np.zeros(0, np.int64),
             }
         return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
 
@@ -296,7 +304,7 @@ class _BatchMeasurer:
         return out
 
     def _flush(self, n: int) -> None:
-        from constellation_assets.shear import measure_stamps
+        from constellation_assets.shear import fpfs
 
         chunk = self._take(n)
         images = np.concatenate([c.images for c in chunk])
@@ -304,7 +312,10 @@ class _BatchMeasurer:
         jac = np.concatenate([c.jacobian for c in chunk])
         frame = st.sky_frame_transform(jac)
         pixel_scale = float(np.median(frame["scale_arcsec"]))
-        res = measure_stamps(
+        # Moments only: ratios, selection and responses are formed once per source after the
+        # exposures are combined (stamps.combine_exposure_moments).
+        kw = {k: v for k, v in self.est_kwargs.items() if k in ("sigma_arcsec", "precision", "psf_floor")}
+        res = fpfs.measure_stamps(
             images,
             psf,
             pixel_scale_arcsec=pixel_scale,
@@ -312,30 +323,19 @@ class _BatchMeasurer:
             offsets_pix=np.concatenate([c.offsets_pix for c in chunk]),
             device=self.device,
             batch_size=self.batch_size,
-            **self.est_kwargs,
+            return_moments=True,
+            return_covariance=True,
+            **kw,
         )
         del images, psf
-        e1, e2, r11, r22 = st.to_sky_frame(
-            np.asarray(res["e1"], np.float64),
-            np.asarray(res["e2"], np.float64),
-            np.asarray(res["r11"], np.float64),
-            np.asarray(res["r22"], np.float64),
-            frame,
-        )
-        m00 = res.get("m00")
-        if m00 is None:  # estimators without m00: derive equal weights from S/N alone
-            m00 = np.asarray(res["snr"], np.float64)
+        mom = np.stack([np.asarray(res[k], np.float64) for k in fpfs.MOMENT_NAMES], axis=1)
+        mom, cov = st.moments_to_sky_frame(mom, np.asarray(res["cov"], np.float64), frame)
         self.parts.append(
             {
                 "source_index": np.concatenate([c.source_index for c in chunk]),
                 "usable": np.ones(n, bool),
-                "e1": e1,
-                "e2": e2,
-                "r11": r11,
-                "r22": r22,
-                "weight": np.asarray(res["weight"], np.float64),
-                "snr": np.asarray(res["snr"], np.float64),
-                "m00": np.asarray(m00, np.float64),
+                "moments": mom,
+                "cov": cov,
                 "flags": np.asarray(res["flags"], np.int64),
             }
         )
@@ -370,7 +370,27 @@ def measure_manifest(
         measurer.add(stamps)
         del stamps
     per_stamp = measurer.finish()
-    comb = st.combine_exposures(n, per_stamp["source_index"], per_stamp, per_stamp["usable"], covered)
+    from constellation_assets.shear import fpfs
+
+    assert len(fpfs.MOMENT_NAMES) == _N_MOMENTS
+    est = _estimator_kwargs(cfg)
+    # Per-exposure failures that exclude a stamp: non-finite pixels, unusable PSF. (A noisy exposure's
+    # denominator or S/N is not a reason: cuts are made once, on the combined moments.)
+    bad = np.asarray(per_stamp["flags"], np.int64) & (fpfs.FLAG_NONFINITE_INPUT | fpfs.FLAG_BAD_PSF)
+    comb = st.combine_exposure_moments(
+        n,
+        per_stamp["source_index"],
+        per_stamp["moments"],
+        per_stamp["cov"],
+        per_stamp["usable"] & (bad == 0),
+        usable=per_stamp["usable"],
+        est_flags=per_stamp["flags"],
+        covered=covered,
+        c_ratio=est["c_ratio"],
+        snr_min=est["snr_min"],
+        selection_bin_width=est["selection_bin_width"],
+        noise_bias_correction=est["noise_bias_correction"],
+    )
     tile_id = int(manifest["tile_id"])
     row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
     snr = np.where(np.isfinite(comb["snr"]), comb["snr"], np.float32(np.finfo(np.float32).max))

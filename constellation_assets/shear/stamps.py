@@ -17,10 +17,12 @@ Pipeline (all vectorised over sources; no per-pixel Python):
 4. Subtract the background, convert ADU to microJansky per pixel with MAGZEROP/EXPTIME (so exposures share
    one flux unit), and mask pixels with any FLG bit of ``euclid.FLG_MASK_BITS`` set (every documented ESA
    VIS bit except the informational QUADEDGE, STARSIGNAL and OBJECTS), non-finite pixels and pixels off
-   the quadrant. Masked pixels get weight 0 and are filled with the pixel point-symmetric about the
+   the quadrant. Masked pixels get weight 0 and are filled with the image point-symmetric about the
    source centre (an elliptical profile is exactly symmetric under a 180-degree rotation, so this
-   preserves both the galaxy light and the noise level); if that partner is masked too the pixel is set
-   to the background (0). An exposure is not used for a source when its central region (radius
+   preserves both the galaxy light and the noise level), evaluated at the partner's fractional position
+   with Keys cubic convolution (a bilinear value smooths the profile: with 5 % cosmic-ray-like masks
+   m moves by ~-1e-3 bilinear vs ~-2e-4 cubic, benchmarks/bench_shear_masks.py; setting masked pixels
+   to 0 is worse, ~-3e-3); if that partner is masked too the pixel is set to the background (0). An exposure is not used for a source when its central region (radius
    ``center_radius_pix``) holds a masked pixel, when a pixel within ``aperture_radius_pix`` could not be
    filled (it and its partner are masked), or when more than ``max_masked_fraction`` of the stamp is masked
    (e.g. mostly off the quadrant). Sources near a quadrant edge are therefore kept.
@@ -40,22 +42,35 @@ module cuts and processes.
 
 Combining exposures (the statistical choice)
 --------------------------------------------
-Each (source, exposure) stamp is measured separately in its own detector frame with its own PSF, and the
-per-exposure ellipticities and responses are combined with inverse-variance weights
-``a_i = 1 / Var(M00_i)`` (the estimator's flux-moment noise variance, which depends only on the noise
-level and the PSF, never on the galaxy):
+Each (source, exposure) stamp is measured separately in its own detector frame with its own PSF, but
+only its FPFS *moments* are kept (:data:`constellation_assets.shear.fpfs.MOMENT_NAMES`, with their
+analytic noise covariance). The moments are linear in the image, so after mapping them to the sky
+frame (:func:`moments_to_sky_frame`) a source's exposures are averaged with inverse-variance weights
+``a_i = 1 / Var(M00_i)`` (the flux-moment noise variance, which depends only on the noise level and the
+PSF, never on the galaxy, so it carries no shear response):
 
-    e = sum_i a_i w_i e_i / sum_i a_i w_i,        R = sum_i a_i w_i R_i / sum_i a_i w_i.
+    x = sum_i a_i x_i / sum_i a_i,        Cov(x) = sum_i a_i^2 Cov_i / (sum_i a_i)^2,
 
-Because the ``a_i`` carry no shear response, ``e`` responds to shear exactly with ``R`` and the ensemble
-estimator ``sum(w e) / sum(w R)`` stays unbiased at linear order. We do not co-add stamps: exposures are
-dithered and (between observations) rotated, so a co-add needs resampling (correlated noise, aliasing)
-and, with masked pixels, its effective PSF is no longer the weighted sum of the exposure PSFs; per-exposure
-measurement avoids both. The estimator's second-order noise-bias correction is applied per exposure.
+and the ratios ``e``, the smooth selection on the FPFS S/N, the responses and their noise correction
+are formed once per source from ``x`` and ``Cov(x)`` (:func:`combine_exposure_moments`), at the
+combined S/N. (Forming them per exposure and averaging ``e`` and ``R`` would apply every nonlinear step,
+and its noise bias, at the lower single-exposure S/N.) We do not co-add stamps: exposures are dithered
+and (between observations) rotated, so a co-add needs resampling (correlated noise, aliasing) and, with
+masked pixels, its effective PSF is no longer the weighted sum of the exposure PSFs. A stamp enters
+unless the stamp stage rejected it or it has non-finite pixels or an unusable PSF; a single exposure's
+noisy S/N or denominator is never a reason (that would be a selection without a response).
+:func:`combine_exposures` (per-exposure ``e``/``R`` averaged) is kept for estimators that give no
+moments.
 
-Frames: each exposure's ``e``/``R`` is measured in its pixel frame and mapped to the sky frame used
-throughout the project, GalSim's local world frame ``(u, v) = (west, north)`` (``u = -dRA cos(dec)``),
-which is the detector frame at position angle 0. With the local Jacobian ``J = d(u, v)/d(x, y)``: a
+Frames: each exposure's moments (or ``e``/``R``) are measured in its pixel frame and mapped to the sky
+frame used throughout the project, GalSim's local world frame ``(u, v) = (west, north)``
+(``u = -dRA cos(dec)``), which is the detector frame at position angle 0. So the catalog's ``E1 > 0``
+means elongated east-west (along RA) and ``E2 > 0`` elongated along the north-west / south-east
+diagonal (position angle counted from west through north). A tool whose shears are in the (x = east,
+y = north) frame (position angle from east through north) needs the same ``E1`` and the opposite
+``E2``: ``g1 = E1 / <R11>``, ``g2 = -E2 / <R22>`` (TreeCorr: check its convention for ``ra``/``dec``
+catalogs and use ``flip_g2`` accordingly, e.g. with the tangential shear around a known lens).
+With the local Jacobian ``J = d(u, v)/d(x, y)``: a
 parity flip (``det J < 0``) negates ``e2``; the polar decomposition ``J' = Rot(theta) P`` gives the
 rotation (``e -> e exp(2 i theta)``, responses rotate with ``cos^2 2theta``/``sin^2 2theta``) and the
 WCS distortion shear ``gamma`` of ``P`` (the pixel image is the rotated sky image sheared by
@@ -93,6 +108,9 @@ __all__ = [
     "QuadrantImages",
     "SourceList",
     "combine_exposures",
+    "combine_exposure_moments",
+    "moments_to_sky_frame",
+    "sky_frame_moment_transform",
     "cut_stamps",
     "fill_masked_symmetric",
     "flux_scale_ujy_per_adu",
@@ -115,7 +133,9 @@ FLG_MASK_BITS = _euclid.FLG_MASK_BITS
 PSF_BORDER_WARN_FRACTION = 1e-3
 #: PSF files already reported as truncated (a warning per file; its other quadrants are logged at DEBUG).
 _PSF_CUT_WARNED: set[str] = set()
-CENTER_RADIUS_PIX_DEFAULT = 2.0
+#: A masked pixel this close to the source centre rejects the exposure (1 px: with the cubic symmetric fill
+#: the bias of 5 % cosmic-ray masks is the same as with 2 px, and 14 % instead of 34 % of stamps are lost).
+CENTER_RADIUS_PIX_DEFAULT = 1.0
 MAX_MASKED_FRACTION_DEFAULT = 0.5
 APERTURE_RADIUS_PIX_DEFAULT = 8.0
 
@@ -483,16 +503,35 @@ def cut_stamps(
     return stamps, inside
 
 
+def _keys_cubic(t: np.ndarray) -> np.ndarray:
+    """Keys (a = -1/2) cubic convolution weights (..., 4) for taps at -1, 0, 1, 2 and fraction ``t``."""
+    t = t[..., None]
+    d = np.abs(np.array([-1.0, 0.0, 1.0, 2.0]) - t)
+    near = (1.5 * d - 2.5) * d * d + 1.0
+    far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+    return np.where(d <= 1.0, near, np.where(d < 2.0, far, 0.0))
+
+
 def fill_masked_symmetric(
-    stamps: np.ndarray, mask: np.ndarray, offsets: np.ndarray, return_unfilled: bool = False
+    stamps: np.ndarray,
+    mask: np.ndarray,
+    offsets: np.ndarray,
+    return_unfilled: bool = False,
+    method: str = "cubic",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Fill masked pixels with the image point-symmetric about the source centre (0 where unavailable).
 
     The centre is ``(H//2 + dy, W//2 + dx)``; the partner of pixel ``(r, c)`` is ``2 centre - (r, c)``,
-    interpolated bilinearly from its 4 neighbours when they are all unmasked, else the nearest pixel when
-    that one is unmasked, else 0 (the background). Work is done on the masked pixels only. Returns a new
-    array (and, with ``return_unfilled``, the mask of pixels that had to be set to 0).
+    at a fractional position (``frac(2 d)``, the same for every pixel of a stamp). ``method="cubic"``
+    (default) evaluates it with Keys cubic convolution over its 4 x 4 neighbours when they are all
+    unmasked (third-order accurate: no smoothing of the profile, which a bilinear value would impose:
+    5 % cosmic-ray-like masks give m ~ -3e-3 bilinear, see benchmarks/bench_shear_masks.py); otherwise,
+    and with ``method="bilinear"``, bilinearly from its 4 neighbours when they are unmasked, else the
+    nearest pixel when that one is unmasked, else 0 (the background). Work is done on the masked pixels
+    only. Returns a new array (and, with ``return_unfilled``, the mask of pixels that had to be set to 0).
     """
+    if method not in ("cubic", "bilinear"):
+        raise ValueError(f"method={method!r} is not supported: use 'cubic' or 'bilinear'")
     n, h, w = stamps.shape
     out = stamps.copy()
     unfilled = np.zeros_like(mask)
@@ -516,7 +555,19 @@ def fill_masked_symmetric(
         bil = (1 - ty) * (1 - tx) * v00 + (1 - ty) * tx * v01 + ty * (1 - tx) * v10 + ty * tx * v11
         all4 = g00 & g01 & g10 & g11
         vn, gn = gather(np.rint(py).astype(np.intp), np.rint(px).astype(np.intp))
-        out[nn, rr, cc] = np.where(all4, bil, np.where(gn, vn, 0))
+        value = np.where(all4, bil, np.where(gn, vn, 0))
+        if method == "cubic":
+            wy = _keys_cubic(ty.astype(np.float64))  # (M, 4)
+            wx = _keys_cubic(tx.astype(np.float64))
+            cub = np.zeros(len(nn))
+            all16 = np.ones(len(nn), dtype=bool)
+            for i in range(4):
+                for j in range(4):
+                    v, g = gather(r0 - 1 + i, c0 - 1 + j)
+                    cub += wy[:, i] * wx[:, j] * v
+                    all16 &= g
+            value = np.where(all16, cub.astype(stamps.dtype), value)
+        out[nn, rr, cc] = value
         unfilled[nn, rr, cc] = ~all4 & ~gn
     return (out, unfilled) if return_unfilled else out
 
@@ -1107,4 +1158,144 @@ def combine_exposures(
     out["flags"] = flags.astype(np.int32)
     for name in ("e1", "e2", "r11", "r22", "weight"):
         out[name] = np.where(n_exp > 0, out[name], 0.0)
+    return out
+
+
+def sky_frame_moment_transform(frame: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Linear maps (N, 6, 6) taking pixel-frame FPFS moments to the sky frame (module docstring).
+
+    Moments in the order of :data:`constellation_assets.shear.fpfs.MOMENT_NAMES`
+    (``m00, m2c, m2s, a1, a2, b12``). Steps, as in :func:`to_sky_frame`: the parity flip negates the
+    odd moments ``m2s`` and ``b12``; the WCS distortion ``gamma`` is removed to first order with the
+    moments' own shear derivatives, ``x += gamma_1 dx/dg1 + gamma_2 dx/dg2`` (``dM00/dg = (M2c, M2s)``,
+    ``dM2c/dg = (-A1, B12)``, ``dM2s/dg = (B12, -A2)``; the response moments' own derivatives are second
+    order and dropped); the rotation by ``theta`` turns ``(m2c, m2s)`` as a spin-2 vector and the
+    response tensor ``J = dM2/dg = [[-A1, B12], [B12, -A2]]`` as ``Rot(2 theta) J Rot(2 theta)^T``.
+    """
+    parity = np.asarray(frame["parity"], dtype=np.float64)
+    n = len(parity)
+    g1 = np.asarray(frame["gamma1"], dtype=np.float64)
+    g2 = np.asarray(frame["gamma2"], dtype=np.float64)
+    c2, s2 = np.cos(2 * frame["theta"]), np.sin(2 * frame["theta"])
+    eye = np.broadcast_to(np.eye(6), (n, 6, 6))
+    p = eye * np.stack([np.ones(n), np.ones(n), parity, np.ones(n), np.ones(n), parity], axis=1)[:, None, :]
+    d = np.array(eye)
+    d[:, 0, 1], d[:, 0, 2] = g1, g2
+    d[:, 1, 3], d[:, 1, 5] = -g1, g2
+    d[:, 2, 5], d[:, 2, 4] = g1, -g2
+    r = np.zeros((n, 6, 6))
+    r[:, 0, 0] = 1.0
+    r[:, 1, 1], r[:, 1, 2] = c2, -s2
+    r[:, 2, 1], r[:, 2, 2] = s2, c2
+    r[:, 3, 3], r[:, 3, 4], r[:, 3, 5] = c2 * c2, s2 * s2, 2 * c2 * s2
+    r[:, 4, 3], r[:, 4, 4], r[:, 4, 5] = s2 * s2, c2 * c2, -2 * c2 * s2
+    r[:, 5, 3], r[:, 5, 4], r[:, 5, 5] = -c2 * s2, c2 * s2, c2 * c2 - s2 * s2
+    return r @ d @ p
+
+
+def moments_to_sky_frame(
+    moments: np.ndarray, cov: np.ndarray, frame: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-frame moments (N, 6) and their noise covariance (N, 6, 6) in the sky frame."""
+    t = sky_frame_moment_transform(frame)
+    mom = np.einsum("nij,nj->ni", t, moments)
+    return mom, t @ cov @ np.transpose(t, (0, 2, 1))
+
+
+def combine_exposure_moments(
+    n_sources: int,
+    source_index: np.ndarray,
+    moments: np.ndarray,
+    cov: np.ndarray,
+    good: np.ndarray,
+    *,
+    usable: np.ndarray | None = None,
+    est_flags: np.ndarray | None = None,
+    covered: np.ndarray | None = None,
+    c_ratio: float = 4.0,
+    snr_min: float = 0.0,
+    selection_bin_width: float = 2.0,
+    noise_bias_correction: bool = True,
+) -> dict[str, np.ndarray]:
+    """One measurement per source from its exposures' sky-frame moments (see the module docstring).
+
+    FPFS moments are linear in the image, so each source's exposures are averaged at the moment level
+    with inverse-variance weights ``a_i = 1 / Var(M00_i)`` (noise and PSF only, no shear response):
+    ``x = sum a_i x_i / sum a_i``, ``Cov = sum a_i^2 Cov_i / (sum a_i)^2``. The ratios, the smooth
+    S/N selection, the responses and their noise correction are then formed once per source, at the
+    combined S/N (:func:`constellation_assets.shear.fpfs.shear_from_moments`). ``good`` (M,) marks the
+    stamps that enter; ``usable`` the stamps not rejected by the stamp stage and ``est_flags`` the
+    estimator's per-stamp flags (for the per-source FLAGS); ``covered`` (N,) counts the exposures on
+    which each source lies. Returns per-source ``e1, e2, r11, r22, r12, r21, weight, snr, m00,
+    n_exposures, flags`` (``weight * e1`` and ``weight * r11`` are what the ensemble sums).
+    """
+    import torch
+
+    from constellation_assets.shear import fpfs
+
+    si = np.asarray(source_index, dtype=np.intp)
+    good = np.asarray(good, dtype=bool)
+    usable = good if usable is None else np.asarray(usable, dtype=bool)
+    var0 = np.asarray(cov[:, 0, 0], dtype=np.float64) if len(si) else np.zeros(0)
+    noiseless = np.bincount(si[good], weights=(var0[good] > 0).astype(float), minlength=n_sources) == 0
+    # Inverse-variance weights; a source whose stamps are all noiseless gets equal weights.
+    with np.errstate(divide="ignore"):
+        a = np.where(var0 > 0, 1.0 / np.where(var0 > 0, var0, 1.0), 0.0)
+    a = np.where(noiseless[si] & (var0 <= 0), 1.0, a) if len(si) else a
+    a = np.where(good, a, 0.0)
+    sum_a = np.bincount(si, weights=a, minlength=n_sources).astype(np.float64)
+    nm = moments.shape[1]
+    # Per-source sums, one bincount per moment / covariance entry (np.add.at is ~10x slower).
+    # (np.bincount returns int64 for an empty input: cast.)
+    mom_c = np.stack(
+        [np.bincount(si, weights=a * moments[:, i], minlength=n_sources) for i in range(nm)], 1
+    ).astype(np.float64)
+    cov_flat = cov.reshape(len(si), nm * nm)
+    cov_c = (
+        np.stack(
+            [np.bincount(si, weights=a * a * cov_flat[:, k], minlength=n_sources) for k in range(nm * nm)], 1
+        )
+        .astype(np.float64)
+        .reshape(n_sources, nm, nm)
+    )
+    has = sum_a > 0
+    inv = np.where(has, 1.0 / np.where(has, sum_a, 1.0), 0.0)
+    mom_c *= inv[:, None]
+    cov_c *= (inv * inv)[:, None, None]
+
+    mom_t = torch.from_numpy(mom_c)
+    cov_t = torch.from_numpy(cov_c)
+    sigma = cov_t[:, 0, 0].clamp_min(0).sqrt()
+    shape = fpfs.shear_from_moments(
+        mom_t, cov_t, sigma, c_ratio * sigma, snr_min, selection_bin_width, noise_bias_correction
+    )
+    n_exp = np.bincount(si, weights=good.astype(np.float64), minlength=n_sources).astype(np.int64)
+    n_usable = np.bincount(si, weights=usable.astype(np.float64), minlength=n_sources).astype(np.int64)
+    n_cov = (
+        np.asarray(covered, dtype=np.int64)
+        if covered is not None
+        else np.bincount(si, minlength=n_sources).astype(np.int64)
+    )
+    flags = np.zeros(n_sources, dtype=np.int64)
+    if est_flags is not None:
+        or_flags = np.zeros(n_sources, dtype=np.int64)
+        sel = usable & ~good
+        np.bitwise_or.at(or_flags, si[sel], np.asarray(est_flags, dtype=np.int64)[sel])
+        flags |= np.where((n_usable > 0) & (n_exp == 0), FLAG_NO_GOOD_EXPOSURE | or_flags, 0)
+    else:
+        flags |= np.where((n_usable > 0) & (n_exp == 0), FLAG_NO_GOOD_EXPOSURE, 0)
+    flags |= np.where(n_cov == 0, FLAG_NO_COVERAGE, 0)
+    flags |= np.where((n_cov > 0) & (n_usable == 0), FLAG_CENTER_MASKED, 0)
+    den = shape["denominator"].numpy()
+    flags |= np.where(has & ~(den > 0), fpfs.FLAG_NONPOSITIVE_DENOMINATOR, 0)
+    weight = shape["weight"].numpy()
+    if snr_min > 0:
+        flags |= np.where(has & ~(weight > 0), fpfs.FLAG_BELOW_SNR_MIN, 0)
+    ok = has & (flags == 0)
+    out = {k: np.where(ok, shape[k].numpy(), 0.0) for k in ("e1", "e2", "r11", "r22", "r12", "r21", "weight")}
+    snr = shape["snr"].numpy()
+    out["snr"] = np.where(has, snr, 0.0)
+    out["m00"] = mom_c[:, 0]
+    out["n_exposures"] = n_exp
+    out["flags"] = flags.astype(np.int32)
     return out
