@@ -30,6 +30,7 @@ def field(tmp_path_factory):
         "field": {
             "tile_ids": [TILE],
             "n_dithers": 2,
+            "short_exposure_dithers": [],  # nominal exposures only: at most 2 per source
             "dither_offsets_arcsec": [[0.0, 0.0], [3.0, 7.0]],
             "ccd_grid": [1, 1],
             "quadrant_nx_pix": 256,

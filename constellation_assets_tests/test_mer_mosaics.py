@@ -95,7 +95,14 @@ def test_mosaic_photometry_colours_and_psf(mer_field):
     truth = _truth(root)
     alpha = object_sed_alpha(cfg.field, TILE, truth)
     found = q1.discover_mer_mosaics(F.mer_base_uri_of(cfg), TILE)
-    star = np.nonzero(truth["IS_STAR"] & (truth["MAG_VIS_TRUE"] < 21.5))[0]
+    ra, dec, flux = truth["RA"], truth["DEC"], truth["FLUX_UJY_TRUE"]
+
+    def isolated(i):  # no other object brighter than 0.5 % of it within 2.5"
+        d = np.hypot((ra - ra[i]) * np.cos(np.radians(dec[i])), dec - dec[i]) * 3600
+        return not np.any((d > 0) & (d < 2.5) & (flux > 0.005 * flux[i]))
+
+    bright = np.nonzero(truth["IS_STAR"] & (truth["MAG_VIS_TRUE"] < 21.5))[0]
+    star = [i for i in bright[np.argsort(truth["MAG_VIS_TRUE"][bright])] if isolated(i)]  # brightest first
     assert len(star)
     fwhm = {}
     for band in BANDS:

@@ -400,8 +400,10 @@ def measured_mer_catalog(
     a_pix, b_pix = np.sqrt(a2), np.sqrt(b2)
     theta_x = 0.5 * np.degrees(np.arctan2(2 * mxy, mxx - myy))  # major axis, from +x towards +y
     # 4. Kron-like radius and aperture flux with its noise error.
-    pos = np.clip(cut, 0.0, None) * (rr < 3.0 * a_pix[:, None, None] + 3.0)
-    r1 = (pos * rr).sum(axis=(1, 2)) / np.maximum(pos.sum(axis=(1, 2)), 1e-30)
+    # First radial moment of the (signed: noise averages out) light within 3 semi-major axes.
+    inner = cut * (rr < 3.0 * a_pix[:, None, None] + 1.0)
+    tot = inner.sum(axis=(1, 2))
+    r1 = np.where(tot > 0, (inner * rr).sum(axis=(1, 2)) / np.where(tot > 0, tot, 1.0), 0.0)
     kron = np.clip(2.5 * r1, 3.5, float(r))
     ap = rr <= kron[:, None, None]
     n_ap = ap.sum(axis=(1, 2))
