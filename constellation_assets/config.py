@@ -294,9 +294,13 @@ class CalibrationConfig(_Section):
 class FieldConfig(_Section):
     """Synthetic Euclid field in the exact Q1 layout (embedded default data).
 
-    Each tile gets ``n_observations`` pointings near its centre, each with ``n_dithers`` dithered exposures
-    of a reduced VIS focal plane (``ccd_grid`` CCDs of 4 quadrants of ``quadrant_nx_pix`` x ``quadrant_ny_pix``
-    instead of 6 x 6 CCDs of 2048 x 2066). Sources fill the area the exposures cover.
+    Each tile gets ``n_observations`` pointings near its centre, each with ``n_dithers`` dithers of a reduced
+    VIS focal plane (``ccd_grid`` CCDs of 4 quadrants of ``quadrant_nx_pix`` x ``quadrant_ny_pix`` instead of
+    6 x 6 CCDs of 2048 x 2066); every dither has a nominal exposure, those in ``short_exposure_dithers`` also a
+    short one. Sources fill the area the exposures cover. Shear-calibration knobs: ``shear_g1`` /
+    ``shear_g2`` (constant shear for every tile), ``intrinsic_rotation_deg``, ``shear_positions``,
+    ``paired_noise`` and the PSF-model errors ``psf_model_size_error``, ``psf_model_e1_error``,
+    ``psf_model_e2_error``. The generator lives in :mod:`constellation_assets.synthetic`.
     """
 
     tile_ids: list[int] = Field(
@@ -318,7 +322,7 @@ class FieldConfig(_Section):
     quadrant_nx_pix: int = Field(512, ge=64, le=2048, description="quadrant width (real: 2048)")
     quadrant_ny_pix: int = Field(516, ge=64, le=2066, description="quadrant height (real: 2066)")
     ccd_gap_pix: tuple[int, int] = Field((60, 120), description="gaps between CCDs (x, y) in pixels")
-    pixel_scale_arcsec: float = Field(0.1, gt=0.0)
+    pixel_scale_arcsec: float = Field(euclid.VIS_PIXEL_SCALE_ARCSEC, gt=0.0)
     galaxy_density_arcmin2: float = Field(
         60.0, ge=0.0, description="galaxies per arcmin^2 down to galaxy_mag_max"
     )
@@ -327,7 +331,9 @@ class FieldConfig(_Section):
     star_density_arcmin2: float = Field(3.0, ge=0.0)
     star_mag_min: float = 16.5
     star_mag_max: float = 24.5
-    psf_fwhm_arcsec: float = Field(0.17, gt=0.05, lt=1.0, description="PSF FWHM at the focal-plane centre")
+    psf_fwhm_arcsec: float = Field(
+        euclid.VIS_PSF_FWHM_ARCSEC, gt=0.05, lt=1.0, description="PSF FWHM at the focal-plane centre"
+    )
     psf_fwhm_variation: float = Field(
         0.05, ge=0.0, le=0.5, description="fractional FWHM growth at the corners"
     )
@@ -366,8 +372,12 @@ class FieldConfig(_Section):
     hot_pixel_fraction: float = Field(2e-4, ge=0.0, le=0.01)
     cold_pixel_fraction: float = Field(5e-5, ge=0.0, le=0.01)
     shear_model: Literal["constant", "smooth_map"] = "constant"
-    shear_g1: float | None = Field(None, description="constant shear g1 (None: drawn per tile from the seed)")
-    shear_g2: float | None = Field(None, description="constant shear g2 (None: drawn per tile from the seed)")
+    shear_g1: float | None = Field(
+        None, gt=-0.5, lt=0.5, description="shear g1 of every tile (None: drawn per tile from the seed)"
+    )
+    shear_g2: float | None = Field(
+        None, gt=-0.5, lt=0.5, description="shear g2 of every tile (None: drawn per tile from the seed)"
+    )
     shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
     shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
     shear_positions: bool = Field(
@@ -391,7 +401,7 @@ class FieldConfig(_Section):
         3.0, ge=0.0, description="MER detection threshold of the synthetic catalog (detection-flux S/N)"
     )
     catalog_detect_nsigma: float = Field(
-        4.0, gt=0.0, description="peak threshold on the smoothed VIS mosaic (noise sigmas)"
+        5.0, gt=0.0, description="peak threshold on the smoothed VIS mosaic (noise sigmas)"
     )
     catalog_deblend_arcsec: float = Field(
         0.5, gt=0.0, le=3.0, description="peaks closer than this are merged into one detection"

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from constellation_assets.euclid import VIS_EXPTIME_NOMINAL_S
 from constellation_assets.sky.tiles import tangent_to_radec
 from constellation_assets.synthetic.layout import rng_for
 
@@ -94,7 +95,7 @@ class Exposure:
     dec_deg: float
     pa_deg: float
     exposure: int = 1
-    exptime_s: float = 560.52
+    exptime_s: float = VIS_EXPTIME_NOMINAL_S
 
     @property
     def key(self) -> tuple[int, int, int]:
