@@ -10,7 +10,12 @@ hot/cold pixels of the quadrant.
 Noise: by default Poisson on electrons (GAIN e-/ADU) plus Gaussian read noise. With ``paired_noise`` the
 noise is Gaussian with the Poisson variance of (model + sky) plus the read noise, drawn as
 z * sigma(pixel) with z from a stream that depends on the exposure and quadrant only: two fields that differ
-only in shear have identical noise, cosmics and masks away from sources (common random numbers).
+only in shear have identical noise, cosmics and masks away from sources (common random numbers). Under
+whole-scene shear (``shear_positions``) a galaxy at distance r from the tile centre moves by ~|g| r between
+a +g and a -g field (2.4" at 2' for g = 0.02), so it sits on other noise pixels: the common noise then
+cancels only for galaxies within ~1 pixel / |g| of the centre, while shape noise still cancels through
+``intrinsic_rotation_deg`` partners. With ``shear_positions: false`` galaxies keep their pixels and the pixel
+noise cancels too.
 """
 
 from __future__ import annotations
