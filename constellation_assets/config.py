@@ -24,8 +24,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from constellation_assets import euclid
 from constellation_assets.io.uri import (
     DataAccessError,
     is_s3,
@@ -302,9 +311,13 @@ class CalibrationConfig(_Section):
 class FieldConfig(_Section):
     """Synthetic Euclid field in the exact Q1 layout (embedded default data).
 
-    Each tile gets ``n_observations`` pointings near its centre, each with ``n_dithers`` dithered exposures
-    of a reduced VIS focal plane (``ccd_grid`` CCDs of 4 quadrants of ``quadrant_nx_pix`` x ``quadrant_ny_pix``
-    instead of 6 x 6 CCDs of 2048 x 2066). Sources fill the area the exposures cover.
+    Each tile gets ``n_observations`` pointings near its centre, each with ``n_dithers`` dithers of a reduced
+    VIS focal plane (``ccd_grid`` CCDs of 4 quadrants of ``quadrant_nx_pix`` x ``quadrant_ny_pix`` instead of
+    6 x 6 CCDs of 2048 x 2066); every dither has a nominal exposure, those in ``short_exposure_dithers`` also a
+    short one. Sources fill the area the exposures cover. Shear-calibration knobs: ``shear_g1`` /
+    ``shear_g2`` (constant shear for every tile), ``intrinsic_rotation_deg``, ``shear_positions``,
+    ``paired_noise`` and the PSF-model errors ``psf_model_size_error``, ``psf_model_e1_error``,
+    ``psf_model_e2_error``. The generator lives in :mod:`constellation_assets.synthetic`.
     """
 
     tile_ids: list[int] = Field(
@@ -326,7 +339,7 @@ class FieldConfig(_Section):
     quadrant_nx_pix: int = Field(512, ge=64, le=2048, description="quadrant width (real: 2048)")
     quadrant_ny_pix: int = Field(516, ge=64, le=2066, description="quadrant height (real: 2066)")
     ccd_gap_pix: tuple[int, int] = Field((60, 120), description="gaps between CCDs (x, y) in pixels")
-    pixel_scale_arcsec: float = Field(0.1, gt=0.0)
+    pixel_scale_arcsec: float = Field(euclid.VIS_PIXEL_SCALE_ARCSEC, gt=0.0)
     galaxy_density_arcmin2: float = Field(
         60.0, ge=0.0, description="galaxies per arcmin^2 down to galaxy_mag_max"
     )
@@ -335,18 +348,39 @@ class FieldConfig(_Section):
     star_density_arcmin2: float = Field(3.0, ge=0.0)
     star_mag_min: float = 16.5
     star_mag_max: float = 24.5
-    psf_fwhm_arcsec: float = Field(0.17, gt=0.05, lt=1.0, description="PSF FWHM at the focal-plane centre")
+    psf_fwhm_arcsec: float = Field(
+        euclid.VIS_PSF_FWHM_ARCSEC, gt=0.05, lt=1.0, description="PSF FWHM at the focal-plane centre"
+    )
     psf_fwhm_variation: float = Field(
         0.05, ge=0.0, le=0.5, description="fractional FWHM growth at the corners"
     )
     psf_e_amplitude: float = Field(
         0.04, ge=0.0, le=0.2, description="PSF ellipticity at the focal-plane corners"
     )
-    psf_oversampling: int = Field(3, ge=1, le=8, description="oversampling of the 21x21 PSF-file stamps")
+    psf_model_size_error: float = Field(
+        0.0, gt=-0.5, lt=0.5, description="dT/T of the PSF model in the PSF files vs the rendering PSF"
+    )
+    psf_model_e1_error: float = Field(
+        0.0, gt=-0.2, lt=0.2, description="ellipticity (shear convention) added to the PSF model, e1"
+    )
+    psf_model_e2_error: float = Field(
+        0.0, gt=-0.2, lt=0.2, description="ellipticity (shear convention) added to the PSF model, e2"
+    )
     sky_level_adu: float = Field(45.0, ge=0.0, description="sky per pixel per exposure (~22.3 mag/arcsec^2)")
     read_noise_e: float = Field(4.5, ge=0.0)
     gain_e_per_adu: float = Field(3.48, gt=0.0)
-    exptime_s: float = Field(560.52, gt=0.0)
+    exptime_s: float = Field(
+        euclid.VIS_EXPTIME_NOMINAL_S, gt=0.0, description="EXPTIME of the nominal exposures (exposure 1)"
+    )
+    short_exptime_s: float = Field(
+        euclid.VIS_EXPTIME_SHORT_S, gt=0.0, description="EXPTIME of the short exposures (exposure 2)"
+    )
+    short_exposure_dithers: list[int] | None = Field(
+        None,
+        validate_default=True,
+        description="dithers that also get a short exposure (exposure 2); None: the first two, as in the "
+        "real VIS sequence; [] for none",
+    )
     magzerop: float = Field(24.57, description="AB magnitude giving 1 ADU/s")
     saturation_adu: float = Field(60000.0, gt=0.0)
     cosmic_rate_per_mpix: float = Field(
@@ -355,13 +389,39 @@ class FieldConfig(_Section):
     hot_pixel_fraction: float = Field(2e-4, ge=0.0, le=0.01)
     cold_pixel_fraction: float = Field(5e-5, ge=0.0, le=0.01)
     shear_model: Literal["constant", "smooth_map"] = "constant"
-    shear_g1: float | None = Field(None, description="constant shear g1 (None: drawn per tile from the seed)")
-    shear_g2: float | None = Field(None, description="constant shear g2 (None: drawn per tile from the seed)")
+    shear_g1: float | None = Field(
+        None, gt=-0.5, lt=0.5, description="shear g1 of every tile (None: drawn per tile from the seed)"
+    )
+    shear_g2: float | None = Field(
+        None, gt=-0.5, lt=0.5, description="shear g2 of every tile (None: drawn per tile from the seed)"
+    )
     shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
     shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
+    shear_positions: bool = Field(
+        True,
+        description="shear the whole scene: positions too (lensing map in the tile tangent plane, kappa = 0)",
+    )
+    intrinsic_rotation_deg: float = Field(
+        0.0, description="rotate every galaxy's intrinsic orientation before shearing (90: the partner field)"
+    )
+    paired_noise: bool = Field(
+        False,
+        description="Gaussian noise with the Poisson + read variance, drawn independently of the image: "
+        "fields that differ only in shear share noise, cosmics and masks",
+    )
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")
+    mer_catalog: Literal["measured", "truth"] = Field(
+        "measured",
+        description="MER catalog from detection and measurement on the VIS mosaic, or from the truth",
+    )
     catalog_snr_min: float = Field(
-        3.0, ge=0.0, description="MER detection threshold of the synthetic catalog"
+        3.0, ge=0.0, description="MER detection threshold of the synthetic catalog (detection-flux S/N)"
+    )
+    catalog_detect_nsigma: float = Field(
+        5.0, gt=0.0, description="peak threshold on the smoothed VIS mosaic (noise sigmas)"
+    )
+    catalog_deblend_arcsec: float = Field(
+        0.5, gt=0.0, le=3.0, description="peaks closer than this are merged into one detection"
     )
     spurious_fraction: float = Field(0.005, ge=0.0, le=0.2)
     write_mer_mosaics: bool = Field(
@@ -372,6 +432,20 @@ class FieldConfig(_Section):
         default_factory=lambda: ["VIS", "NIR_Y", "NIR_J", "NIR_H"],
         description="bands of the MER mosaics (VIS, NIR_Y, NIR_J, NIR_H)",
     )
+
+    @field_validator("short_exposure_dithers", mode="after")
+    @classmethod
+    def _short_dithers(cls, v: list[int] | None, info: ValidationInfo) -> list[int]:
+        n = int(info.data.get("n_dithers", 1))
+        if v is None:
+            return list(range(min(2, n)))
+        bad = [d for d in v if not (0 <= int(d) < n)]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(
+                f"short_exposure_dithers {v}: need distinct dither numbers in 0..{n - 1} (n_dithers = {n}); "
+                "[] for no short exposures"
+            )
+        return [int(d) for d in v]
 
     @field_validator("ccd_grid")
     @classmethod

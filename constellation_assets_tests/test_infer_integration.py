@@ -16,7 +16,7 @@ TILE = 102044185
 def field(tmp_path_factory):
     from constellation_assets.config import load_config
     from constellation_assets.prepare import prepare_tile
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     root = tmp_path_factory.mktemp("infer_field")
     d = {
@@ -30,6 +30,7 @@ def field(tmp_path_factory):
         "field": {
             "tile_ids": [TILE],
             "n_dithers": 2,
+            "short_exposure_dithers": [],  # nominal exposures only: at most 2 per source
             "dither_offsets_arcsec": [[0.0, 0.0], [3.0, 7.0]],
             "ccd_grid": [1, 1],
             "quadrant_nx_pix": 256,

@@ -29,7 +29,7 @@ from constellation_assets.prepare import (
     manifest_schema_path,
     prepare,
 )
-from constellation_assets.sim.field import simulate_field
+from constellation_assets.synthetic import simulate_field
 from constellation_assets_tests.q1_testdata import TILE, small_config
 
 HERE = Path(__file__).parent

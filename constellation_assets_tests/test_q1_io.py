@@ -12,8 +12,8 @@ from astropy.io import fits
 
 from constellation_assets.io import q1
 from constellation_assets.io.uri import DataAccessError
-from constellation_assets.sim.field import simulate_field
 from constellation_assets.sky.tiles import SkyBox, mer_tile
+from constellation_assets.synthetic import simulate_field
 from constellation_assets_tests import test_stamps_synth as syn
 from constellation_assets_tests.q1_testdata import TILE, small_config
 
@@ -60,7 +60,8 @@ def test_discovery_lists_and_picks_newest(field_root, tmp_path):
     assert [(e.obs_id, e.dither) for e in exps] == [(2689, 0), (2689, 1)]
     for e in exps:
         assert all(u and Path(u).exists() for u in (e.det_uri, e.bkg_uri, e.wgt_uri, e.psf_uri))
-        assert f"-{e.dither:02d}-" in Path(e.psf_uri).name
+        # One PSF product per observation folder (EUC_VIS_GRD-PSF-000-000000-0000000__{ts}Z.fits).
+        assert Path(e.psf_uri).name.startswith("EUC_VIS_GRD-PSF-000-000000-0000000__")
     cat = q1.discover_mer_catalog(cfg.data.catalog_base_uri, TILE)
     assert Path(cat).exists()
 

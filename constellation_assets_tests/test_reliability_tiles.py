@@ -19,7 +19,7 @@ def test_failing_tile_is_reported_and_the_healthy_tile_completes(tmp_path):
 
     cfg = small_config(tmp_path, field={"tile_ids": TILES}, compute={"workers": 1})
     cfg.tile_ids = TILES
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     simulate_field(cfg, progress=False)
     # the second tile's MER catalog is gone: that tile cannot be prepared

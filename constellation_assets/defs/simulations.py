@@ -49,8 +49,8 @@ INJECTION_CHECKS = [
 def synthetic_field(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
 ) -> Iterator[dg.MaterializeResult]:
-    from constellation_assets.sim.field import simulate_field
     from constellation_assets.sim.injection import partition_keys
+    from constellation_assets.synthetic import simulate_field
 
     cfg = pipeline_config.load()
     timer = Timer()

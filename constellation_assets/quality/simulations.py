@@ -73,7 +73,7 @@ def field_outcome(cfg: Any) -> CheckOutcome:
     import json
 
     from constellation_assets.io.uri import join_uri, read_text, uri_exists
-    from constellation_assets.sim.field import tile_truth_uri
+    from constellation_assets.synthetic import tile_truth_uri
 
     tiles = [int(t) for t in cfg.field.tile_ids]
     no_manifest, missing = [], []

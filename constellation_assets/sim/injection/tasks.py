@@ -196,7 +196,7 @@ def draw_task_parameters(task: Task, cfg, n_cosmos_sources: int | None = None) -
 
 
 #: Injected sources' SED slope alpha (f_nu ~ lambda**alpha): lensed sources are mostly blue star-forming
-#: galaxies; colours m_band - m_VIS = -2.5 alpha log10(lambda_band / lambda_VIS) (``sim.field.band_colour_mag``).
+#: galaxies; colours m_band - m_VIS = -2.5 alpha log10(lambda_band / lambda_VIS) (``synthetic.band_colour_mag``).
 SOURCE_SED_ALPHA_RANGE = (-0.5, 1.5)
 
 
@@ -212,7 +212,7 @@ def source_sed_alpha(task_id: str, seed_base: int) -> float:
 
 def source_band_mags(task_id: str, seed_base: int, source_mag: float, bands: Sequence[str]) -> np.ndarray:
     """Source AB magnitude per band: ``source_mag`` (VIS) plus the power-law colour of the task's SED."""
-    from constellation_assets.sim.field import band_colour_mag
+    from constellation_assets.synthetic import band_colour_mag
 
     alpha = source_sed_alpha(task_id, seed_base)
     return np.array([source_mag + float(band_colour_mag(b, alpha, SOURCE_REFERENCE_BAND)) for b in bands])
