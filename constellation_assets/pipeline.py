@@ -163,13 +163,12 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
     # Per-tile failures (a damaged frame, a bad catalog) are reported and the healthy tiles are finished.
     failed: dict[int, str] = {}
     t0 = time.perf_counter()
-    prep = []
-    for tile in tile_ids:
-        try:
-            prep += prepare(cfg, [tile], progress=progress)
-        except Exception as exc:  # noqa: BLE001 - reported per tile in the summary
-            failed[int(tile)] = _one_line(exc)
-            console.log(f"[bold red]tile {tile} failed[/] in prepare: {failed[int(tile)]}")
+
+    def prepare_failed(tile: int, exc: Exception) -> None:
+        failed[int(tile)] = _one_line(exc)
+        console.log(f"[bold red]tile {tile} failed[/] in prepare: {failed[int(tile)]}")
+
+    prep = prepare(cfg, tile_ids, progress=progress, on_error=prepare_failed)
     manifests = [m for p in prep for m in p.manifest_uris]
     seconds["prepare"] = time.perf_counter() - t0
     records["prepare"] = stage_record_uri(cfg, "prepare")  # written by prepare()

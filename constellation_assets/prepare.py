@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -629,13 +629,36 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
 
 
 def prepare(
-    cfg, tile_ids: Iterable[int] | None = None, progress: bool = True, force: bool = False
+    cfg,
+    tile_ids: Iterable[int] | None = None,
+    progress: bool = True,
+    force: bool = False,
+    on_error: Callable[[int, Exception], None] | None = None,
 ) -> list[PrepareResult]:
-    """Prepare several tiles (default ``cfg.selected_tile_ids``) with a rich progress bar over tiles."""
+    """Prepare several tiles (default ``cfg.selected_tile_ids``) with a rich progress bar over tiles.
+
+    Without ``on_error`` the first failing tile raises. With it, a failing tile is passed to
+    ``on_error(tile_id, exc)`` and skipped, so the healthy tiles are prepared; the stage record lists the tiles
+    prepared and the tiles that failed.
+    """
     ids = [int(t) for t in (tile_ids if tile_ids is not None else cfg.selected_tile_ids)]
-    results = []
+    results: list[PrepareResult] = []
+    failed: list[int] = []
+
+    def one(t: int) -> None:
+        if on_error is None:
+            results.append(prepare_tile(cfg, t, force=force))
+            return
+        try:
+            results.append(prepare_tile(cfg, t, force=force))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which reports it per tile
+            failed.append(t)
+            on_error(t, exc)
+
     if not progress:
-        return _recorded(cfg, ids, [prepare_tile(cfg, t, force=force) for t in ids])
+        for t in ids:
+            one(t)
+        return _recorded(cfg, [t for t in ids if t not in failed], results, failed)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -647,16 +670,19 @@ def prepare(
         task = bar.add_task("tiles", total=len(ids))
         for t in ids:
             bar.update(task, description=f"tile {t}")
-            results.append(prepare_tile(cfg, t, force=force))
+            one(t)
             bar.advance(task)
-    return _recorded(cfg, ids, results)
+    return _recorded(cfg, [t for t in ids if t not in failed], results, failed)
 
 
-def _recorded(cfg, ids: list[int], results: list[PrepareResult]) -> list[PrepareResult]:
+def _recorded(
+    cfg, ids: list[int], results: list[PrepareResult], failed: list[int] | None = None
+) -> list[PrepareResult]:
     """Write the stage's run_config record (last, after every tile's outputs) and pass the results on."""
     from constellation_assets.provenance import write_stage_record
 
-    write_stage_record(
-        cfg, "prepare", {"tiles": ids, "n_manifests": sum(len(r.manifest_uris) for r in results)}
-    )
+    extra = {"tiles": ids, "n_manifests": sum(len(r.manifest_uris) for r in results)}
+    if failed:
+        extra["failed_tiles"] = list(failed)
+    write_stage_record(cfg, "prepare", extra)
     return results
