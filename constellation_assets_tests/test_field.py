@@ -92,9 +92,8 @@ def test_layout_and_names(small_field):
         m = DET_RE.match(n)
         if m:
             assert int(m["obs_id"]) == obs
-            exp = re.fullmatch(r"(\d)-0000000", m["rest"])
-            assert exp, n
-            kinds.setdefault(m["kind"], set()).add((int(m["dither"]), int(exp[1])))
+            assert m["rest"] == "0000000", n
+            kinds.setdefault(m["kind"], set()).add((int(m["dither"]), int(m["exposure"])))
         else:
             assert PSF_RE.match(n), n
             psf.append(n)

@@ -34,7 +34,8 @@ def prepared(tmp_path_factory):
 def test_manifests_schema_and_content(prepared):
     cfg, res, _ = prepared
     assert len(res.manifest_uris) == 16 and not res.skipped
-    assert res.n_quadrants == 16  # 8 quadrants x 2 dithers, all inside the tile's extended area
+    # 8 quadrants x 2 dithers x (nominal + short exposure), all inside the tile's extended area
+    assert res.n_quadrants == 32
     manifests = [load_manifest(u, cfg=cfg) for u in res.manifest_uris]
     for m, u in zip(manifests, res.manifest_uris, strict=True):
         assert Path(u).name == f"{TILE}_{m['sub_tile_row']}_{m['sub_tile_col']}.yaml"
@@ -49,7 +50,8 @@ def test_manifests_schema_and_content(prepared):
                 assert isinstance(q[k], str) and q[k]
             assert q["quadrant"] == f"{q['ccd']}.{q['quadrant'][-1]}" == q["det_id"]
             assert q["sci_hdu"] == f"{q['quadrant']}.SCI" and q["sci_data_size"] > 0
-            assert q["exposure"] == 1
+            assert q["exposure"] in (1, 2)
+        assert {q["exposure"] for q in m["quadrants"]} in (set(), {1, 2})
     with_sources = [m for m in manifests if m["core_source_ids"]]
     assert with_sources and all(m["quadrants"] for m in with_sources)
 
@@ -144,7 +146,7 @@ def test_cli_prepare_and_simulate(tmp_path):
     assert f"tile {TILE}: written" in r.output
     r = CliRunner().invoke(main, ["prepare", "--config", str(cfg_file), "--json"])
     assert r.exit_code == 0, r.output
-    assert '"n_quadrants": 4' in r.output
+    assert '"n_quadrants": 8' in r.output  # 4 quadrants x (nominal + short exposure)
     r = CliRunner().invoke(main, ["prepare", "--config", str(cfg_file), "--tile-id", "102044186"])
     assert r.exit_code != 0 and "102044186" in r.output
 

@@ -57,7 +57,13 @@ def test_regexes_match_real_q1_names():
 def test_discovery_lists_and_picks_newest(field_root, tmp_path):
     cfg, root = field_root
     exps = q1.discover_vis_exposures(cfg.data.vis_base_uri)
-    assert [(e.obs_id, e.dither) for e in exps] == [(2689, 0), (2689, 1)]
+    # Nominal (-1-) and short (-2-) exposure of each dither, each its own exposure with its EXPTIME.
+    assert [(e.obs_id, e.dither, e.exposure) for e in exps] == [
+        (2689, 0, 1),
+        (2689, 0, 2),
+        (2689, 1, 1),
+        (2689, 1, 2),
+    ]
     for e in exps:
         assert all(u and Path(u).exists() for u in (e.det_uri, e.bkg_uri, e.wgt_uri, e.psf_uri))
         # One PSF product per observation folder (EUC_VIS_GRD-PSF-000-000000-0000000__{ts}Z.fits).
@@ -69,7 +75,7 @@ def test_discovery_lists_and_picks_newest(field_root, tmp_path):
     vis = tmp_path / "q1" / "VIS"
     shutil.copytree(Path(cfg.data.vis_base_uri), vis)
     folder = vis / "2689"
-    det0 = next(folder.glob("EUC_VIS_SWL-DET-002689-00-*.fits"))
+    det0 = next(folder.glob("EUC_VIS_SWL-DET-002689-00-1-*.fits"))
     newer = folder / "EUC_VIS_SWL-DET-002689-00-1-0000000__20991231T235959.000000Z.fits"
     shutil.copy(det0, newer)
     (folder / "README.txt").write_text("junk")
@@ -79,7 +85,7 @@ def test_discovery_lists_and_picks_newest(field_root, tmp_path):
     obs_psf = folder / "EUC_VIS_GRD-PSF-000-000000-0000000__20241101T000000.000000Z.fits"
     obs_psf.write_bytes(b"")
     exps2 = q1.discover_vis_exposures(str(vis))
-    assert [e.det_uri for e in exps2 if e.dither == 0] == [str(newer)]
+    assert [e.det_uri for e in exps2 if e.dither == 0 and e.exposure == 1] == [str(newer)]
     assert all(e.psf_uri == str(obs_psf) for e in exps2)
     assert q1.discover_observations(str(vis)) == [2689]
 
@@ -93,9 +99,10 @@ def test_index_reads_headers_only_and_matches_astropy(field_root, tmp_path, byte
     exps = q1.discover_vis_exposures(cfg.data.vis_base_uri)
     total = sum(Path(u).stat().st_size for e in exps for u in (e.det_uri, e.bkg_uri, e.wgt_uri, e.psf_uri))
     index = q1.build_quadrant_index(exps, cache_uri=str(tmp_path / "cache"))
-    assert index.num_rows == 2 * 8
-    # Headers only: one small request per HDU (52 HDUs per exposure in 4 files), never the data.
-    n_hdus = 2 * (1 + 24 + 3 * (1 + 8))
+    assert index.num_rows == 2 * 2 * 8  # 2 dithers x (nominal + short) x 8 quadrants
+    # Headers only: one small request per HDU, never the data: per exposure DET (primary + 24) + BKG and WGT
+    # (primary + 8 each), 4 exposures; the observation's one PSF file (primary + 8) is walked once.
+    n_hdus = 4 * (1 + 24 + 2 * (1 + 8)) + (1 + 8)
     assert byte_counter["requests"] == n_hdus
     assert byte_counter["bytes"] <= n_hdus * q1._HEADER_CHUNK < 0.1 * total
     # Cached: the second build reads no FITS bytes at all.
@@ -198,11 +205,12 @@ def test_same_code_on_s3(moto_s3, tmp_path):
     simulate_field(cfg)
     so = cfg.storage_options(cfg.data.vis_base_uri)
     exps = q1.discover_vis_exposures(cfg.data.vis_base_uri, storage_options=so)
-    assert len(exps) == 1 and exps[0].det_uri.startswith(f"s3://{bucket}/data/q1/VIS/2689/")
+    assert [e.exposure for e in exps] == [1, 2]  # the dither's nominal and short exposure
+    assert all(e.det_uri.startswith(f"s3://{bucket}/data/q1/VIS/2689/") for e in exps)
     index = q1.build_quadrant_index(
         exps, cache_uri=f"s3://{bucket}/cache", storage_options=so, cache_storage_options=so
     )
-    assert index.num_rows == 4
+    assert index.num_rows == 2 * 4
     row = index.to_pylist()[0]
     qd = q1.read_quadrant_row(row, "sci", so)
     assert qd.data.shape == (206, 200) and np.isfinite(qd.data).all()
