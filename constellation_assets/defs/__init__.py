@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from constellation_assets.defs.calibration_field import field_calibration, field_calibration_job
 from constellation_assets.defs.catalog import shear_catalog
 from constellation_assets.defs.deployment import current_deployment, resources_for
 from constellation_assets.defs.jobs import (
@@ -36,6 +37,7 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             shear_measurements,
             shear_catalog,
             shear_calibration,
+            field_calibration,
             cosmos_bank,
             lens_injections,
             synthetic_field,
@@ -43,6 +45,7 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
         jobs=[
             tile_pipeline_job,
             calibration_job,
+            field_calibration_job,
             cosmos_bank_job,
             injection_job,
             synthetic_field_job,
