@@ -386,6 +386,17 @@ class FieldConfig(_Section):
     shear_model: Literal["constant", "smooth_map"] = "constant"
     shear_g1: float | None = Field(None, description="constant shear g1 (None: drawn per tile from the seed)")
     shear_g2: float | None = Field(None, description="constant shear g2 (None: drawn per tile from the seed)")
+    # Paired-field keys for the field calibration (same names as the field generator's; see
+    # shear/field_calibration.py): rotated intrinsic orientations and pixel noise shared across fields.
+    intrinsic_rotation_deg: float = Field(
+        0.0,
+        description="rotate every galaxy's intrinsic orientation by this angle (90: the shape-noise partner)",
+    )
+    paired_noise: bool = Field(
+        False,
+        description="pixel noise drawn as unit normals scaled by the expected rms, so fields that differ only "
+        "in shear or rotation share the noise realisation",
+    )
     shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
     shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")

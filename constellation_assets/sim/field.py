@@ -626,6 +626,7 @@ def simulate_tile_sources(cfg, tile_id: int, exposures: list[Exposure]) -> dict[
     size_scale = np.where(is_star, 0.0, 10.0 ** (-0.1 * (mag - cat["mag_auto"][ti])))
     size_scale = np.clip(size_scale, 0.25, 2.0)
     rot = r.uniform(0.0, math.pi, size=n)  # new orientation: the template's own angle is randomised
+    rot = rot + math.radians(f.intrinsic_rotation_deg)  # after the draw: paired fields share the stream
 
     g1, g2, g1m, g2m = _shear_field(f, tile_id, xi * 60.0, eta * 60.0)
     g1 = np.where(is_star, 0.0, g1)
@@ -769,7 +770,10 @@ def _render_quadrant(cfg, exp: Exposure, q: QuadrantGeom, truth: dict, xy: tuple
     gain, rn = f.gain_e_per_adu, f.read_noise_e
     rng = rng_for(f.seed, "noise", exp.obs_id, exp.dither, q.det_id)
     expected_e = np.clip((model + sky) * gain, 0.0, None)
-    electrons = rng.poisson(expected_e).astype(np.float64) + rng.normal(0.0, rn, size=expected_e.shape)
+    if f.paired_noise:  # one unit-normal field per quadrant, whatever the sources: fields share the noise
+        electrons = expected_e + np.sqrt(expected_e + rn * rn) * rng.standard_normal(expected_e.shape)
+    else:
+        electrons = rng.poisson(expected_e).astype(np.float64) + rng.normal(0.0, rn, size=expected_e.shape)
     sci = electrons / gain
     rms = np.sqrt(expected_e + rn * rn) / gain
     flg = np.zeros((ny, nx), dtype=np.int32)
@@ -1416,6 +1420,11 @@ def field_config_hash(cfg) -> str:
     # MER mosaics are an add-on product tracked in the manifest: switching them on keeps the exposures valid.
     d.pop("write_mer_mosaics", None)
     d.pop("mer_bands", None)
+    # Paired-field keys at their defaults leave the hash (and so existing fields) unchanged.
+    if not d.get("paired_noise"):
+        d.pop("paired_noise", None)
+    if not d.get("intrinsic_rotation_deg"):
+        d.pop("intrinsic_rotation_deg", None)
     d["_generator"] = "constellation-field-v1"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
