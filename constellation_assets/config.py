@@ -288,6 +288,11 @@ class CalibrationConfig(_Section):
     field_rotated_pair: bool = Field(
         True, description="also run the 90-degree-rotated +g/-g pair (cancels shape noise in c)"
     )
+    field_antithetic_noise: bool = Field(
+        True,
+        description="run every paired field twice, with the shared pixel-noise field N and -N: the noise term "
+        "of the measured response, linear in N, cancels in the pair (the noise average is unchanged)",
+    )
     field_work_dir: str | None = Field(
         None, description="data + output of every field; default {output.root_uri}/field_calibration"
     )

@@ -91,6 +91,7 @@ class FieldVariant:
     name: str
     sign: int  # +1: shear (+g1, +g2); -1: (-g1, -g2)
     rotation_deg: float  # intrinsic orientation of every galaxy rotated by this angle
+    noise_sign: int = 1  # -1: the shared pixel-noise field negated (antithetic partner)
 
 
 FIELD_VARIANTS: tuple[FieldVariant, ...] = (
@@ -103,6 +104,7 @@ FIELD_VARIANTS: tuple[FieldVariant, ...] = (
 #: FieldConfig keys the paired fields need from the field generator.
 REQUIRED_FIELD_KEYS = ("shear_g1", "shear_g2", "paired_noise")
 ROTATION_FIELD_KEY = "intrinsic_rotation_deg"
+NOISE_SIGN_FIELD_KEY = "noise_sign"
 
 #: Columns read from shear.sources (the catalog schema, catalog/schema.py).
 CATALOG_COLUMNS = (
@@ -136,7 +138,11 @@ _BIAS_KEYS = ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err")
 
 
 def variants_for(cfg) -> tuple[FieldVariant, ...]:
-    return FIELD_VARIANTS if cfg.calibration.field_rotated_pair else FIELD_VARIANTS[:2]
+    """The paired fields of a config: +g/-g, the rotated pair, and their antithetic-noise partners."""
+    base = FIELD_VARIANTS if cfg.calibration.field_rotated_pair else FIELD_VARIANTS[:2]
+    if cfg.calibration.field_antithetic_noise:
+        base = base + tuple(FieldVariant(f"{v.name}_negnoise", v.sign, v.rotation_deg, -1) for v in base)
+    return base
 
 
 def field_work_dir(cfg) -> str:
@@ -147,6 +153,7 @@ def _check_field_generator(cfg) -> None:
     from constellation_assets.config import FieldConfig
 
     need = list(REQUIRED_FIELD_KEYS) + ([ROTATION_FIELD_KEY] if cfg.calibration.field_rotated_pair else [])
+    need += [NOISE_SIGN_FIELD_KEY] if cfg.calibration.field_antithetic_noise else []
     missing = [k for k in need if k not in FieldConfig.model_fields]
     if missing:
         raise FieldCalibrationError(
@@ -179,6 +186,8 @@ def field_variant_config(cfg, variant: FieldVariant, work_dir: str | None = None
     f["paired_noise"] = True
     if variant.rotation_deg or ROTATION_FIELD_KEY in f:
         f[ROTATION_FIELD_KEY] = float(variant.rotation_deg)
+    if variant.noise_sign != 1 or NOISE_SIGN_FIELD_KEY in f:
+        f[NOISE_SIGN_FIELD_KEY] = int(variant.noise_sign)
     f["truth_base_uri"] = None  # every field keeps its truth next to its data
     d["tile_ids"] = []
     d["data"]["vis_base_uri"] = f"{root}/data/q1/VIS/"
@@ -552,6 +561,26 @@ def _simulate_one(cfg_dict: dict) -> None:
     simulate_field(PipelineConfig.model_validate(cfg_dict))
 
 
+def _run_variant(cfg, v: FieldVariant, vcfg, progress: bool, console, seconds: dict[str, float]):
+    from constellation_assets.pipeline import run_local
+
+    t0 = time.perf_counter()
+    g1, g2 = cfg.calibration.field_shear_g
+    console.log(
+        f"[bold]{v.name}[/]: g = ({v.sign * g1:+g}, {v.sign * g2:+g}), intrinsic rotation {v.rotation_deg:g} deg"
+    )
+    summary = run_local(vcfg, progress=progress, simulate=True, console=console)
+    failed = [c.name for c in summary.checks if not c.passed and c.severity == "error"]
+    if failed:
+        raise FieldCalibrationError(
+            f"field {v.name}: catalog checks failed ({', '.join(failed)}) under {vcfg.output.root_uri}; "
+            "the catalog is not complete enough to calibrate"
+        )
+    frame = load_field_catalog(vcfg)
+    seconds[v.name] = time.perf_counter() - t0
+    return v, frame
+
+
 def run_field_calibration(
     cfg,
     *,
@@ -568,7 +597,6 @@ def run_field_calibration(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from constellation_assets.pipeline import run_local
     from constellation_assets.provenance import config_hash
 
     _check_field_generator(cfg)
@@ -597,23 +625,18 @@ def run_field_calibration(
     seconds["simulate"] = time.perf_counter() - t0
 
     frames = []
-    for v in variants:
-        t0 = time.perf_counter()
-        console.log(
-            f"[bold]{v.name}[/]: g = ({v.sign * cfg.calibration.field_shear_g[0]:+g}, "
-            f"{v.sign * cfg.calibration.field_shear_g[1]:+g}), intrinsic rotation {v.rotation_deg:g} deg"
-        )
-        summary = run_local(cfgs[v.name], progress=progress, simulate=True, console=console)
-        failed = [c.name for c in summary.checks if not c.passed and c.severity == "error"]
-        if failed:
-            raise FieldCalibrationError(
-                f"field {v.name}: catalog checks failed ({', '.join(failed)}) under "
-                f"{cfgs[v.name].output.root_uri}; the catalog is not complete enough to calibrate"
-            )
-        frames.append((v, load_field_catalog(cfgs[v.name])))
-        seconds[v.name] = time.perf_counter() - t0
-        if on_field_done:
-            on_field_done(v.name)
+    # One log line per sub-tile (hundreds per field with the fine jackknife grid) would bury the progress
+    # bars and the per-stage summaries; the per-sub-tile records still reach the result files' metadata.
+    infer_log = logging.getLogger("constellation_assets.shear.infer")
+    infer_level = infer_log.level
+    infer_log.setLevel(max(infer_level, logging.WARNING))
+    try:
+        for v in variants:
+            frames.append(_run_variant(cfg, v, cfgs[v.name], progress, console, seconds))
+            if on_field_done:
+                on_field_done(v.name)
+    finally:
+        infer_log.setLevel(infer_level)
 
     t0 = time.perf_counter()
     res = measure_paired_bias(
