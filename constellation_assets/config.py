@@ -402,6 +402,9 @@ class FieldConfig(_Section):
         description="pixel noise drawn as unit normals scaled by the expected rms, so fields that differ only "
         "in shear or rotation share the noise realisation",
     )
+    noise_sign: Literal[1, -1] = Field(
+        1, description="with paired_noise: -1 negates the shared noise field (antithetic partner)"
+    )
     shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
     shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")

@@ -771,7 +771,8 @@ def _render_quadrant(cfg, exp: Exposure, q: QuadrantGeom, truth: dict, xy: tuple
     rng = rng_for(f.seed, "noise", exp.obs_id, exp.dither, q.det_id)
     expected_e = np.clip((model + sky) * gain, 0.0, None)
     if f.paired_noise:  # one unit-normal field per quadrant, whatever the sources: fields share the noise
-        electrons = expected_e + np.sqrt(expected_e + rn * rn) * rng.standard_normal(expected_e.shape)
+        noise = np.sqrt(expected_e + rn * rn) * rng.standard_normal(expected_e.shape)
+        electrons = expected_e + f.noise_sign * noise
     else:
         electrons = rng.poisson(expected_e).astype(np.float64) + rng.normal(0.0, rn, size=expected_e.shape)
     sci = electrons / gain
@@ -1425,6 +1426,8 @@ def field_config_hash(cfg) -> str:
         d.pop("paired_noise", None)
     if not d.get("intrinsic_rotation_deg"):
         d.pop("intrinsic_rotation_deg", None)
+    if d.get("noise_sign", 1) == 1:
+        d.pop("noise_sign", None)
     d["_generator"] = "constellation-field-v1"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
