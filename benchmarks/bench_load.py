@@ -80,7 +80,7 @@ def run(
     from constellation_assets.catalog.tables import open_catalog
     from constellation_assets.pipeline import infer_many
     from constellation_assets.prepare import prepare
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     tiles = EDFF_TILES[:n_tiles]
     cfg = _config(root, tiles, grid, workers, density, quadrant_pix)

@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from constellation_assets import euclid
 from constellation_assets.io.uri import (
     DataAccessError,
     is_s3,
@@ -376,11 +385,30 @@ class FieldConfig(_Section):
     psf_e_amplitude: float = Field(
         0.04, ge=0.0, le=0.2, description="PSF ellipticity at the focal-plane corners"
     )
-    psf_oversampling: int = Field(3, ge=1, le=8, description="oversampling of the 21x21 PSF-file stamps")
+    psf_model_size_error: float = Field(
+        0.0, gt=-0.5, lt=0.5, description="dT/T of the PSF model in the PSF files vs the rendering PSF"
+    )
+    psf_model_e1_error: float = Field(
+        0.0, gt=-0.2, lt=0.2, description="ellipticity (shear convention) added to the PSF model, e1"
+    )
+    psf_model_e2_error: float = Field(
+        0.0, gt=-0.2, lt=0.2, description="ellipticity (shear convention) added to the PSF model, e2"
+    )
     sky_level_adu: float = Field(45.0, ge=0.0, description="sky per pixel per exposure (~22.3 mag/arcsec^2)")
     read_noise_e: float = Field(4.5, ge=0.0)
     gain_e_per_adu: float = Field(3.48, gt=0.0)
-    exptime_s: float = Field(560.52, gt=0.0)
+    exptime_s: float = Field(
+        euclid.VIS_EXPTIME_NOMINAL_S, gt=0.0, description="EXPTIME of the nominal exposures (exposure 1)"
+    )
+    short_exptime_s: float = Field(
+        euclid.VIS_EXPTIME_SHORT_S, gt=0.0, description="EXPTIME of the short exposures (exposure 2)"
+    )
+    short_exposure_dithers: list[int] | None = Field(
+        None,
+        validate_default=True,
+        description="dithers that also get a short exposure (exposure 2); None: the first two, as in the "
+        "real VIS sequence; [] for none",
+    )
     magzerop: float = Field(24.57, description="AB magnitude giving 1 ADU/s")
     saturation_adu: float = Field(60000.0, gt=0.0)
     cosmic_rate_per_mpix: float = Field(
@@ -391,25 +419,33 @@ class FieldConfig(_Section):
     shear_model: Literal["constant", "smooth_map"] = "constant"
     shear_g1: float | None = Field(None, description="constant shear g1 (None: drawn per tile from the seed)")
     shear_g2: float | None = Field(None, description="constant shear g2 (None: drawn per tile from the seed)")
-    # Paired-field keys for the field calibration (same names as the field generator's; see
-    # shear/field_calibration.py): rotated intrinsic orientations and pixel noise shared across fields.
+    shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
+    shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
+    shear_positions: bool = Field(
+        True,
+        description="shear the whole scene: positions too (lensing map in the tile tangent plane, kappa = 0)",
+    )
     intrinsic_rotation_deg: float = Field(
-        0.0,
-        description="rotate every galaxy's intrinsic orientation by this angle (90: the shape-noise partner)",
+        0.0, description="rotate every galaxy's intrinsic orientation before shearing (90: the partner field)"
     )
     paired_noise: bool = Field(
         False,
-        description="pixel noise drawn as unit normals scaled by the expected rms, so fields that differ only "
-        "in shear or rotation share the noise realisation",
+        description="Gaussian noise with the Poisson + read variance, drawn independently of the image: "
+        "fields that differ only in shear share noise, cosmics and masks",
     )
-    noise_sign: Literal[1, -1] = Field(
-        1, description="with paired_noise: -1 negates the shared noise field (antithetic partner)"
-    )
-    shear_amplitude: float = Field(0.03, ge=0.0, lt=0.3, description="|g| scale of drawn/mapped shear")
-    shear_wavelength_arcmin: float = Field(6.0, gt=0.0, description="wavelength of the smooth shear map")
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")
+    mer_catalog: Literal["measured", "truth"] = Field(
+        "measured",
+        description="MER catalog from detection and measurement on the VIS mosaic, or from the truth",
+    )
     catalog_snr_min: float = Field(
-        3.0, ge=0.0, description="MER detection threshold of the synthetic catalog"
+        3.0, ge=0.0, description="MER detection threshold of the synthetic catalog (detection-flux S/N)"
+    )
+    catalog_detect_nsigma: float = Field(
+        4.0, gt=0.0, description="peak threshold on the smoothed VIS mosaic (noise sigmas)"
+    )
+    catalog_deblend_arcsec: float = Field(
+        0.5, gt=0.0, le=3.0, description="peaks closer than this are merged into one detection"
     )
     spurious_fraction: float = Field(0.005, ge=0.0, le=0.2)
     write_mer_mosaics: bool = Field(
@@ -420,6 +456,20 @@ class FieldConfig(_Section):
         default_factory=lambda: ["VIS", "NIR_Y", "NIR_J", "NIR_H"],
         description="bands of the MER mosaics (VIS, NIR_Y, NIR_J, NIR_H)",
     )
+
+    @field_validator("short_exposure_dithers", mode="after")
+    @classmethod
+    def _short_dithers(cls, v: list[int] | None, info: ValidationInfo) -> list[int]:
+        n = int(info.data.get("n_dithers", 1))
+        if v is None:
+            return list(range(min(2, n)))
+        bad = [d for d in v if not (0 <= int(d) < n)]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(
+                f"short_exposure_dithers {v}: need distinct dither numbers in 0..{n - 1} (n_dithers = {n}); "
+                "[] for no short exposures"
+            )
+        return [int(d) for d in v]
 
     @field_validator("ccd_grid")
     @classmethod

@@ -128,7 +128,7 @@ def run_local(cfg, *, progress: bool = True, simulate: bool = True, console=None
 
     truth = None
     if simulate:
-        from constellation_assets.sim.field import simulate_field
+        from constellation_assets.synthetic import simulate_field
 
         t0 = time.perf_counter()
         console.log(

@@ -101,7 +101,7 @@ def _tiny_field(tmp_path: Path) -> Path:
     import yaml
 
     from constellation_assets.config import load_config
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     root = tmp_path / "field"
     cfg = {

@@ -16,7 +16,7 @@ TILE = 102044185
 def field(tmp_path_factory):
     from constellation_assets.config import load_config
     from constellation_assets.prepare import prepare_tile
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     root = tmp_path_factory.mktemp("infer_field")
     d = {

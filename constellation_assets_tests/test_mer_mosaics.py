@@ -12,11 +12,12 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from constellation_assets import synthetic as F
 from constellation_assets.io import q1
 from constellation_assets.io.uri import DataAccessError
-from constellation_assets.sim import field as F
 from constellation_assets.sim import injection as inj
 from constellation_assets.sky.tiles import tile_center_deg
+from constellation_assets.synthetic.population import object_sed_alpha
 from constellation_assets_tests.q1_testdata import SMALL_FIELD, TILE, small_config
 from constellation_assets_tests.test_injection_field import make_tiny_field, tiny_config
 
@@ -76,13 +77,11 @@ def test_mosaic_layout_names_and_wcs(mer_field):
         with fits.open(p) as hdul:
             h, d = hdul[0].header, hdul[0].data
         shapes.add(d.shape)
-        assert d.dtype == np.dtype(">f4") and h["BUNIT"] == "uJy" and h["MAGZERO"] == pytest.approx(23.9)
+        assert d.dtype == np.dtype(">f4") and "BUNIT" not in h and h["MAGZERO"] == pytest.approx(24.6)
         assert h["CTYPE1"] == "RA---TAN" and h["CTYPE2"] == "DEC--TAN" and h["FILTER"] == band
         assert (h["CRVAL1"], h["CRVAL2"]) == pytest.approx((ra_t, dec_t))
-        # A sub-grid of the full 19200 x 19200 tile: the tile centre between the middle pixels.
-        assert h["CRPIX1"] + h["TILEX0"] == pytest.approx(9600.5) and h["CRPIX2"] + h[
-            "TILEY0"
-        ] == pytest.approx(9600.5)
+        # A sub-grid of the full 19200 x 19200 tile, whose CRPIX is 9600 (the real mosaics').
+        assert h["CRPIX1"] + h["TILEX0"] == 9600 and h["CRPIX2"] + h["TILEY0"] == 9600
         w = WCS(h)
         assert np.abs(np.diag(w.pixel_scale_matrix)) * 3600 == pytest.approx([0.1, 0.1], rel=1e-9)
         x, y = w.all_world2pix(truth["RA"], truth["DEC"], 0)
@@ -94,7 +93,7 @@ def test_mosaic_photometry_colours_and_psf(mer_field):
     """Isolated bright stars: flux = VIS flux x power-law colour, centroid on the WCS position, FWHM per band."""
     root, cfg = mer_field
     truth = _truth(root)
-    alpha = F.object_sed_alpha(cfg.field, TILE, truth)
+    alpha = object_sed_alpha(cfg.field, TILE, truth)
     found = q1.discover_mer_mosaics(F.mer_base_uri_of(cfg), TILE)
     star = np.nonzero(truth["IS_STAR"] & (truth["MAG_VIS_TRUE"] < 21.5))[0]
     assert len(star)
@@ -108,7 +107,8 @@ def test_mosaic_photometry_colours_and_psf(mer_field):
             if not (16 <= ix < d.shape[1] - 16 and 16 <= iy < d.shape[0] - 16):
                 continue
             cut = d[iy - 15 : iy + 16, ix - 15 : ix + 16]
-            expect = truth["FLUX_UJY_TRUE"][i] * 10 ** (-0.4 * F.band_colour_mag(band, alpha[i]))
+            # Pixel units of MAGZERO 24.6: flux_uJy * 10**(0.4 (24.6 - 23.9)).
+            expect = truth["FLUX_UJY_TRUE"][i] * 10 ** (-0.4 * (F.band_colour_mag(band, alpha[i]) - 0.7))
             # 3.1" box: > 93 % of the Airy x Gaussian light, and noise is tiny for these stars.
             assert 0.93 < cut.sum() / expect < 1.0
             yy, xx = np.mgrid[iy - 15 : iy + 16, ix - 15 : ix + 16]
@@ -148,7 +148,7 @@ def test_cutout_reads_only_rows_and_equals_mosaic(mer_field, monkeypatch):
     real = q1._read_range
     monkeypatch.setattr(q1, "_read_range", lambda fs, p, a, b: calls.append((a, b)) or real(fs, p, a, b))
     info = q1.read_mosaic_info(uri)
-    assert info.zero_point_mag == pytest.approx(23.9)
+    assert info.zero_point_mag == pytest.approx(24.6)
     calls.clear()
     c = q1.read_mosaic_cutout(info, 37, 51, 40, 33)
     full = fits.getdata(uri)
@@ -178,12 +178,12 @@ def test_four_band_injection_per_band_arcs_and_determinism(mer_field):
         assert mags[0] == pytest.approx(r.params.source_mag)
         alpha = inj.source_sed_alpha(r.task.task_id, cfg.injection.seed_base)
         assert mags == pytest.approx([r.params.source_mag + F.band_colour_mag(b, alpha) for b in BANDS])
-        # Arc flux ratios between bands follow the colour (same zero point 23.9 everywhere; the arc may leave
+        # Arc flux ratios between bands follow the colour (same zero point 24.6 everywhere; the arc may leave
         # the 4" stamp, and wider NISP PSFs lose a little more light off it).
         flux = r.arc.reshape(4, -1).sum(axis=1)
         expect = 10 ** (-0.4 * (mags - mags[0]))
         assert flux / flux[0] == pytest.approx(expect, rel=0.06)
-        assert 0.2 < flux[0] / (10 ** (-0.4 * (mags[0] - 23.9)) * r.magnification) < 1.02
+        assert 0.2 < flux[0] / (10 ** (-0.4 * (mags[0] - 24.6)) * r.magnification) < 1.02
         assert r.arc[0].max() / r.arc[0].sum() > r.arc[3].max() / r.arc[3].sum()  # VIS sharper than H
         assert len(set(np.round(r.band_noise_sigma, 6))) == 4
     res_a = inj.run_injection(cfg)

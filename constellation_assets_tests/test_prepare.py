@@ -15,8 +15,8 @@ import yaml
 from constellation_assets.config import load_config
 from constellation_assets.io.mer_catalog import read_mer_catalog, shear_selection
 from constellation_assets.prepare import ManifestError, load_manifest, prepare, prepare_tile
-from constellation_assets.sim.field import simulate_field
 from constellation_assets.sky.tiles import mer_tile
+from constellation_assets.synthetic import simulate_field
 from constellation_assets_tests.q1_testdata import TILE, small_config
 
 REPO = Path(__file__).resolve().parents[1]

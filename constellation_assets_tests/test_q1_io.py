@@ -12,8 +12,8 @@ from astropy.io import fits
 
 from constellation_assets.io import q1
 from constellation_assets.io.uri import DataAccessError
-from constellation_assets.sim.field import simulate_field
 from constellation_assets.sky.tiles import SkyBox, mer_tile
+from constellation_assets.synthetic import simulate_field
 from constellation_assets_tests.q1_testdata import TILE, small_config
 
 

@@ -29,7 +29,7 @@ def simulate_field_cmd(config_path, tile_ids, force, as_json) -> None:
 
     Files go under data.vis_base_uri and data.catalog_base_uri (local or s3://); complete tiles are skipped.
     """
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     cfg = load_cli_config(config_path)
     if tile_ids:

@@ -109,7 +109,7 @@ _FLAG_KEYS = {
 
 def _default_psf_fwhm(bands: list[str]) -> dict[str, float]:
     """Default PSF FWHM (arcsec) of known bands: VIS 0.17", NISP from the MER mosaics (~0.45-0.5")."""
-    from constellation_assets.sim.field import MER_BANDS, canonical_band
+    from constellation_assets.synthetic import MER_BANDS, canonical_band
 
     out = {}
     for b in bands:

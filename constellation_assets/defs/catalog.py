@@ -59,7 +59,7 @@ def tile_truth(cfg, tile_id: int):
     import polars as pl
 
     from constellation_assets.io.uri import join_uri, read_text, uri_exists
-    from constellation_assets.sim.field import tile_truth_uri
+    from constellation_assets.synthetic import tile_truth_uri
 
     uri = join_uri(tile_truth_uri(cfg, tile_id), "shear_truth.json")
     opts = cfg.storage_options(uri)

@@ -56,7 +56,7 @@ def synthetic_field(
     context: dg.AssetExecutionContext, pipeline_config: ConstellationConfigResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     from constellation_assets.io.uri import uri_exists
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     cfg = pipeline_config.load()
     timer = Timer()

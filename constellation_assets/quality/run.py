@@ -71,7 +71,7 @@ def field_truth(cfg: Any, tile_ids: Iterable[int]) -> pl.DataFrame | None:
     import json
 
     from constellation_assets.io.uri import join_uri, read_text, uri_exists
-    from constellation_assets.sim.field import tile_truth_uri
+    from constellation_assets.synthetic import tile_truth_uri
 
     rows = []
     for tile_id in sorted({int(t) for t in tile_ids}):

@@ -227,10 +227,8 @@ def neighbour_distance_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.nda
 
 
 def _tile_truth_uri(cfg, tile_id: int) -> str:
-    try:
-        from constellation_assets.sim.field import tile_truth_uri
-    except ImportError:  # the generator's layout module
-        from constellation_assets.synthetic.layout import tile_truth_uri
+    from constellation_assets.synthetic import tile_truth_uri
+
     return tile_truth_uri(cfg, tile_id)
 
 
@@ -556,7 +554,7 @@ def measure_paired_bias(
 
 def _simulate_one(cfg_dict: dict) -> None:
     from constellation_assets.config import PipelineConfig
-    from constellation_assets.sim.field import simulate_field
+    from constellation_assets.synthetic import simulate_field
 
     simulate_field(PipelineConfig.model_validate(cfg_dict))
 

@@ -469,7 +469,7 @@ def discover_hosts(cfg) -> HostSet:
 
 def _check_bands(inj) -> list[str]:
     problems = []
-    from constellation_assets.sim.field import canonical_band
+    from constellation_assets.synthetic import canonical_band
 
     for b in inj.bands:
         if canonical_band(b) not in HOST_BANDS:
@@ -896,7 +896,7 @@ def render_tasks(cfg, tasks: Sequence[Task], hosts: HostSet, bank=None) -> list[
 # NISP bands: hosts from the background-subtracted MER mosaics (helper H12)
 
 #: Injected sources' SED slope alpha (f_nu ~ lambda**alpha): lensed sources are mostly blue star-forming
-#: galaxies; colours m_band - m_VIS = -2.5 alpha log10(lambda_band / lambda_VIS) (``sim.field.band_colour_mag``).
+#: galaxies; colours m_band - m_VIS = -2.5 alpha log10(lambda_band / lambda_VIS) (``synthetic.band_colour_mag``).
 SOURCE_SED_ALPHA_RANGE = (-0.5, 1.5)
 #: The band of ``source_mag_range`` (and of ``source_mag``).
 SOURCE_REFERENCE_BAND = "VIS"
@@ -905,7 +905,7 @@ MER_HOST_HDU = "MER_MOSAIC"
 
 def _mer_mode(inj) -> bool:
     """True when any configured band is not VIS: every band's host then comes from the MER mosaics."""
-    from constellation_assets.sim.field import canonical_band
+    from constellation_assets.synthetic import canonical_band
 
     return any(canonical_band(b) != "VIS" for b in inj.bands)
 
@@ -925,7 +925,7 @@ def source_sed_alpha(task_id: str, seed_base: int) -> float:
 
 def source_band_mags(task_id: str, seed_base: int, source_mag: float, bands: Sequence[str]) -> np.ndarray:
     """Source AB magnitude per band: ``source_mag`` (VIS) plus the power-law colour of the task's SED."""
-    from constellation_assets.sim.field import band_colour_mag
+    from constellation_assets.synthetic import band_colour_mag
 
     alpha = source_sed_alpha(task_id, seed_base)
     return np.array([source_mag + float(band_colour_mag(b, alpha, SOURCE_REFERENCE_BAND)) for b in bands])
@@ -934,7 +934,7 @@ def source_band_mags(task_id: str, seed_base: int, source_mag: float, bands: Seq
 def _discover_hosts_mer(cfg) -> HostSet:
     """Hosts placed on the tile's MER mosaics (all configured bands must exist and share one pixel grid)."""
     from constellation_assets.io.q1 import discover_mer_mosaics, read_mosaic_info
-    from constellation_assets.sim.field import canonical_band
+    from constellation_assets.synthetic import canonical_band
 
     inj = cfg.injection
     size = inj.stamp_size_pix
