@@ -433,6 +433,11 @@ class FieldConfig(_Section):
         description="Gaussian noise with the Poisson + read variance, drawn independently of the image: "
         "fields that differ only in shear share noise, cosmics and masks",
     )
+    noise_sign: Literal[1, -1] = Field(
+        1,
+        description="with paired_noise: -1 negates the shared noise draw (the antithetic partner of a field; "
+        "the field calibration pairs N and -N so the noise term of the measured response cancels)",
+    )
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")
     mer_catalog: Literal["measured", "truth"] = Field(
         "measured",
