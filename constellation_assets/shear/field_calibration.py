@@ -15,10 +15,20 @@ field                 constant shear             intrinsic orientation
 ====================  =========================  =====================================
 
 (``calibration.field_shear_g`` = (g1, g2); the rotated pair is skipped when ``calibration.field_rotated_pair``
-is false). All four share the seed and the pixel noise (``field.paired_noise``), so the +g/-g difference has
-no shape or pixel noise to first order and the rotated pair cancels the intrinsic shapes in the sum. Each field
-has its own data and output root under ``calibration.field_work_dir`` (default
-``{output.root_uri}/field_calibration/{field}/{data,output}``).
+is false). With ``calibration.field_antithetic_noise`` (default) every field also has a ``*_negnoise``
+partner whose pixel-noise draw is negated (``field.noise_sign = -1``): the measured response R carries a term
+linear in the pixel noise that the +g/-g difference does not (the noise is not sheared), and it cancels
+between N and -N; both are equally likely Gaussian draws, so the noise average is unchanged. All fields share
+the seed and the noise stream (``field.paired_noise``), so the +g/-g difference has no shape noise and the
+rotated pair cancels the intrinsic shapes in the sum. Each field has its own data and output root under
+``calibration.field_work_dir`` (default ``{output.root_uri}/field_calibration/{field}/{data,output}``).
+
+Pairing and the field generator (measured on the small config, ~300-600 galaxies): the noise cancels only
+where a galaxy sits on the same noise pixels in every field. With ``field.shear_positions`` (whole-scene
+shear about the tile centre) galaxies move by g * r (~2" at 2' from the centre) over the unsheared noise, so
+the pairs decorrelate (sigma_m ~ 0.1-0.4); without it neighbours do not move with the shear, which the
+response of a blend assumes (O(1) noise for neighbours < 1.5"). A MER catalog measured on the noisy mosaic
+adds detection and centroid noise of its own. The configs state which of these they use.
 
 Estimator (the catalog's own, :func:`constellation_assets.shear.ensemble.ensemble_shear`): the ``shear.sources``
 table carries per-source ``E1, E2, R11, R22, WEIGHT`` (the diagonal shear responses of FPFS; no off-diagonal
