@@ -271,3 +271,28 @@ def test_table_json_and_figure():
     png = field_calibration_figure_png(res)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert isinstance(res, FieldCalibrationResult) and res.within(1.0, 1.0)
+
+
+def test_cli_field_rejects_isolated_stamp_flags():
+    from click.testing import CliRunner
+
+    from constellation_assets.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", "--field", "--n-galaxies", "10", "--psf-g1", "0.01"])
+    assert res.exit_code == 2
+    assert "--field takes its settings from the config" in res.output and "--n-galaxies" in res.output
+
+
+def test_requirement_checks_pass_fail_and_nan():
+    import dataclasses
+
+    from constellation_assets.defs.calibration_field import field_calibration_outcomes
+
+    res = measure_paired_bias(make_fields(n=500, m=(0.004, -0.001), c=(2e-4, 0.0)), G)
+    ok = {c.check_name: c for c in field_calibration_outcomes(res, 5e-3, 5e-4)}
+    assert ok["m_within_requirement"].passed and ok["c_within_requirement"].passed
+    assert ok["m_within_requirement"].metadata["m1"].value == pytest.approx(0.004)
+    bad = {c.check_name: c for c in field_calibration_outcomes(res, 2e-3, 1e-4)}
+    assert not bad["m_within_requirement"].passed and not bad["c_within_requirement"].passed
+    nan = field_calibration_outcomes(dataclasses.replace(res, m2=float("nan")), 1.0, 1.0)
+    assert not nan[0].passed  # no measurement is never a pass

@@ -45,7 +45,8 @@ def field_calibration_outcomes(res, m_requirement: float, c_requirement: float) 
         ("m_within_requirement", ("m1", "m2"), m_requirement),
         ("c_within_requirement", ("c1", "c2"), c_requirement),
     ):
-        worst = max(abs(float(getattr(res, k))) for k in keys)
+        vals = [abs(float(getattr(res, k))) for k in keys]
+        worst = float("nan") if any(v != v for v in vals) else max(vals)  # max() would skip a NaN
         md: dict[str, Any] = {"requirement": float(req)}
         for k in keys:
             v, e = float(getattr(res, k)), float(getattr(res, f"{k}_err"))
