@@ -296,3 +296,4 @@ def test_requirement_checks_pass_fail_and_nan():
     assert not bad["m_within_requirement"].passed and not bad["c_within_requirement"].passed
     nan = field_calibration_outcomes(dataclasses.replace(res, m2=float("nan")), 1.0, 1.0)
     assert not nan[0].passed  # no measurement is never a pass
+    assert not dataclasses.replace(res, c1=float("nan")).within(1.0, 1.0) and res.within(1.0, 1.0)

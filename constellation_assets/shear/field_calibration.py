@@ -331,9 +331,9 @@ class FieldCalibrationResult:
     c_requirement: float | None = None
 
     def within(self, m_requirement: float, c_requirement: float) -> bool:
-        return (
-            max(abs(self.m1), abs(self.m2)) < m_requirement
-            and max(abs(self.c1), abs(self.c2)) < c_requirement
+        # all(): a NaN component (no measurement) fails, which max() would silently skip
+        return all(abs(m) < m_requirement for m in (self.m1, self.m2)) and all(
+            abs(c) < c_requirement for c in (self.c1, self.c2)
         )
 
     def to_dict(self) -> dict[str, Any]:
