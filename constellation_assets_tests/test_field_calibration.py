@@ -297,3 +297,27 @@ def test_requirement_checks_pass_fail_and_nan():
     nan = field_calibration_outcomes(dataclasses.replace(res, m2=float("nan")), 1.0, 1.0)
     assert not nan[0].passed  # no measurement is never a pass
     assert not dataclasses.replace(res, c1=float("nan")).within(1.0, 1.0) and res.within(1.0, 1.0)
+
+
+def test_noise_sign_negates_the_paired_noise_draw():
+    from constellation_assets.config import load_config
+    from constellation_assets.synthetic.focal_plane import exposure_layout, focal_plane
+    from constellation_assets.synthetic.render import expose_quadrant
+
+    field = {"tile_ids": [102044185], "ccd_grid": [1, 1], "quadrant_nx_pix": 64, "quadrant_ny_pix": 64}
+    field |= {"n_dithers": 1, "paired_noise": True, "cosmic_rate_per_mpix": 0.0}
+    plus, minus = (load_config({"field": {**field, "noise_sign": s}}) for s in (1, -1))
+    exp, q = exposure_layout(plus)[0], focal_plane(plus.field)[0]
+    model = np.zeros((64, 64))
+    model[30:34, 30:34] = 500.0  # a source: the noise rms follows the expected counts
+    sci_p, rms_p, flg_p, sky, _ = expose_quadrant(plus, exp, q, model)
+    sci_m, rms_m, flg_m, _, _ = expose_quadrant(minus, exp, q, model)
+    good = (flg_p == 0) & (flg_m == 0)
+    noise_p = (sci_p - sky - model)[good]
+    noise_m = (sci_m - sky - model)[good]
+    assert np.std(noise_p) > 1.0
+    np.testing.assert_allclose(noise_m, -noise_p, atol=1e-3)
+    np.testing.assert_array_equal(rms_p, rms_m)
+    from constellation_assets.synthetic.field import field_config_hash
+
+    assert field_config_hash(plus) != field_config_hash(minus)  # the partner is a different field
