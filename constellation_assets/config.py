@@ -306,6 +306,57 @@ class CalibrationConfig(_Section):
     seed: int = 42
     m_requirement: float = Field(2e-3, gt=0.0)
     c_requirement: float = Field(5e-4, gt=0.0)
+    # Field-level calibration (`constellation calibrate --field`, shear/field_calibration.py): the synthetic
+    # field of the `field` section run through the whole production path with +g/-g and 0/90-degree pairs.
+    field_shear_g: tuple[float, float] = Field(
+        (0.02, 0.02), description="(g1, g2) of the +g fields; the -g fields get (-g1, -g2); both non-zero"
+    )
+    field_rotated_pair: bool = Field(
+        True, description="also run the 90-degree-rotated +g/-g pair (cancels shape noise in c)"
+    )
+    field_antithetic_noise: bool = Field(
+        True,
+        description="run every paired field twice, with the shared pixel-noise field N and -N: the noise term "
+        "of the measured response, linear in N, cancels in the pair (the noise average is unchanged)",
+    )
+    field_work_dir: str | None = Field(
+        None, description="data + output of every field; default {output.root_uri}/field_calibration"
+    )
+    field_blend_radius_arcsec: float = Field(
+        1.5, gt=0.0, description="a source is 'blended' when another rendered object lies within this radius"
+    )
+    field_bin_edges: dict[str, list[float]] = Field(
+        default_factory=lambda: {
+            "snr": [0.0, 15.0, 25.0, 40.0, 80.0, 1e30],
+            "hlr_arcsec": [0.0, 0.15, 0.25, 0.4, 1e30],
+            "neighbour_arcsec": [0.0, 1.0, 2.0, 4.0, 1e30],
+            "n_exposures": [0.5, 1.5, 2.5, 3.5, 1e30],
+            "masked_fraction": [0.0, 0.01, 0.1, 1.0],
+        },
+        description="bin edges per bin variable (snr, hlr_arcsec, neighbour_arcsec, n_exposures, "
+        "masked_fraction: used when the catalog has a MASKED_FRACTION column); 'blended' is always binned",
+    )
+
+    @field_validator("field_shear_g")
+    @classmethod
+    def _field_shear(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 < abs(x) < 0.2 for x in v):
+            raise ValueError(
+                f"field_shear_g must be two non-zero shears with |g| < 0.2 (m divides by each), got {list(v)}"
+            )
+        return v
+
+    @field_validator("field_bin_edges")
+    @classmethod
+    def _bin_edges(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        allowed = {"snr", "hlr_arcsec", "neighbour_arcsec", "n_exposures", "masked_fraction"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"field_bin_edges: unknown bin variable(s) {bad}; valid: {sorted(allowed)}")
+        for k, e in v.items():
+            if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:], strict=False)):
+                raise ValueError(f"field_bin_edges.{k} must be >= 2 increasing edges, got {e}")
+        return v
 
 
 class FieldConfig(_Section):
@@ -408,6 +459,11 @@ class FieldConfig(_Section):
         False,
         description="Gaussian noise with the Poisson + read variance, drawn independently of the image: "
         "fields that differ only in shear share noise, cosmics and masks",
+    )
+    noise_sign: Literal[1, -1] = Field(
+        1,
+        description="with paired_noise: -1 negates the shared noise draw (the antithetic partner of a field; "
+        "the field calibration pairs N and -N so the noise term of the measured response cancels)",
     )
     truth_base_uri: str | None = Field(None, description="truth tables; default {q1 root}/sim_truth")
     mer_catalog: Literal["measured", "truth"] = Field(

@@ -218,6 +218,19 @@ def test_measurement_checks(good, tmp_path):
     assert not out["finite_shear"].passed  # could not be evaluated: must not look green
 
 
+def test_subtile_row_count_follows_the_configured_grid(good):
+    from constellation_assets.quality import Tiling
+
+    # the same 16-row tiles read as an 8 x 8 grid are incomplete; as the default 4 x 4 grid they are complete
+    fine = run_checks(
+        good["sources"], good["subtiles"], expected=128, tiling=Tiling(grid=(8, 8)), geometry=False
+    )
+    count = next(o for o in fine if o.name == "subtile_row_count")
+    assert not count.passed and "64 sub-tiles" in count.message
+    default = run_checks(good["sources"], good["subtiles"], expected=32, tiling=Tiling(), geometry=False)
+    assert next(o for o in default if o.name == "subtile_row_count").passed
+
+
 # ----------------------------------------------------------------------------- stored-output checks
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dagster as dg
 
+from constellation_assets.defs.calibration_field import (
+    field_calibration,
+    field_calibration_checks,
+    field_calibration_job,
+)
 from constellation_assets.defs.catalog import shear_catalog, shear_catalog_checks
 from constellation_assets.defs.deployment import current_deployment, resources_for, sensors_on_by_default
 from constellation_assets.defs.jobs import (
@@ -40,8 +45,7 @@ from constellation_assets.defs.simulations import (
 )
 from constellation_assets.defs.tiles import build_prepare_tile_assets, prepare_tile_checks
 
-# Assets of other parts of the pipeline (one import and one entry each), e.g.
-#   from constellation_assets.defs.calibration_field import field_calibration
+# Assets of other parts of the pipeline (one import and one entry each).
 EXTRA_ASSETS: list = []
 
 
@@ -60,6 +64,7 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             shear_measurements,
             shear_catalog,
             shear_calibration,
+            field_calibration,
             cosmos_bank,
             lens_injections,
             synthetic_field,
@@ -72,11 +77,13 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
             cosmos_bank_valid,
             synthetic_field_complete,
             shear_calibration_checks,
+            field_calibration_checks,
             lens_injection_checks,
         ],
         jobs=[
             tile_pipeline_job,
             calibration_job,
+            field_calibration_job,
             cosmos_bank_job,
             injection_job,
             synthetic_field_job,

@@ -15,6 +15,7 @@ from constellation_assets.catalog.schema import (
     SUBTILES_TABLE_ARROW_SCHEMA,
 )
 from constellation_assets.quality.checks import (
+    SUBTILES_PER_TILE,
     CheckOutcome,
     Frame,
     Tiling,
@@ -125,7 +126,11 @@ def run_checks(
     if subtiles_schema is not None:
         outcomes.append(check_schema(subtiles, subtiles_schema, "schema_subtiles"))
     outcomes += [
-        check_subtile_count(subtiles, expected),
+        check_subtile_count(
+            subtiles,
+            expected,
+            subtiles_per_tile=(tiling.grid[0] * tiling.grid[1]) if tiling else SUBTILES_PER_TILE,
+        ),
         check_unique_subtiles(subtiles),
         check_unique_object_ids(sources),
         check_sources_in_core(sources, tiling, geometry=geometry),

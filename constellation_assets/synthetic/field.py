@@ -106,6 +106,8 @@ def field_config_hash(cfg) -> str:
     # MER mosaics are an add-on product tracked in the manifest: switching them on keeps the exposures valid.
     d.pop("write_mer_mosaics", None)
     d.pop("mer_bands", None)
+    if d.get("noise_sign", 1) == 1:  # the default leaves the hash (and so existing fields) unchanged
+        d.pop("noise_sign", None)
     d["_generator"] = _GENERATOR
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

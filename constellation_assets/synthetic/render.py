@@ -129,7 +129,7 @@ def expose_quadrant(cfg, exp: Exposure, q: QuadrantGeom, model_nominal: np.ndarr
     noise_rng = rng_for(f.seed, "noise", *ids)
     if f.paired_noise:
         z = noise_rng.standard_normal(expected_e.shape)
-        sci = model + sky + z * np.sqrt(expected_e + rn * rn) / gain
+        sci = model + sky + f.noise_sign * z * np.sqrt(expected_e + rn * rn) / gain
     else:
         electrons = noise_rng.poisson(expected_e).astype(np.float64)
         electrons += noise_rng.normal(0.0, rn, size=expected_e.shape)
