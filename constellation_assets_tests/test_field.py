@@ -700,3 +700,36 @@ def test_public_reexports():
 
     assert MER_BANDS is euclid.BANDS and canonical_band("Y") == "NIR_Y"
     assert band_colour_mag("VIS", 1.0) == 0.0 and callable(simulate_field) and callable(tile_truth_uri)
+
+
+def test_scene_shear_about_blend_groups():
+    """With scene_shear_group_arcsec, each friends-of-friends group is sheared about its own centre: relative
+    positions inside a group follow A^-1 exactly, isolated galaxies do not move, stars never move."""
+    g1, g2, link = 0.05, -0.03, 2.0
+    base = {"galaxy_density_arcmin2": 200.0, "scene_shear_group_arcsec": link}
+    zero = small_config("/nonexistent", field={**base, "shear_g1": 0.0, "shear_g2": 0.0})
+    sheared = small_config("/nonexistent", field={**base, "shear_g1": g1, "shear_g2": g2})
+    exps = FP.exposure_layout(zero)
+    t0 = POP.simulate_tile_sources(zero, TILE, exps)
+    tg = POP.simulate_tile_sources(sheared, TILE, exps)
+    np.testing.assert_array_equal(t0["TRUE_ID"], tg["TRUE_ID"])
+    ra_t, dec_t = tile_center_deg(TILE)
+    x0, e0 = radec_to_tangent(t0["RA"], t0["DEC"], ra_t, dec_t)
+    xg, eg = radec_to_tangent(tg["RA"], tg["DEC"], ra_t, dec_t)
+    gal = ~t0["IS_STAR"]
+    cx, cy = POP.blend_group_centres(x0[gal], e0[gal], 10 ** (-0.4 * t0["MAG_VIS_TRUE"][gal]), link)
+    lx, le = POP.lens_positions(x0[gal] - cx, e0[gal] - cy, g1, g2)
+    np.testing.assert_allclose(xg[gal], lx + cx, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(eg[gal], le + cy, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(xg[~gal], x0[~gal], rtol=0, atol=1e-12)
+    alone = (np.abs(cx - x0[gal]) < 1e-12) & (np.abs(cy - e0[gal]) < 1e-12)
+    grouped = ~alone
+    assert alone.sum() > 10 and grouped.sum() > 10
+    np.testing.assert_allclose(xg[gal][alone], x0[gal][alone], rtol=0, atol=1e-12)  # isolated: no shift
+    # Inside a group, the separation vector of two members is mapped by A^-1 (the scene is a sheared copy).
+    i, j = np.nonzero(grouped & (np.abs(cx - cx[np.argmax(grouped)]) < 1e-12))[0][:2]
+    d0 = np.array([x0[gal][j] - x0[gal][i], e0[gal][j] - e0[gal][i]])
+    dg = np.array([xg[gal][j] - xg[gal][i], eg[gal][j] - eg[gal][i]])
+    np.testing.assert_allclose(dg, POP.lens_positions(d0[0], d0[1], g1, g2), rtol=0, atol=1e-12)
+    shift = np.hypot(xg[gal] - x0[gal], eg[gal] - e0[gal]) * 3600
+    assert shift.max() < 3 * link * 0.1  # never the g * r of a tile-centred map (~g * 100" here)

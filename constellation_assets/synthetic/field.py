@@ -108,6 +108,8 @@ def field_config_hash(cfg) -> str:
     d.pop("mer_bands", None)
     if d.get("noise_sign", 1) == 1:  # the default leaves the hash (and so existing fields) unchanged
         d.pop("noise_sign", None)
+    if d.get("scene_shear_group_arcsec") is None:
+        d.pop("scene_shear_group_arcsec", None)
     d["_generator"] = _GENERATOR
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -161,6 +163,7 @@ def _shear_record(cfg, tile_id: int, g_mean, h: str) -> dict:
         "shear_g1_config": f.shear_g1,
         "shear_g2_config": f.shear_g2,
         "shear_positions": bool(f.shear_positions),
+        "scene_shear_group_arcsec": f.scene_shear_group_arcsec,
         "kappa": 0.0,
         "intrinsic_rotation_deg": float(f.intrinsic_rotation_deg),
         "paired_noise": bool(f.paired_noise),
@@ -381,6 +384,7 @@ def simulate_field(cfg, force: bool = False, progress: bool = False) -> FieldSum
         "shear_g1": f.shear_g1,
         "shear_g2": f.shear_g2,
         "shear_positions": bool(f.shear_positions),
+        "scene_shear_group_arcsec": f.scene_shear_group_arcsec,
         "intrinsic_rotation_deg": float(f.intrinsic_rotation_deg),
         "paired_noise": bool(f.paired_noise),
         "applied": {str(t.tile_id): [t.g1_true, t.g2_true] for t in tiles},
