@@ -30,6 +30,7 @@ def rho_fields(tmp_path_factory):
         )
         S.simulate_field(cfg)
         out[name] = tile_psf_rho(cfg, TILE, min_sep_arcsec=1.0, max_sep_arcsec=60.0, n_bins=4)
+        out[f"{name}_cfg"] = cfg
     return out
 
 
@@ -84,6 +85,50 @@ def test_rho_model_e1_error(rho_fields):
     assert r1 > 20 * abs(exact.rho["rho1"][0])
     # The same stars: the error of the model does not change the star side.
     assert np.allclose(res["g1_star"], rho_fields["exact"][1]["g1_star"], atol=1e-9)
+
+
+def test_psf_cli(rho_fields, tmp_path):
+    """`constellation psf rho` on the field with the model error; `psf errors` on a few galaxies."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from constellation_assets.cli import main
+
+    path = tmp_path / "field.yaml"
+    path.write_text(yaml.safe_dump(rho_fields["e1_cfg"].to_dict()))
+    runner = CliRunner()
+    args = [
+        "psf",
+        "rho",
+        "--config",
+        str(path),
+        "--min-sep-arcsec",
+        "1",
+        "--max-sep-arcsec",
+        "60",
+        "--n-bins",
+        "4",
+    ]
+    res = runner.invoke(main, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    (got,) = json.loads(res.stdout[res.stdout.index("[") :])
+    assert got["mean_de1"] == pytest.approx(rho_fields["e1"][0].mean_de1)
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "rho1" in res.stdout and "mean de1" in res.stdout
+    res = runner.invoke(main, [*args, "--snr-min", "1e9"])
+    assert res.exit_code == 1 and "PSF star" in res.output
+
+    res = runner.invoke(main, ["psf", "errors", "--json", "--n-galaxies", "8", "--stamp-size-pix", "32"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout[res.stdout.index("{") :])
+    assert data["alpha1"] < 0 < data["dm_dsize"] and data["dg_psf_max"] > 0
+    res = runner.invoke(main, ["psf", "errors", "--n-galaxies", "8", "--stamp-size-pix", "32"])
+    assert res.exit_code == 0 and "dm/d(dT/T)" in res.stdout
+    res = runner.invoke(main, ["psf", "errors", "--n-galaxies", "8", "--dg-psf", "0"])
+    assert res.exit_code == 1 and "dg_psf" in res.output
 
 
 def test_rho_bad_input():
