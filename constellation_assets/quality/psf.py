@@ -246,9 +246,10 @@ def _jackknife_err(values: np.ndarray) -> np.ndarray:
     """Delete-one jackknife error along axis 0 (NaN rows, e.g. an emptied bin, are ignored)."""
     ok = np.isfinite(values)
     n = ok.sum(axis=0)
-    mean = np.nanmean(values, axis=0)
+    mean = np.where(n > 0, np.where(ok, values, 0.0).sum(axis=0) / np.where(n > 0, n, 1), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.sqrt((n - 1) / np.where(n > 0, n, 1) * np.nansum((values - mean) ** 2, axis=0))
+        var = (n - 1) / np.where(n > 0, n, 1) * np.where(ok, (values - mean) ** 2, 0.0).sum(axis=0)
+        return np.where(n > 1, np.sqrt(var), np.nan)
 
 
 def rho_statistics(
