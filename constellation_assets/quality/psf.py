@@ -9,15 +9,17 @@ the quadrant's PSF grid interpolated there (:class:`~constellation_assets.shear.
 Moments (the choice matters: VIS is undersampled at 0.1"): the star's centroid and size come from GalSim
 HSM adaptive moments (``galsim.hsm.FindAdaptiveMom``); then star and model are measured with the *same*
 fixed round Gaussian weight (sigma = :data:`WEIGHT_SCALE` = 2 x the star's HSM sigma) centred on that
-centroid, the model first shifted to the centroid in Fourier space. Weighted quadrupoles are linear in the
+centroid, the model first shifted to the centroid in Fourier space. Weighted moments are linear in the
 image, and the aliasing difference between a star sampled at sub-pixel phase d and a native model shifted
 to d averages to zero over phases; the wide weight keeps the HSM centroid's own aliasing error out of the
-sizes (VIS Airy x Gaussian PSF, noiseless, random phases: mean dT/T -5e-4 and de ~1e-6 with 2 x sigma;
--9e-3 with 1 x sigma; HSM on both images +1.9 %; an unshifted model +12 %). The price is noise (S/N 100:
-sigma(de) ~0.011, sigma(dT/T) ~0.027 per star) and a weighted ellipticity: a model sheared by 0.02 shows
-de1 ~0.012 (the round weight and the pixel dilute it). Ellipticity ``e = (Q11 - Q22 + 2i Q12) / (Q11 + Q22)`` is turned into the shear convention
-``g = e / (1 + sqrt(1 - |e|^2))``; size ``T = (Q11 + Q22) / F`` (arcsec^2). Both are rotated from the
-detector to the sky frame (GalSim's (u, v) = (west, north), parity included) with the local WCS.
+sizes. The weighted covariance is then de-weighted (``M = (M_w^-1 - W^-1)^-1``, exact for a Gaussian), so
+e and T are close to the profile's own (VIS Airy x Gaussian PSF, noiseless, random phases: mean dT/T -7e-4
+and de ~1e-6 with the 2 x sigma weight; -1.9e-2 with 1 x sigma; HSM on both images +1.9 %; an unshifted
+model +12 %). Per star at S/N 100: sigma(de) ~0.014, sigma(dT/T) ~0.036. A model sheared by 0.02 (optics,
+before the pixel) shows de1 ~0.016, a model dilated by dT/T = 0.02 shows dT/T ~0.014 (the pixel dilutes
+both). Ellipticity ``e = (M11 - M22 + 2i M12) / (M11 + M22)`` is turned into the shear convention
+``g = e / (1 + sqrt(1 - |e|^2))``; size ``T = M11 + M22`` (arcsec^2). Both are rotated from the detector to
+the sky frame (GalSim's (u, v) = (west, north), parity included) with the local WCS.
 
 Residuals follow Jarvis et al. (2016): ``de = e_model - e_star``, ``dT/T = (T_model - T_star) / T_model``,
 and with ``e = e_model``:
@@ -96,17 +98,30 @@ def _fourier_shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 
 def _weighted_moments(img: np.ndarray, cx: float, cy: float, sigma_pix: float) -> tuple[float, float, float]:
-    """Distortion (e1, e2) and T/pix^2 = (Q11 + Q22) / F of ``img`` with a round Gaussian weight at (cx, cy)."""
+    """Distortion (e1, e2) and size T (pix^2) of ``img`` from its moments under a round Gaussian weight.
+
+    The weighted covariance ``M_w`` (second moments / flux under the weight ``W = sigma_pix^2 I`` at
+    (cx, cy)) is de-weighted, ``M = (M_w^-1 - W^-1)^-1`` (exact for a Gaussian profile), so e and T are the
+    profile's own, not diluted by the weight; ``e = (M11 - M22, 2 M12) / T`` with ``T = M11 + M22``.
+    """
     h, w = img.shape
     yy, xx = np.mgrid[0:h, 0:w]
     dx, dy = xx - cx, yy - cy
     wi = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_pix**2) * img
     f = wi.sum()
-    q11, q22, q12 = (wi * dx * dx).sum(), (wi * dy * dy).sum(), (wi * dx * dy).sum()
-    tr = q11 + q22
-    if not (f > 0 and tr > 0):
+    if not f > 0:
         return math.nan, math.nan, math.nan
-    return (q11 - q22) / tr, 2.0 * q12 / tr, tr / f
+    mw = np.array([[(wi * dx * dx).sum(), (wi * dx * dy).sum()], [0.0, (wi * dy * dy).sum()]]) / f
+    mw[1, 0] = mw[0, 1]
+    try:
+        inv = np.linalg.inv(mw) - np.eye(2) / sigma_pix**2
+        if np.linalg.eigvalsh(inv).min() <= 0:
+            return math.nan, math.nan, math.nan
+        m = np.linalg.inv(inv)
+    except np.linalg.LinAlgError:
+        return math.nan, math.nan, math.nan
+    tr = m[0, 0] + m[1, 1]
+    return (m[0, 0] - m[1, 1]) / tr, 2.0 * m[0, 1] / tr, tr
 
 
 def _to_shear(e1: np.ndarray, e2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +170,7 @@ def star_moments(
 
 _RESIDUAL_COLUMNS = (
     "object_id", "ra_deg", "dec_deg", "patch", "g1_star", "g2_star", "g1_model", "g2_model", "T_star",
-    "T_model",
+    "T_model", "masked_fraction",
 )  # fmt: skip
 
 
@@ -164,6 +179,7 @@ def measure_star_residuals(
     stars: Any,
     *,
     stamp_size_pix: int = 32,
+    max_masked_fraction: float = 0.05,
     storage_options: Callable[[str], dict | None] | dict | None = None,
     reader: Callable[[Mapping[str, Any], dict | None], Any] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -173,7 +189,10 @@ def measure_star_residuals(
     ``prepare._quadrant_entry`` of quadrant index rows); ``stars``: a
     :class:`~constellation_assets.shear.stamps.SourceList`. Columns of the result: ``object_id, ra_deg,
     dec_deg, patch`` (index of the quadrant entry), ``g1/g2_star``, ``g1/g2_model`` (sky frame, shear
-    convention) and ``T_star, T_model`` (arcsec^2).
+    convention), ``T_star, T_model`` (arcsec^2) and the stamp's ``masked_fraction``. A star-exposure is
+    left out when the stamp stage rejects it, when more than ``max_masked_fraction`` of its stamp is
+    masked (quadrant edge, cosmic rays: the point-symmetric fill is exact only for a symmetric PSF) or when
+    its moments fail.
     """
     from constellation_assets.shear.stamps import (
         iter_manifest_stamps,
@@ -191,7 +210,7 @@ def measure_star_residuals(
             frame = sky_frame_transform(st.jacobian)
             scale = frame["scale_arcsec"]
             for k in range(len(st)):
-                if st.reject[k]:
+                if st.reject[k] or st.masked_fraction[k] > max_masked_fraction:
                     continue
                 m = star_moments(st.images[k], st.psf[k], float(scale[k]))
                 if m is None:
@@ -209,6 +228,7 @@ def measure_star_residuals(
                 rows["patch"].append(patch)
                 rows["T_star"].append(m["T_star"])
                 rows["T_model"].append(m["T_model"])
+                rows["masked_fraction"].append(float(st.masked_fraction[k]))
     out = {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
     out["object_id"] = out["object_id"].astype(np.int64)
     out["patch"] = out["patch"].astype(np.int64)
@@ -375,6 +395,7 @@ def tile_psf_rho(
     *,
     snr_min: float = 50.0,
     stamp_size_pix: int = 32,
+    max_masked_fraction: float = 0.05,
     min_sep_arcsec: float = 2.0,
     max_sep_arcsec: float = 600.0,
     n_bins: int = 8,
@@ -404,7 +425,11 @@ def tile_psf_rho(
         )
     entries = _tile_quadrant_entries(cfg, int(tile_id))
     res = measure_star_residuals(
-        entries, stars, stamp_size_pix=stamp_size_pix, storage_options=cfg.storage_options
+        entries,
+        stars,
+        stamp_size_pix=stamp_size_pix,
+        max_masked_fraction=max_masked_fraction,
+        storage_options=cfg.storage_options,
     )
     rho = rho_statistics(res, min_sep_arcsec=min_sep_arcsec, max_sep_arcsec=max_sep_arcsec, n_bins=n_bins)
     rho.config.update(
