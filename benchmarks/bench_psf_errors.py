@@ -80,6 +80,41 @@ def run_rho(root: Path) -> list[dict]:
     return out
 
 
+def rho_table(rho_rows: list[dict]):
+    """The rho summary table: mean residuals, rho1 in the first and last bins, rho2..rho5 in the first."""
+    from rich.table import Table
+
+    t = Table(
+        title="rho statistics (xi_+, Jarvis et al. 2016) of the demo-size synthetic field: S/N >= 50 stars, "
+        "1-sigma jackknife over quadrant exposures; 4 log bins in 2-200\"; 'small': first non-empty bin"
+    )
+    for col in ("model", "tile", "stars", "meas.", "mean de1", "mean de2", "mean dT/T", "small \"",
+                "rho1 small", "rho1 wide", "rho2 small", "rho3 small", "rho4 small", "rho5 small"):  # fmt: skip
+        t.add_column(col, justify="right")
+    for d in rho_rows:
+
+        def cell(name: str, b: int, d: dict = d) -> str:
+            if not d["n_pairs"][b]:
+                return "-"
+            return f"{d['rho'][name][b]:+.1e}±{d['rho_err'][name][b]:.0e}"
+
+        first = next((b for b, n in enumerate(d["n_pairs"]) if n), 0)
+        t.add_row(
+            d["label"],
+            str(d["tile_id"]),
+            str(d["n_stars"]),
+            str(d["n_measurements"]),
+            _pm(d["mean_de1"], d["mean_de1_err"], "+.1e"),
+            _pm(d["mean_de2"], d["mean_de2_err"], "+.1e"),
+            _pm(d["mean_dT_over_T"], d["mean_dT_over_T_err"], "+.1e"),
+            f"{d['theta_arcsec'][first]:.0f}",
+            cell("rho1", first),
+            cell("rho1", len(d["n_pairs"]) - 1),
+            *(cell(n, first) for n in ("rho2", "rho3", "rho4", "rho5")),
+        )
+    return t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every response row's galaxy count")
@@ -104,7 +139,7 @@ def main() -> None:
             f"dm/d(dT/T)={r.dm_dsize:+.3f}±{r.dm_dsize_err:.1g} N={r.n_galaxies} {r.seconds:.0f}s",
             flush=True,
         )
-    console = Console(width=190)
+    console = Console(width=240)
     t = Table(
         title='Shear response to PSF-model errors (FPFS, g_true=0.02, 0.1" pixels, noiseless, model - truth: '
         f"dg_PSF = ±0.01, dT/T = ±0.02; requirement |m| < 2e-3, |c| < 5e-4; {os.cpu_count()} cores)"
@@ -133,33 +168,7 @@ def main() -> None:
     if not args.no_rho:
         with tempfile.TemporaryDirectory() as tmp:
             rho_rows = run_rho(Path(args.root) if args.root else Path(tmp))
-        t = Table(
-            title="rho statistics (xi_+, Jarvis et al. 2016) of the demo-size synthetic field: S/N >= 50 stars, "
-            'jackknife over quadrant exposures; bins: first and last of 4 log bins in 2-200"'
-        )
-        for col in ("model", "tile", "stars", "meas.", "mean de1", "mean de2", "mean dT/T",
-                    "rho1 small", "rho1 wide", "rho2 small", "rho3 small", "rho4 small", "rho5 small"):  # fmt: skip
-            t.add_column(col, justify="right")
-        for d in rho_rows:
-
-            def cell(name: str, b: int, d: dict = d) -> str:
-                if not d["n_pairs"][b]:
-                    return "-"
-                return f'{d["rho"][name][b]:+.1e}±{d["rho_err"][name][b]:.0e} ({d["theta_arcsec"][b]:.0f}")'
-
-            first = next((b for b, n in enumerate(d["n_pairs"]) if n), 0)
-            t.add_row(
-                d["label"],
-                str(d["tile_id"]),
-                str(d["n_stars"]),
-                str(d["n_measurements"]),
-                _pm(d["mean_de1"], d["mean_de1_err"], "+.1e"),
-                _pm(d["mean_de2"], d["mean_de2_err"], "+.1e"),
-                _pm(d["mean_dT_over_T"], d["mean_dT_over_T_err"], "+.1e"),
-                cell("rho1", first),
-                cell("rho1", len(d["n_pairs"]) - 1),
-                *(cell(n, first) for n in ("rho2", "rho3", "rho4", "rho5")),
-            )
+        t = rho_table(rho_rows)
         console.print(t)
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:

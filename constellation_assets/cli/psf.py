@@ -74,7 +74,9 @@ def psf_errors_cmd(config_path, as_json, dg_psf, size_error, **direct) -> None:
         click.echo(json.dumps(_json_safe(r.to_dict()), indent=2))
         return
     t = Table(
-        title=f"PSF-model error response ({r.psf_model}, {r.n_galaxies} galaxies, dg={r.dg_psf}, "
+        title=f'PSF-model error response ({r.psf_model}, FWHM {r.config["psf_fwhm_arcsec"]}"'
+        + (f", beta {r.config['moffat_beta']}" if r.psf_model == "moffat" else "")
+        + f"; {r.config['population']}, {r.n_galaxies} galaxies, dg={r.dg_psf}, "
         f"dT/T={r.size_error}, {r.seconds:.1f} s)"
     )
     for col in ("quantity", "value", "meaning"):

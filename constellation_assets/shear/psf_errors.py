@@ -16,6 +16,10 @@ cancels the terms quadratic in the error.  ``c_i = sum(w e_i) / sum(w R_ii)`` ov
 and ring partners cancel the true shear and the intrinsic shapes), ``m_i`` as in the calibration (stamps
 sheared along component ``i``).  Errors: delete-one-block jackknife over galaxies of the differences.
 
+Signs: the errors are model minus truth, so an elongated model gives ``c`` of the opposite sign
+(``alpha < 0``) and an over-sized model ``m > 0`` (Moffat beta 2.5, FWHM 0.17", the Sersic population:
+``alpha = -0.33``, ``beta = +0.26``; errors counted as truth minus model flip both signs).
+
 The implied PSF-model requirement for a shear requirement ``|m| < m_max``, ``|c| < c_max``: ``|dg_PSF| <
 c_max / |alpha|``, ``|dT/T| < m_max / |beta|`` (each error using the whole budget).
 """
