@@ -62,15 +62,19 @@ DEFAULT_CATALOG_NAME = "constellation"
 
 # Table properties. Serializable isolation makes a concurrent commit that added rows of the same tile
 # a conflict (ValidationException) instead of a silent second copy; metadata.json files are pruned so
-# 60,000 per-tile commits do not leave 60,000 metadata files; manifests are merged on append.
+# 60,000 per-tile commits do not leave 60,000 metadata files; manifests are merged on append. Every
+# commit copies the whole table metadata several times (PyIceberg), so what the metadata lists is kept
+# short: 10 previous metadata files in the log, and the snapshot history bounded by the assembly at
+# twice ``history.expire.min-snapshots-to-keep`` (catalog.maintenance).
 TABLE_PROPERTIES: dict[str, str] = {
     "format-version": "2",
     "write.parquet.compression-codec": "zstd",
     "write.update.isolation-level": "serializable",
     "write.delete.isolation-level": "serializable",
     "write.metadata.delete-after-commit.enabled": "true",
-    "write.metadata.previous-versions-max": "100",
-    "commit.manifest-merge.enabled": "true",
+    "write.metadata.previous-versions-max": "10",
+    "history.expire.min-snapshots-to-keep": "20",
+    "commit.manifest-merge.enabled": "false",
     "commit.retry.num-retries": "6",
     "commit.retry.min-wait-ms": "50",
     "commit.retry.max-wait-ms": "2000",
@@ -302,7 +306,36 @@ def ensure_tables(catalog: Catalog, namespace: str = DEFAULT_NAMESPACE) -> tuple
         sort_order=SUBTILES_SORT_ORDER,
         properties=TABLE_PROPERTIES,
     )
-    return sources, subtiles
+    return _with_table_properties(catalog, sources), _with_table_properties(catalog, subtiles)
+
+
+def _with_table_properties(catalog: Catalog, table: Table) -> Table:
+    """Bring an existing table's properties to TABLE_PROPERTIES (one commit, only when they differ).
+
+    Tables created by earlier versions keep working and get the current maintenance settings.
+    ``format-version`` is never changed here.
+    """
+    current = table.metadata.properties
+    wanted = {k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version" and current.get(k) != v}
+    if not wanted:
+        return table
+    for attempt in range(5):
+        try:
+            with table.transaction() as tx:
+                tx.set_properties(wanted)
+            return catalog.load_table(table.name())
+        except Exception as exc:  # a concurrent writer changed the table first: reload and retry
+            if attempt == 4 or type(exc).__name__ != "CommitFailedException":
+                raise
+            time.sleep(0.05 * (attempt + 1))
+            table = catalog.load_table(table.name())
+            current = table.metadata.properties
+            wanted = {
+                k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version" and current.get(k) != v
+            }
+            if not wanted:
+                return table
+    return table
 
 
 def load_tables(catalog: Catalog, namespace: str = DEFAULT_NAMESPACE) -> tuple[Table, Table]:

@@ -1,0 +1,233 @@
+"""Survey-scale catalog mechanics: batched assembly, append-only commits for new tiles, compaction,
+manifest re-grouping, snapshot expiry and dead-file removal, and their interplay with re-assembly."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+
+from constellation_assets.catalog.assemble import (
+    PROP_TILE_COUNT,
+    assemble_tile,
+    assemble_tiles,
+    plan_tile_replacement,
+)
+from constellation_assets.catalog.maintenance import (
+    _compaction_groups,
+    _rewrite,
+    compact_data_files,
+    expire_snapshots,
+    maintain_catalog,
+    rewrite_manifests,
+)
+from constellation_assets.catalog.query import scan_sources, scan_subtiles
+from constellation_assets.catalog.tables import open_catalog_from
+from constellation_assets.quality import run_catalog_checks
+from constellation_assets_tests.catalog_testdata import core_count, make_tile_results
+
+N_SRC = 200
+# Tiles sharing TILE_BUCKET (= TILE_ID mod 256): one partition, so compaction has several files to merge.
+SAME_BUCKET = [102044185 + 256 * k for k in range(4)]
+NEIGHBOURS = [102044186, 102044187]
+
+
+@pytest.fixture()
+def catalog(tmp_path):
+    return open_catalog_from(None, str(tmp_path / "warehouse"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("results"))
+    return {t: make_tile_results(out, t, n_sources=N_SRC) for t in SAME_BUCKET + NEIGHBOURS}
+
+
+def _counts(catalog, table="sources"):
+    scan = scan_sources(catalog) if table == "sources" else scan_subtiles(catalog)
+    return {d["values"]: d["counts"] for d in pc.value_counts(scan["TILE_ID"]).to_pylist()}
+
+
+def _expected(tiles):
+    return {t: core_count(t, N_SRC) for t in tiles}
+
+
+def _tile_rows(catalog, tile_id):
+    return scan_sources(catalog, [tile_id]).sort_by("OBJECT_ID").to_pylist()
+
+
+def _live_files(catalog, name="sources"):
+    table = catalog.load_table(("shear", name))
+    return [t.file for t in table.scan().plan_files()]
+
+
+def test_batch_is_one_append_and_reassembly_one_overwrite(catalog, results):
+    tiles = SAME_BUCKET[:2] + NEIGHBOURS
+    out = assemble_tiles(catalog, {t: results[t] for t in tiles}, "run-1", "h", "v")
+    assert [r.tile_id for r in out] == sorted(tiles) and all(r.batch_size == 4 for r in out)
+    assert _counts(catalog) == _expected(tiles)
+    assert _counts(catalog, "subtiles") == {t: 16 for t in tiles}
+    src = catalog.load_table(("shear", "sources"))
+    assert len(src.metadata.snapshots) == 1  # one commit for the whole batch
+    head = src.current_snapshot()
+    assert head.summary.operation.value == "append" and head.summary[PROP_TILE_COUNT] == "4"
+    assert len(_live_files(catalog)) == 4  # one data file per tile
+
+    # re-assembling two of them with a new tile: exactly one copy each, one snapshot, the others untouched
+    before = _tile_rows(catalog, NEIGHBOURS[1])
+    again = [SAME_BUCKET[0], NEIGHBOURS[0], SAME_BUCKET[2]]
+    assemble_tiles(catalog, {t: results[t] for t in again}, "run-2", "h", "v")
+    all_tiles = set(tiles) | set(again)
+    assert _counts(catalog) == _expected(all_tiles)
+    assert _counts(catalog, "subtiles") == {t: 16 for t in all_tiles}
+    src = catalog.load_table(("shear", "sources"))
+    assert len(src.metadata.snapshots) == 2
+    assert src.current_snapshot().summary.operation.value == "overwrite"
+    assert _tile_rows(catalog, NEIGHBOURS[1]) == before
+    runs = scan_sources(catalog, again, columns=["RUN_ID"])["RUN_ID"].to_pylist()
+    assert set(runs) == {"run-a"}  # the RUN_ID of the result files
+    checks = {o.name: o for o in run_catalog_checks(catalog)}
+    assert all(o.passed for o in checks.values()), {k: o.message for k, o in checks.items() if not o.passed}
+
+
+def test_bad_file_in_a_batch_commits_nothing(catalog, results, tmp_path):
+    bad = Path(tmp_path / f"{NEIGHBOURS[1]}_0_0.parquet")
+    bad.write_bytes(b"not parquet")
+    batch = {NEIGHBOURS[0]: results[NEIGHBOURS[0]], NEIGHBOURS[1]: [str(bad)]}
+    with pytest.raises(Exception, match=str(bad.name)):
+        assemble_tiles(catalog, batch, "r", "h", "v")
+    assert not catalog.table_exists(("shear", "sources")) or scan_sources(catalog).num_rows == 0
+
+
+def test_compaction_keeps_rows_and_reassembly_rewrites_the_compacted_file(catalog, results):
+    present = [SAME_BUCKET[0], SAME_BUCKET[1], SAME_BUCKET[3]]
+    absent = SAME_BUCKET[2]  # same bucket, inside the TILE_ID range the compacted file will cover
+    for t in present:
+        assemble_tile(catalog, t, results[t], "r", "h", "v")
+    assemble_tile(catalog, NEIGHBOURS[0], results[NEIGHBOURS[0]], "r", "h", "v")
+    rows_before = {t: _tile_rows(catalog, t) for t in present + NEIGHBOURS[:1]}
+    n_files = len(_live_files(catalog))
+    reports = compact_data_files(catalog, min_input_files=2, min_file_age=timedelta(0))
+    assert reports[0].files_rewritten == 3 and reports[0].partitions_compacted == 1
+    assert reports[1].files_rewritten == 3  # shear.subtiles too
+    assert len(_live_files(catalog)) == n_files - 3 + 1
+    assert {t: _tile_rows(catalog, t) for t in rows_before} == rows_before
+    assert _counts(catalog, "subtiles") == {t: 16 for t in rows_before}
+
+    table = catalog.load_table(("shear", "sources"))
+    plan = plan_tile_replacement(table, [SAME_BUCKET[1]])
+    assert not plan.whole_files and len(plan.rewrites) == 1 and plan.tiles_present == {SAME_BUCKET[1]}
+    assert set(plan.rewrites[0][1]["TILE_ID"].to_pylist()) == {SAME_BUCKET[0], SAME_BUCKET[3]}
+    assert plan_tile_replacement(table, [absent]).is_empty  # opened (TILE_ID column), holds no row of it
+
+    # a new tile inside the compacted file's range is a plain append
+    assemble_tile(catalog, absent, results[absent], "r", "h", "v")
+    assert catalog.load_table(("shear", "sources")).current_snapshot().summary.operation.value == "append"
+    # re-assembling a tile that now lives in the compacted file: one copy, the other tiles unchanged
+    assemble_tile(catalog, SAME_BUCKET[1], results[SAME_BUCKET[1]], "r2", "h", "v")
+    assert _counts(catalog) == _expected(SAME_BUCKET + NEIGHBOURS[:1])
+    for t in rows_before:
+        if t != SAME_BUCKET[1]:
+            assert _tile_rows(catalog, t) == rows_before[t]
+    checks = {o.name: o for o in run_catalog_checks(catalog)}
+    assert all(o.passed for o in checks.values()), {k: o.message for k, o in checks.items() if not o.passed}
+
+
+def test_concurrent_assembly_wins_over_compaction(catalog, results):
+    for t in SAME_BUCKET[:3]:
+        assemble_tile(catalog, t, results[t], "r", "h", "v")
+    stale = catalog.load_table(("shear", "sources"))
+    groups, _ = _compaction_groups(stale, 1 << 30, timedelta(0), 2)
+    assert len(groups) == 1 and len(groups[0]) == 3
+    # an assembly re-writes one of the tiles after the compaction was planned
+    assemble_tile(catalog, SAME_BUCKET[1], results[SAME_BUCKET[1]], "r-new", "h", "v")
+    with pytest.raises((ValidationException, CommitFailedException)):
+        _rewrite(stale, groups)
+    assert _counts(catalog) == _expected(SAME_BUCKET[:3])
+    # and the next compaction run re-plans from the new head and succeeds
+    rep = compact_data_files(catalog, min_input_files=2, min_file_age=timedelta(0))[0]
+    assert rep.files_rewritten == 3
+    assert _counts(catalog) == _expected(SAME_BUCKET[:3])
+
+
+def test_recent_files_are_not_compacted(catalog, results):
+    for t in SAME_BUCKET[:3]:
+        assemble_tile(catalog, t, results[t], "r", "h", "v")
+    rep = compact_data_files(catalog, min_input_files=2, min_file_age=timedelta(hours=1))[0]
+    assert rep.files_rewritten == 0 and len(_live_files(catalog)) == 3
+
+
+def test_manifest_rewrite_keeps_rows(catalog, results):
+    for t in SAME_BUCKET + NEIGHBOURS:
+        assemble_tile(catalog, t, results[t], "r", "h", "v")
+    rows = {t: _tile_rows(catalog, t) for t in SAME_BUCKET + NEIGHBOURS}
+    out = rewrite_manifests(catalog, min_manifests=2, buckets_per_manifest=1)
+    before, after = out["shear.sources"]
+    assert before == 6 and after == 3  # buckets of 102044185 (x4), 102044186, 102044187
+    assert {t: _tile_rows(catalog, t) for t in rows} == rows
+    head = catalog.load_table(("shear", "sources")).current_snapshot()
+    assert head.summary.operation.value == "replace"
+    assert int(head.summary["total-records"]) == sum(len(r) for r in rows.values())
+    assemble_tile(catalog, NEIGHBOURS[0], results[NEIGHBOURS[0]], "r2", "h", "v")
+    assert _counts(catalog) == _expected(SAME_BUCKET + NEIGHBOURS)
+
+
+def test_maintenance_expires_deletes_dead_files_and_keeps_current_readable(catalog, results, tmp_path):
+    for _ in range(3):
+        for t in SAME_BUCKET:
+            assemble_tile(catalog, t, results[t], "r", "h", "v")
+    rows = {t: _tile_rows(catalog, t) for t in SAME_BUCKET}
+    data_dir = tmp_path / "warehouse" / "shear" / "sources" / "data"
+    parquet_before = len(list(Path(tmp_path / "warehouse").rglob("*.parquet")))
+    rep = maintain_catalog(
+        catalog, keep_last=2, min_age=timedelta(0), min_input_files=2, orphan_age=timedelta(0)
+    )
+    src = catalog.load_table(("shear", "sources"))
+    assert len(src.metadata.snapshots) == 2
+    assert rep.compaction[0].files_rewritten == len(SAME_BUCKET)
+    deleted = sum(e.data_files_deleted for e in rep.expiry) + sum(rep.orphans_deleted.values())
+    assert deleted > 0
+    assert len(list(Path(tmp_path / "warehouse").rglob("*.parquet"))) < parquet_before
+    # every file the current snapshot needs still exists: the catalog reads back unchanged
+    assert {t: _tile_rows(catalog, t) for t in SAME_BUCKET} == rows
+    assert _counts(catalog, "subtiles") == {t: 16 for t in SAME_BUCKET}
+    # the older retained snapshot is readable too
+    older = min(src.metadata.snapshots, key=lambda s: s.sequence_number).snapshot_id
+    assert scan_sources(catalog, snapshot_id=older).num_rows > 0
+    live = {Path(f.file_path.removeprefix("file://")) for f in _live_files(catalog)}
+    assert live and all(p.exists() for p in live) and all(data_dir in p.parents for p in live)
+    # assembling after maintenance still works and stays idempotent
+    assemble_tile(catalog, SAME_BUCKET[0], results[SAME_BUCKET[0]], "r9", "h", "v")
+    assert _counts(catalog) == _expected(SAME_BUCKET)
+
+
+def test_assembly_bounds_its_own_snapshot_history(catalog, results):
+    assemble_tile(catalog, NEIGHBOURS[0], results[NEIGHBOURS[0]], "r", "h", "v")
+    table = catalog.load_table(("shear", "sources"))
+    with table.transaction() as tx:
+        tx.set_properties({"history.expire.min-snapshots-to-keep": "2"})
+    # ensure_tables would restore the package's value: bypass it by assembling with the property set
+    # on both tables and checking the bound after several commits
+    sub = catalog.load_table(("shear", "subtiles"))
+    with sub.transaction() as tx:
+        tx.set_properties({"history.expire.min-snapshots-to-keep": "2"})
+    from constellation_assets.catalog import assemble as assemble_mod
+
+    real = assemble_mod.ensure_tables
+    assemble_mod.ensure_tables = lambda *a, **k: None
+    try:
+        for _ in range(6):
+            assemble_tile(catalog, NEIGHBOURS[0], results[NEIGHBOURS[0]], "r", "h", "v")
+    finally:
+        assemble_mod.ensure_tables = real
+    assert len(catalog.load_table(("shear", "sources")).metadata.snapshots) <= 4
+    assert _counts(catalog) == _expected(NEIGHBOURS[:1])
+
+
+def test_expire_snapshots_defaults_and_validation(catalog, results):
+    with pytest.raises(ValueError, match="keep_last"):
+        expire_snapshots(catalog, keep_last=0)
+    assert expire_snapshots(catalog) == {"shear.sources": 0, "shear.subtiles": 0}  # no tables yet
