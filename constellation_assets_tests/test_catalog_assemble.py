@@ -251,7 +251,7 @@ def test_expire_snapshots_keeps_data(catalog, results):
     assemble_tile(catalog, T2, results[T2], "r", "h", "v")
     table = catalog.load_table(("shear", "sources"))
     old_ids = [s.snapshot_id for s in table.metadata.snapshots]
-    assert len(old_ids) >= 5
+    assert len(old_ids) == 4  # one snapshot per table per assembly
     expired = expire_snapshots(catalog, keep_last=2, min_age=timedelta(0))
     assert expired["shear.sources"] == len(old_ids) - 2
     table = catalog.load_table(("shear", "sources"))
