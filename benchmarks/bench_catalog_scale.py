@@ -210,7 +210,7 @@ def run(
             window.append((wall / nb, read / nb, (wall - read) / nb))
             done += nb
             if maintain_every and done - last_maint >= maintain_every:
-                rep = maintain_catalog(catalog, min_age=timedelta(0), keep_last=20)
+                rep = maintain_catalog(catalog, min_age=timedelta(0), orphan_age=timedelta(0), keep_last=20)
                 maint.append(
                     {
                         "at_tiles": done,

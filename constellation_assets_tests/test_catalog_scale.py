@@ -231,3 +231,92 @@ def test_expire_snapshots_defaults_and_validation(catalog, results):
     with pytest.raises(ValueError, match="keep_last"):
         expire_snapshots(catalog, keep_last=0)
     assert expire_snapshots(catalog) == {"shear.sources": 0, "shear.subtiles": 0}  # no tables yet
+
+
+def test_maintenance_asset_runs_in_dagster(tmp_path, results):
+    import dagster as dg
+    import yaml
+
+    from constellation_assets.catalog.tables import open_catalog
+    from constellation_assets.config import load_config
+    from constellation_assets.defs.maintenance import catalog_maintenance, catalog_maintenance_job
+    from constellation_assets.defs.resources import ConstellationConfigResource
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"tile_ids": SAME_BUCKET, "output": {"root_uri": str(tmp_path / "out")}}))
+    catalog = open_catalog(load_config(str(path)))
+    for _ in range(2):
+        for t in SAME_BUCKET:
+            assemble_tile(catalog, t, results[t], "r", "h", "v")
+    rows = {t: _tile_rows(catalog, t) for t in SAME_BUCKET}
+    run_config = {
+        "ops": {
+            "catalog_maintenance": {
+                "config": {
+                    "keep_last": 2,
+                    "min_age_minutes": 0,
+                    "orphan_age_minutes": 0,
+                    "min_input_files": 2,
+                }
+            }
+        }
+    }
+    res = dg.materialize(
+        [catalog_maintenance],
+        resources={"pipeline_config": ConstellationConfigResource(config_path=str(path))},
+        run_config=run_config,
+        selection=["catalog_maintenance"],
+    )
+    assert res.success
+    md = res.asset_materializations_for_node("catalog_maintenance")[0].metadata
+    assert md["files_rewritten"].value == 2 * len(SAME_BUCKET)  # both tables' small files
+    assert md["snapshots_expired"].value > 0 and md["dead_files_deleted"].value > 0
+    assert len(catalog.load_table(("shear", "sources")).metadata.snapshots) == 2
+    assert {t: _tile_rows(catalog, t) for t in SAME_BUCKET} == rows
+    assert catalog_maintenance_job.name == "catalog_maintenance_job"
+
+
+def test_cli_assemble_batches_and_maintain(tmp_path, results):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from constellation_assets.catalog.tables import open_catalog
+    from constellation_assets.cli import main
+    from constellation_assets.config import load_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"root_uri": str(tmp_path / "out")}}))
+    files = [u for t in SAME_BUCKET for u in results[t]]
+    runner = CliRunner()
+    for batch in ("3", "1"):
+        res = runner.invoke(
+            main, ["assemble", "--config", str(config), "--batch-size", batch, "--json", *files]
+        )
+        assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert {d["tile_id"]: d["n_sources"] for d in done} == _expected(SAME_BUCKET)
+    catalog = open_catalog(load_config(str(config)))
+    # 4 tiles in batches of 3 (2 commits), then 4 commits of one tile
+    assert len(catalog.load_table(("shear", "sources")).metadata.snapshots) == 6
+    args = [
+        "--min-age-minutes",
+        "0",
+        "--orphan-age-minutes",
+        "0",
+        "--min-input-files",
+        "2",
+        "--keep-last",
+        "1",
+    ]
+    res = runner.invoke(main, ["catalog", "maintain", "--config", str(config), "--json", *args])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["compaction"][0]["files_rewritten"] == len(SAME_BUCKET)
+    assert report["expiry"][0]["snapshots_expired"] == 6  # 6 commits + compaction, newest kept
+    assert _counts(catalog) == _expected(SAME_BUCKET)
+    res = runner.invoke(main, ["catalog", "maintain", "--config", str(config), *args])
+    assert res.exit_code == 0 and "sources" in res.stdout, res.output
+    res = runner.invoke(main, ["validate", "--config", str(config), "--expected", "64", "--truth", "none"])
+    assert res.exit_code == 0, res.output

@@ -18,6 +18,7 @@ from constellation_assets.defs.jobs import (
     synthetic_field_job,
     tile_pipeline_job,
 )
+from constellation_assets.defs.maintenance import maintenance_defs
 from constellation_assets.defs.partitions import injection_shard_partitions, mer_tile_partitions
 from constellation_assets.defs.sensors import (
     calibration_schedule,
@@ -30,27 +31,30 @@ from constellation_assets.defs.tiles import prepare_tile_assets
 
 
 def build_definitions(deployment: str | None = None) -> dg.Definitions:
-    return dg.Definitions(
-        assets=[
-            prepare_tile_assets,
-            shear_measurements,
-            shear_catalog,
-            shear_calibration,
-            cosmos_bank,
-            lens_injections,
-            synthetic_field,
-        ],
-        jobs=[
-            tile_pipeline_job,
-            calibration_job,
-            cosmos_bank_job,
-            injection_job,
-            synthetic_field_job,
-            register_partitions_job,
-        ],
-        sensors=[mer_tile_discovery_sensor, tile_pipeline_sensor],
-        schedules=[calibration_schedule],
-        resources=resources_for(deployment or current_deployment()),
+    return dg.Definitions.merge(
+        maintenance_defs,
+        dg.Definitions(
+            assets=[
+                prepare_tile_assets,
+                shear_measurements,
+                shear_catalog,
+                shear_calibration,
+                cosmos_bank,
+                lens_injections,
+                synthetic_field,
+            ],
+            jobs=[
+                tile_pipeline_job,
+                calibration_job,
+                cosmos_bank_job,
+                injection_job,
+                synthetic_field_job,
+                register_partitions_job,
+            ],
+            sensors=[mer_tile_discovery_sensor, tile_pipeline_sensor],
+            schedules=[calibration_schedule],
+            resources=resources_for(deployment or current_deployment()),
+        ),
     )
 
 
