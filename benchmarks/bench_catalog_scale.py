@@ -137,13 +137,18 @@ def _table_stats(catalog, identifier) -> dict:
     snap = table.current_snapshot()
     manifests = snap.manifests(table.io) if snap else []
     n_files = sum((m.added_files_count or 0) + (m.existing_files_count or 0) for m in manifests)
+    data_bytes = sum(t.file.file_size_in_bytes for t in table.scan().plan_files())
+    records = int(snap.summary["total-records"]) if snap and snap.summary.get("total-records") else 0
     loc = table.metadata_location
     path = loc[len("file://") :] if loc.startswith("file://") else loc
     return {
         "metadata_json_kb": round(os.path.getsize(path) / 1024, 1),
         "data_files": n_files,
         "manifests": len(manifests),
+        "manifests_kb": round(sum(m.manifest_length for m in manifests) / 1024, 1),
         "snapshots": len(table.metadata.snapshots),
+        "data_mb": round(data_bytes / 2**20, 2),
+        "bytes_per_row": round(data_bytes / records, 1) if records else None,
     }
 
 
@@ -159,6 +164,7 @@ def run(
     maintain_every: int | None,
     first_tile: int = FIRST_TILE,
     progress: bool = True,
+    compact_min_files: int = 4,
 ) -> dict:
     import numpy as np
 
@@ -202,15 +208,21 @@ def run(
                 writer.write(str(results_dir), t)
             gen_s += time.perf_counter() - t0
             read_before = read_s[0]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = assemble_results(cfg, [str(results_dir)], catalog=catalog, batch_size=batch)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert len(out) == nb
             read = read_s[0] - read_before
-            window.append((wall / nb, read / nb, (wall - read) / nb))
+            window.append((wall / nb, read / nb, (wall - read) / nb, cpu / nb))
             done += nb
             if maintain_every and done - last_maint >= maintain_every:
-                rep = maintain_catalog(catalog, min_age=timedelta(0), orphan_age=timedelta(0), keep_last=20)
+                rep = maintain_catalog(
+                    catalog,
+                    min_age=timedelta(0),
+                    orphan_age=timedelta(0),
+                    keep_last=20,
+                    min_input_files=compact_min_files,
+                )
                 maint.append(
                     {
                         "at_tiles": done,
@@ -236,6 +248,8 @@ def run(
                     "s_per_tile": round(statistics.median(w[0] for w in window), 4),
                     "read_s_per_tile": round(statistics.median(w[1] for w in window), 4),
                     "commit_s_per_tile": round(statistics.median(w[2] for w in window), 4),
+                    # CPU seconds of this process per tile: less sensitive to other load on the machine
+                    "cpu_s_per_tile": round(statistics.median(w[3] for w in window), 4),
                     **stats,
                     "one_tile_query_s": round(q_one, 3),
                     "full_scan_s": round(q_full, 3),
@@ -256,6 +270,7 @@ def run(
         "batch": batch,
         "sources_per_tile": n_sources,
         "maintain_every": maintain_every,
+        "compact_min_files": compact_min_files,
         "checkpoints": rows_out,
         "maintenance": maint,
         "maintenance_s_total": round(sum(m["seconds"] for m in maint), 1),
@@ -263,6 +278,9 @@ def run(
         "total_s": round(time.perf_counter() - t_start, 1),
         "flat_ratio_last_over_first": round(last["s_per_tile"] / first["s_per_tile"], 2)
         if first["s_per_tile"]
+        else None,
+        "flat_ratio_cpu_last_over_first": round(last["cpu_s_per_tile"] / first["cpu_s_per_tile"], 2)
+        if first["cpu_s_per_tile"]
         else None,
     }
 
@@ -273,6 +291,7 @@ def _print_table(res: dict) -> None:
         ("s_per_tile", "s/tile"),
         ("read_s_per_tile", "read"),
         ("commit_s_per_tile", "commit"),
+        ("cpu_s_per_tile", "cpu"),
         ("metadata_json_kb", "meta kB"),
         ("data_files", "files"),
         ("manifests", "manif."),
@@ -288,7 +307,10 @@ def _print_table(res: dict) -> None:
     print(" | ".join(h for _, h in cols))
     for row in res["checkpoints"]:
         print(" | ".join(str(row[k]) for k, _ in cols))
-    print(f"last/first s per tile: {res['flat_ratio_last_over_first']}")
+    print(
+        f"last/first s per tile: wall {res['flat_ratio_last_over_first']}, "
+        f"cpu {res['flat_ratio_cpu_last_over_first']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources-per-tile", type=int, default=400)
     ap.add_argument("--maintain-every", type=int, default=1000, help="tiles between maintenance runs")
     ap.add_argument("--no-maintenance", action="store_true")
+    ap.add_argument(
+        "--compact-min-files",
+        type=int,
+        default=4,
+        help="small files a TILE_BUCKET partition needs to be compacted (consecutive tiles fill the 256 "
+        "buckets in turn: 4 means every ~1,000 tiles)",
+    )
     ap.add_argument("--first-tile", type=int, default=FIRST_TILE)
     ap.add_argument("--root", default=None, help="work folder (default: a temporary one, removed after)")
     ap.add_argument("--json", action="store_true")
@@ -321,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sources_per_tile,
             None if args.no_maintenance else args.maintain_every,
             args.first_tile,
+            compact_min_files=args.compact_min_files,
         )
     finally:
         if tmp is not None:

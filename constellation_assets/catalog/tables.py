@@ -18,18 +18,20 @@ assembly). At Wide Survey scale there are ~60,000 tiles and ~1.5e9 sources (~25,
 of Parquet). Partitioning by identity(TILE_ID) would create 60,000 partitions (directories, manifest
 partition summaries) that compaction could never merge, so whole-survey scans would open 60,000+
 small files forever. A bounded TILE_ID-derived key keeps the partition count at 256 whatever the
-survey size (~235 tiles, ~6e6 rows, ~200 MB per partition once compacted, e.g. by Spark's
-rewrite_data_files; this package does not compact), while per-tile work
-stays cheap: every assembly commit writes files holding one tile only, so their TILE_ID min == max
-statistics make the per-tile overwrite a metadata-only delete (no rewrite of neighbours' rows; after
-a compaction by an external engine has merged tiles, a re-run rewrites that one merged file), and
-the serializable conflict check (file metrics against ``TILE_ID == t``) sees no conflict between
-different tiles committing concurrently. (Iceberg's own ``bucket()`` transform would do the same but
+survey size (~235 tiles, ~6e6 rows, ~200 MB per partition once compacted by
+``catalog.maintenance.compact_data_files``, scheduled in Dagster), while per-tile work stays cheap: every
+assembly commit writes one file per tile, so their TILE_ID min == max statistics make the per-tile
+replacement a metadata-only delete (no rewrite of neighbours' rows; after a compaction has merged
+tiles, a re-run rewrites that one merged file without the tile), and the serializable conflict check
+(file metrics against ``TILE_ID IN batch``) sees no conflict between different tiles committing
+concurrently. (Iceberg's own ``bucket()`` transform would do the same but
 needs the native pyiceberg-core package on every writer; a plain modulo column needs nothing and is
 equally readable by DuckDB/Spark/Trino.) Queries by tile prune on TILE_BUCKET and then on file
 statistics (``scan_sources`` adds the TILE_BUCKET predicate for you); spatial queries prune on RA/DEC
-file statistics, which are tight because each file covers one tile (~0.28 deg^2) and rows are
-written sorted by (DEC, RA), the table's declared sort order. The sub-tile table (16 rows per tile)
+file statistics, which are tight because each assembled file covers one tile (~0.28 deg^2) and rows are
+written sorted by (DEC, RA), the table's declared sort order. Compacted files hold the tiles of one
+bucket (spread over the sky) sorted by (TILE_ID, DEC, RA) in row groups of at most 65,536 rows (2-3
+tiles at survey depth), so tile and sky-box queries prune on row-group statistics there. The sub-tile table (16 rows per tile)
 uses the same key so the two tables join partition-wise.
 """
 
@@ -69,6 +71,7 @@ DEFAULT_CATALOG_NAME = "constellation"
 TABLE_PROPERTIES: dict[str, str] = {
     "format-version": "2",
     "write.parquet.compression-codec": "zstd",
+    "write.parquet.row-group-limit": "65536",
     "write.update.isolation-level": "serializable",
     "write.delete.isolation-level": "serializable",
     "write.metadata.delete-after-commit.enabled": "true",
