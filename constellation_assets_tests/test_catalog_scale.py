@@ -320,3 +320,47 @@ def test_cli_assemble_batches_and_maintain(tmp_path, results):
     assert res.exit_code == 0 and "sources" in res.stdout, res.output
     res = runner.invoke(main, ["validate", "--config", str(config), "--expected", "64", "--truth", "none"])
     assert res.exit_code == 0, res.output
+
+
+def test_two_appends_of_the_same_new_tile_conflict_instead_of_duplicating(catalog, results):
+    """The premise of append-only commits for new tiles: a writer that planned "tile absent" and finds
+    that a concurrent commit added the tile fails validation (and then re-plans to one copy)."""
+    from constellation_assets.catalog.assemble import (
+        _stage_tile_replacement,
+        load_tile_results,
+        overwrite_tiles,
+    )
+    from constellation_assets.catalog.tables import ensure_tables
+
+    tile = NEIGHBOURS[0]
+    ensure_tables(catalog)
+    assemble_tile(catalog, NEIGHBOURS[1], results[NEIGHBOURS[1]], "r", "h", "v")  # table not empty
+    sources = load_tile_results(tile, results[tile])[0]
+    ident = ("shear", "sources")
+    t_a, t_b = catalog.load_table(ident), catalog.load_table(ident)
+    plans = [plan_tile_replacement(t, [tile]) for t in (t_a, t_b)]
+    assert all(p.is_empty for p in plans)
+    tx_a, tx_b = t_a.transaction(), t_b.transaction()
+    _stage_tile_replacement(tx_a, t_a, {tile: sources}, plans[0], {})
+    _stage_tile_replacement(tx_b, t_b, {tile: sources}, plans[1], {})
+    tx_a.commit_transaction()
+    with pytest.raises(ValidationException):
+        tx_b.commit_transaction()
+    assert _counts(catalog)[tile] == sources.num_rows
+    # an unrelated tile appended concurrently is no conflict
+    t_c = catalog.load_table(ident)
+    other = load_tile_results(SAME_BUCKET[0], results[SAME_BUCKET[0]])[0]
+    tx_c = t_c.transaction()
+    _stage_tile_replacement(
+        tx_c, t_c, {SAME_BUCKET[0]: other}, plan_tile_replacement(t_c, [SAME_BUCKET[0]]), {}
+    )
+    assemble_tile(catalog, SAME_BUCKET[1], results[SAME_BUCKET[1]], "r", "h", "v")
+    tx_c.commit_transaction()
+    # the retry loop re-plans the conflicting writer to exactly one copy
+    overwrite_tiles(catalog, ident, {tile: sources}, {})
+    assert _counts(catalog) == {
+        tile: sources.num_rows,
+        NEIGHBOURS[1]: core_count(NEIGHBOURS[1], N_SRC),
+        SAME_BUCKET[0]: other.num_rows,
+        SAME_BUCKET[1]: core_count(SAME_BUCKET[1], N_SRC),
+    }
