@@ -229,7 +229,11 @@ def run(
                         "seconds": round(rep.elapsed_s, 2),
                         "files_rewritten": sum(c.files_rewritten for c in rep.compaction),
                         "snapshots_expired": sum(e.snapshots_expired for e in rep.expiry),
-                        "files_deleted": sum(e.data_files_deleted for e in rep.expiry),
+                        "files_deleted": sum(
+                            e.data_files_deleted + e.manifests_deleted + e.manifest_lists_deleted
+                            for e in rep.expiry
+                        )
+                        + sum(rep.orphans_deleted.values()),
                     }
                 )
                 last_maint = done
