@@ -29,7 +29,7 @@ Old metadata.json files are pruned at commit time by the table properties
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -96,6 +96,29 @@ class MaintenanceReport:
         return asdict(self)
 
 
+# Manifest files are immutable (a new name per write), so their entries can be cached by path: one
+# maintenance run reads the same manifests for compaction, manifest re-grouping, expiry and orphans.
+_ENTRY_CACHE: OrderedDict[str, list] = OrderedDict()
+_ENTRY_CACHE_MAX = 4096
+
+
+def _entries(io: Any, manifest: Any, discard_deleted: bool = True) -> list:
+    from pyiceberg.manifest import ManifestEntryStatus
+
+    key = manifest.manifest_path
+    entries = _ENTRY_CACHE.get(key)
+    if entries is None:
+        entries = manifest.fetch_manifest_entry(io, discard_deleted=False)
+        _ENTRY_CACHE[key] = entries
+        if len(_ENTRY_CACHE) > _ENTRY_CACHE_MAX:
+            _ENTRY_CACHE.popitem(last=False)
+    else:
+        _ENTRY_CACHE.move_to_end(key)
+    if discard_deleted:
+        return [e for e in entries if e.status != ManifestEntryStatus.DELETED]
+    return entries
+
+
 def _backoff(attempt: int) -> None:
     time.sleep(min(2.0, 0.05 * 2**attempt))
 
@@ -129,11 +152,11 @@ def _dead_files(table: Table, expired_ids: set[int]) -> tuple[set[str], set[str]
     }
     live_data: set[str] = set()
     for m in live_manifests.values():
-        for entry in m.fetch_manifest_entry(io, discard_deleted=True):
+        for entry in _entries(io, m, discard_deleted=True):
             live_data.add(entry.data_file.file_path)
     dead_data: set[str] = set()
     for m in dead_manifests.values():
-        for entry in m.fetch_manifest_entry(io, discard_deleted=False):
+        for entry in _entries(io, m, discard_deleted=False):
             if entry.data_file.file_path not in live_data:
                 dead_data.add(entry.data_file.file_path)
     live_lists = {s.manifest_list for s in retained}
@@ -254,7 +277,7 @@ def _referenced_files(table: Table) -> set[str]:
             manifests[m.manifest_path] = m
     refs |= set(manifests)
     for m in manifests.values():
-        for entry in m.fetch_manifest_entry(io, discard_deleted=False):
+        for entry in _entries(io, m, discard_deleted=False):
             refs.add(entry.data_file.file_path)
     return {PyArrowFileIO.parse_location(p)[2] for p in refs}
 
@@ -339,7 +362,7 @@ def _compaction_groups(
     for manifest in snapshot.manifests(table.io):
         if manifest.content != ManifestContent.DATA:
             continue
-        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+        for entry in _entries(table.io, manifest, discard_deleted=True):
             n_files += 1
             data_file = entry.data_file
             if data_file.file_size_in_bytes >= small_file_bytes:
@@ -523,7 +546,7 @@ def _rewrite_manifests_class() -> type:
                 if manifest.content != ManifestContent.DATA:
                     other.append(manifest)
                     continue
-                for entry in manifest.fetch_manifest_entry(self._io, discard_deleted=True):
+                for entry in _entries(self._io, manifest, discard_deleted=True):
                     part = tuple(entry.data_file.partition)
                     key = int(part[0]) // self.buckets_per_manifest if part and part[0] is not None else -1
                     groups[(manifest.partition_spec_id, key)].append(entry)
