@@ -364,3 +364,18 @@ def test_two_appends_of_the_same_new_tile_conflict_instead_of_duplicating(catalo
         SAME_BUCKET[0]: other.num_rows,
         SAME_BUCKET[1]: core_count(SAME_BUCKET[1], N_SRC),
     }
+
+
+def test_tables_of_an_earlier_version_get_the_current_properties(catalog):
+    from constellation_assets.catalog.tables import TABLE_PROPERTIES, ensure_tables
+
+    sources, _ = ensure_tables(catalog)
+    with sources.transaction() as tx:
+        tx.set_properties(
+            {"write.metadata.previous-versions-max": "100", "commit.manifest-merge.enabled": "true"}
+        )
+        tx.remove_properties("history.expire.min-snapshots-to-keep")
+    sources, subtiles = ensure_tables(catalog)
+    for table in (sources, subtiles, catalog.load_table(("shear", "sources"))):
+        props = table.metadata.properties
+        assert {k: props.get(k) for k in TABLE_PROPERTIES} == TABLE_PROPERTIES
