@@ -379,3 +379,20 @@ def test_tables_of_an_earlier_version_get_the_current_properties(catalog):
     for table in (sources, subtiles, catalog.load_table(("shear", "sources"))):
         props = table.metadata.properties
         assert {k: props.get(k) for k in TABLE_PROPERTIES} == TABLE_PROPERTIES
+
+
+def test_maintenance_schedule_requests_a_run_unless_one_is_running():
+    import dagster as dg
+
+    from constellation_assets.defs.maintenance import MAINTENANCE_JOB_NAME, catalog_maintenance_schedule
+
+    with dg.instance_for_test() as instance:
+        out = catalog_maintenance_schedule(dg.build_schedule_context(instance=instance))
+        assert isinstance(out, dg.RunRequest)
+        run = instance.create_run_for_job(
+            dg.GraphDefinition(name="g", node_defs=[]).to_job(name=MAINTENANCE_JOB_NAME),
+            status=dg.DagsterRunStatus.STARTED,
+        )
+        assert run.status == dg.DagsterRunStatus.STARTED
+        out = catalog_maintenance_schedule(dg.build_schedule_context(instance=instance))
+        assert isinstance(out, dg.SkipReason) and "in progress" in out.skip_message
