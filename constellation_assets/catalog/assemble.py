@@ -262,6 +262,9 @@ def _stage_tile_replacement(
     from pyiceberg.table.snapshots import Operation
 
     row_filter = tiles_filter(tiles)
+    # Transaction.table_metadata deep-copies the whole table metadata on every access: take it once
+    # (writing data files needs only its schema, partition spec, properties and location).
+    meta = tx.table_metadata
     if plan.is_empty:
         producer = _validated_append_class()(
             operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
@@ -277,7 +280,7 @@ def _stage_tile_replacement(
             producer.delete_data_file(data_file)
             if keep.num_rows:
                 for new_file in _dataframe_to_data_files(
-                    tx.table_metadata, keep, table.io, write_uuid=producer.commit_uuid, counter=counter
+                    meta, keep, table.io, write_uuid=producer.commit_uuid, counter=counter
                 ):
                     producer.append_data_file(new_file)
         # One file per tile: a later re-assembly of the tile drops that file without reading it.
@@ -286,7 +289,7 @@ def _stage_tile_replacement(
             if data.num_rows == 0:
                 continue
             for new_file in _dataframe_to_data_files(
-                tx.table_metadata, data, table.io, write_uuid=producer.commit_uuid, counter=counter
+                meta, data, table.io, write_uuid=producer.commit_uuid, counter=counter
             ):
                 producer.append_data_file(new_file)
 

@@ -432,6 +432,7 @@ def _rewrite(table: Table, groups: list[list[_Candidate]]) -> tuple[int, int, in
     tx = table.transaction()
     props = {PROP_MAINTENANCE: "compact", "constellation.files_rewritten": str(len(files))}
     n_out = 0
+    meta = tx.table_metadata  # a deep copy per access: once
     with tx.update_snapshot(snapshot_properties=props).overwrite() as overwrite:
         if tiles:
             # Conflict detection: a concurrent assembly of any of these tiles fails this commit.
@@ -441,9 +442,7 @@ def _rewrite(table: Table, groups: list[list[_Candidate]]) -> tuple[int, int, in
         for part in parts:
             if part.num_rows == 0:
                 continue
-            for new_file in _dataframe_to_data_files(
-                tx.table_metadata, part, table.io, write_uuid=overwrite.commit_uuid
-            ):
+            for new_file in _dataframe_to_data_files(meta, part, table.io, write_uuid=overwrite.commit_uuid):
                 overwrite.append_data_file(new_file)
                 n_out += 1
     tx.commit_transaction()
