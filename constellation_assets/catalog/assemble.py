@@ -42,6 +42,7 @@ files are disjoint in TILE_ID), and the same tile committed twice at once ends w
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import itertools
@@ -60,7 +61,7 @@ import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.conversions import from_bytes
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo
 from pyiceberg.table import Table
 from pyiceberg.types import LongType
 
@@ -155,12 +156,14 @@ def tile_filter(tile_id: int) -> BooleanExpression:
 
 def tiles_filter(tile_ids: Iterable[int]) -> BooleanExpression:
     """Row filter selecting several tiles (``TILE_BUCKET IN (...) AND TILE_ID IN (...)``)."""
+    from constellation_assets.catalog.query import tiles_expression
+
     ids = sorted({int(t) for t in tile_ids})
     if not ids:
         raise ValueError("tile_ids is empty")
     if len(ids) == 1:
         return tile_filter(ids[0])
-    return And(In("TILE_BUCKET", sorted({tile_bucket(t) for t in ids})), In("TILE_ID", ids))
+    return tiles_expression(ids)
 
 
 @dataclass
@@ -206,6 +209,7 @@ def plan_tile_replacement(table: Table, tile_ids: Iterable[int]) -> TileReplacem
     schema = table.schema()
     fid = schema.find_field("TILE_ID").field_id
     id_schema = schema.select("TILE_ID")
+    sorted_ids = sorted(ids)
     for task in table.scan(row_filter=row_filter).plan_files():
         bounds = _tile_id_bounds(task.file, fid)
         if bounds is not None and bounds[0] == bounds[1]:
@@ -213,6 +217,12 @@ def plan_tile_replacement(table: Table, tile_ids: Iterable[int]) -> TileReplacem
                 plan.whole_files.append(task.file)
                 plan.tiles_present.add(bounds[0])
             continue
+        # Iceberg's metrics evaluation gives up on IN lists longer than 200 values (every file "might
+        # match"); check the file's TILE_ID range against the batch here before opening anything.
+        if bounds is not None:
+            i = bisect.bisect_left(sorted_ids, bounds[0])
+            if i == len(sorted_ids) or sorted_ids[i] > bounds[1]:
+                continue
         present = ArrowScan(table.metadata, table.io, id_schema, row_filter).to_table([task])
         if present.num_rows == 0:
             continue  # the TILE_ID range covers a batch tile but the file does not hold it
