@@ -23,7 +23,8 @@ the table, so a transaction is planned from file statistics, not by rewriting:
   several tiles (compacted by ``catalog.maintenance``) are read only when their TILE_ID column really
   contains a tile of the batch; then the other tiles' rows are written to a new file;
 - a batch of new tiles (no rows yet, the common case of a backfill) is a plain append: no delete
-  snapshot and no data read, one data file per tile, manifests merged on append;
+  snapshot and no data read, one data file per tile, one new manifest (fast append: no existing
+  manifest is read or rewritten; ``catalog.maintenance.rewrite_manifests`` re-groups them later);
 - many tiles per commit (``assemble_results(batch_size=...)``, ``constellation assemble``) divide the
   fixed per-commit cost (catalog round trip, metadata.json rewrite) by the batch size.
 

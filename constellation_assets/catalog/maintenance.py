@@ -20,7 +20,13 @@ read 120,000 manifest entries. ``maintain_catalog`` keeps both bounded; Dagster 
   fails validation and re-plans, so expiry is safe while assemblies run; ``min_age`` only spares them
   that retry and keeps recent snapshots readable for time travel. With ``delete_files`` the manifest
   lists, manifests and data files that no retained snapshot references any more are deleted
-  (compaction's replaced small files, overwritten tiles' old files).
+  (compaction's replaced small files, overwritten tiles' old files). The assembly itself also expires
+  (without deleting files) once a table holds twice ``history.expire.min-snapshots-to-keep``.
+- ``rewrite_manifests``: assembly commits fast-append one small manifest each; this re-groups the
+  live entries into one manifest per range of 16 TILE_BUCKET values, so a one-tile plan opens ~1/16.
+- ``remove_orphan_files``: deletes files under the table locations that no retained snapshot or
+  metadata file references and that are older than ``older_than`` (files of snapshots expired by the
+  assembly, files of writers that died before committing).
 
 Old metadata.json files are pruned at commit time by the table properties
 ``write.metadata.delete-after-commit.enabled`` / ``write.metadata.previous-versions-max``.
@@ -291,7 +297,7 @@ def remove_orphan_files(
 ) -> dict[str, int]:
     """Delete files under each table's location that no snapshot or metadata file references.
 
-    They come from expired snapshots (overwritten tiles, compacted small files, merged manifests) and
+    They come from expired snapshots (overwritten tiles, compacted small files, re-grouped manifests) and
     from writers that died before committing. Only files last modified more than ``older_than`` ago
     are removed: a writer still running has written files it has not committed yet. Returns
     {table: files deleted (or, with dry_run, that would be)}.

@@ -64,7 +64,9 @@ DEFAULT_CATALOG_NAME = "constellation"
 
 # Table properties. Serializable isolation makes a concurrent commit that added rows of the same tile
 # a conflict (ValidationException) instead of a silent second copy; metadata.json files are pruned so
-# 60,000 per-tile commits do not leave 60,000 metadata files; manifests are merged on append. Every
+# 60,000 per-tile commits do not leave 60,000 metadata files. Appends are fast appends (merging
+# manifests at commit time would rewrite manifests that span all buckets, so every later plan would
+# read every entry); scheduled maintenance re-groups manifests by TILE_BUCKET range instead. Every
 # commit copies the whole table metadata several times (PyIceberg), so what the metadata lists is kept
 # short: 10 previous metadata files in the log, and the snapshot history bounded by the assembly at
 # twice ``history.expire.min-snapshots-to-keep`` (catalog.maintenance).
