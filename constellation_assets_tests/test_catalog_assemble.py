@@ -185,14 +185,14 @@ def test_concurrent_same_tile_overwrite_is_a_conflict_not_a_duplicate(catalog, r
 def test_crash_between_tables_is_detected_and_healed(catalog, results, tmp_path, monkeypatch):
     assemble_tile(catalog, T1, results[T1], "run-1", "h", "v")
     rerun = make_tile_results(str(tmp_path / "rerun"), T1, run_id="run-b", seed=0)
-    real = assemble_mod.overwrite_tile
+    real = assemble_mod.overwrite_tiles
 
     def crash_on_subtiles(catalog_, identifier, *args, **kwargs):
         if identifier[1] == "subtiles":
             raise KeyboardInterrupt("killed between the two table commits")
         return real(catalog_, identifier, *args, **kwargs)
 
-    monkeypatch.setattr(assemble_mod, "overwrite_tile", crash_on_subtiles)
+    monkeypatch.setattr(assemble_mod, "overwrite_tiles", crash_on_subtiles)
     with pytest.raises(KeyboardInterrupt):
         assemble_tile(catalog, T1, rerun, "run-2", "h", "v")
     monkeypatch.undo()
@@ -251,7 +251,7 @@ def test_expire_snapshots_keeps_data(catalog, results):
     assemble_tile(catalog, T2, results[T2], "r", "h", "v")
     table = catalog.load_table(("shear", "sources"))
     old_ids = [s.snapshot_id for s in table.metadata.snapshots]
-    assert len(old_ids) >= 5
+    assert len(old_ids) == 4  # one snapshot per table per assembly
     expired = expire_snapshots(catalog, keep_last=2, min_age=timedelta(0))
     assert expired["shear.sources"] == len(old_ids) - 2
     table = catalog.load_table(("shear", "sources"))

@@ -43,7 +43,23 @@ def test_s3_warehouse_round_trip(moto_s3, tmp_path, monkeypatch):
     failed = {o.name: o.message for o in run_catalog_checks(catalog, expected=16) if not o.passed}
     assert not failed, failed
 
+    # maintenance on S3: the first run's data files are dead after expiry and get deleted
+    from datetime import timedelta
+
+    from constellation_assets.catalog.maintenance import maintain_catalog
+
     client = moto_s3["client"]
+
+    def data_keys():
+        listing = client.list_objects_v2(Bucket=bucket, Prefix="warehouse/shear/sources/data/")
+        return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".parquet")]
+
+    assert len(data_keys()) == 2
+    report = maintain_catalog(catalog, keep_last=1, min_age=timedelta(0), orphan_age=timedelta(0))
+    assert sum(e.snapshots_expired for e in report.expiry) == 2
+    assert len(data_keys()) == 1
+    assert scan_sources(catalog, [TILE]).num_rows == r1.n_sources
+
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="warehouse/")["Contents"]]
     assert any(k.startswith("warehouse/shear/sources/data/TILE_BUCKET=") for k in keys)
     assert any(k.endswith(".metadata.json") for k in keys)

@@ -91,6 +91,7 @@ def test_a_five_percent_response_error_is_caught(calibrated, tmp_path, monkeypat
     """The same fields re-measured with every response scaled by 0.95 (a broken estimator)."""
     import constellation_assets.shear as shear_pkg
     from constellation_assets.config import load_config
+    from constellation_assets.shear import fpfs
     from constellation_assets.shear.field_calibration import run_field_calibration
 
     real = shear_pkg.measure_stamps
@@ -102,6 +103,16 @@ def test_a_five_percent_response_error_is_caught(calibrated, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(shear_pkg, "measure_stamps", broken)
+    # The pipeline forms e and R once per source from exposure-combined moments: scale them there too.
+    real_moments = fpfs.shear_from_moments
+
+    def broken_moments(*args, **kwargs):
+        out = dict(real_moments(*args, **kwargs))
+        for k in ("r11", "r22"):
+            out[k] = out[k] * SCALE
+        return out
+
+    monkeypatch.setattr(fpfs, "shear_from_moments", broken_moments)
     good = calibrated["json"]
     path = _config(tmp_path)
     for name in good["fields"]:  # reuse the rendered fields; new outputs

@@ -5,10 +5,17 @@ from constellation_assets.catalog.assemble import (
     AssemblyError,
     assemble_results,
     assemble_tile,
+    assemble_tiles,
     expand_result_uris,
     group_results_by_tile,
 )
-from constellation_assets.catalog.maintenance import expire_snapshots
+from constellation_assets.catalog.maintenance import (
+    compact_data_files,
+    expire_snapshots,
+    maintain_catalog,
+    remove_orphan_files,
+    rewrite_manifests,
+)
 from constellation_assets.catalog.query import assembly_history, scan_sources, scan_subtiles
 from constellation_assets.catalog.schema import (
     SOURCE_RESULT_SCHEMA,
@@ -39,15 +46,20 @@ __all__ = [
     "ResultFileError",
     "assemble_results",
     "assemble_tile",
+    "assemble_tiles",
+    "compact_data_files",
     "assembly_history",
     "ensure_tables",
     "expand_result_uris",
     "expire_snapshots",
     "group_results_by_tile",
     "load_tables",
+    "maintain_catalog",
     "open_catalog",
     "open_catalog_from",
     "read_subtile_result",
+    "remove_orphan_files",
+    "rewrite_manifests",
     "scan_sources",
     "scan_subtiles",
     "subtile_result_name",

@@ -1,47 +1,70 @@
-"""Assembly: sub-tile result files -> per-tile idempotent overwrite of the Iceberg shear tables.
+"""Assembly: sub-tile result files -> idempotent per-tile replacement of rows in the Iceberg shear tables.
 
-For one tile, ``assemble_tile`` reads the tile's sub-tile Parquet results, keeps only sources inside
-their sub-tile core (``IN_CORE``), refuses duplicate OBJECT_IDs, and replaces that tile's rows:
+``assemble_tiles`` reads the sub-tile Parquet results of one or many tiles, keeps only sources inside
+their sub-tile core (``IN_CORE``), refuses duplicate OBJECT_IDs, and replaces those tiles' rows:
 
-1. ``shear.sources``: one transaction = overwrite with filter ``TILE_ID == tile_id``;
-2. ``shear.subtiles``: one transaction = overwrite with the same filter.
+1. ``shear.sources``: one transaction for the whole batch of tiles;
+2. ``shear.subtiles``: one transaction for the same batch.
 
-Iceberg commits are atomic per table, so the two tables are committed in this fixed order. Each
-overwrite deletes whatever rows the tile had and adds the new ones in one snapshot pair, so a re-run
-of a tile never duplicates. A crash after (1) and before (2) leaves the tile's sources from the new
-run and its sub-tile rows from the previous run (or none): the ``run_consistency`` quality check
-flags exactly that (RUN_ID differs between the tables), and re-running the assembly of that tile
-heals it, because both steps are idempotent overwrites. The sub-tile rows are therefore the "tile
-is complete" marker: they are written last.
+``assemble_tile`` is the one-tile case. Iceberg commits are atomic per table, so the two tables are
+committed in this fixed order. Each transaction deletes whatever rows the batch's tiles had and adds
+the new ones, so a re-run never duplicates. A crash after (1) and before (2) leaves the tiles' sources
+from the new run and their sub-tile rows from the previous run (or none): the ``run_consistency``
+quality check flags exactly that (RUN_ID differs between the tables), and re-running the assembly
+heals it, because both steps are idempotent replacements. The sub-tile rows are therefore the "tile is
+complete" marker: they are written last.
 
-Concurrency: commits use optimistic concurrency. PyIceberg retries a commit whose base moved
-(``CommitFailedException``), re-validating under serializable isolation; if a concurrent commit added
-or removed rows of the *same* tile the validation raises ``ValidationException``. Both are caught
-here: the table is reloaded and the whole overwrite is planned again from the new head, with
-exponential backoff. Different tiles never conflict (their files are disjoint in TILE_ID), and the
-same tile committed twice at once ends with exactly one copy (the later commit re-plans its delete
-against the earlier one's rows).
+Survey scale (60,000 tiles). The cost of a commit must not grow with the number of tiles already in
+the table, so a transaction is planned from file statistics, not by rewriting:
+
+- the files that hold the batch's tiles are found with a scan planned on the TILE_BUCKET partition
+  and the TILE_ID column statistics (``plan_tile_replacement``). Files written by an assembly hold
+  one tile (TILE_ID min == max): they are dropped from the table without reading them. Files that hold
+  several tiles (compacted by ``catalog.maintenance``) are read only when their TILE_ID column really
+  contains a tile of the batch; then the other tiles' rows are written to a new file;
+- a batch of new tiles (no rows yet, the common case of a backfill) is a plain append: no delete
+  snapshot and no data read, one data file per tile, one new manifest (fast append: no existing
+  manifest is read or rewritten; ``catalog.maintenance.rewrite_manifests`` re-groups them later);
+- many tiles per commit (``assemble_results(batch_size=...)``, ``constellation assemble``) divide the
+  fixed per-commit cost (catalog round trip, metadata.json rewrite) by the batch size.
+
+What else would grow (the snapshot list in every metadata.json, the number of small data files and
+manifests) is bounded by ``catalog.maintenance`` (snapshot expiry and compaction, scheduled in Dagster).
+
+Concurrency: commits use optimistic concurrency. Every transaction carries the predicate
+``TILE_ID IN (batch)`` for conflict detection under serializable isolation: PyIceberg retries a commit
+whose base moved (``CommitFailedException``) and re-validates it; if a concurrent commit added or
+removed rows of the *same* tiles, or removed a file this commit replaces (compaction), validation
+raises ``ValidationException``. Both are caught here: the table is reloaded and the whole replacement
+is planned again from the new head, with exponential backoff. Different tiles never conflict (their
+files are disjoint in TILE_ID), and the same tile committed twice at once ends with exactly one copy
+(the later commit re-plans its delete against the earlier one's rows).
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
+import itertools
 import os
 import time
 import uuid
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
+from pyiceberg.conversions import from_bytes
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from pyiceberg.expressions import And, BooleanExpression, EqualTo
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo
 from pyiceberg.table import Table
+from pyiceberg.types import LongType
 
 from constellation_assets.catalog.external import read_result_file
 from constellation_assets.catalog.schema import (
@@ -70,6 +93,14 @@ PROP_CODE_VERSION = "constellation.code_version"
 PROP_TILE_ID = "constellation.tile_id"
 PROP_ASSEMBLY_ID = "constellation.assembly_id"
 PROP_ROWS = "constellation.rows"
+PROP_TILE_COUNT = "constellation.tile_count"
+PROP_TILE_ID_MIN = "constellation.tile_id_min"
+PROP_TILE_ID_MAX = "constellation.tile_id_max"
+MAX_TILE_IDS_IN_SUMMARY = 16
+
+# Tiles per commit when many tiles are assembled at once (CLI, local pipeline): the fixed per-commit
+# cost is shared by the batch; memory is ~batch x rows per tile (~25,000 x ~100 B at survey depth).
+DEFAULT_BATCH_SIZE = 64
 
 DEFAULT_MAX_ATTEMPTS = 20
 DEFAULT_BACKOFF_S = 0.1
@@ -93,8 +124,9 @@ class AssembleResult:
     sources_snapshot_id: int | None
     subtiles_snapshot_id: int | None
     commit_attempts: int  # total overwrite attempts over both tables (2 when nothing conflicted)
-    elapsed_s: float
+    elapsed_s: float  # wall time of the assembly call (of the whole batch when batch_size > 1)
     missing_subtiles: list[tuple[int, int]] = field(default_factory=list)
+    batch_size: int = 1  # tiles committed together with this one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,6 +155,225 @@ def tile_filter(tile_id: int) -> BooleanExpression:
     return And(EqualTo("TILE_BUCKET", tile_bucket(tile_id)), EqualTo("TILE_ID", int(tile_id)))
 
 
+def tiles_filter(tile_ids: Iterable[int]) -> BooleanExpression:
+    """Row filter selecting several tiles (``TILE_BUCKET IN (...) AND TILE_ID IN (...)``)."""
+    from constellation_assets.catalog.query import tiles_expression
+
+    ids = sorted({int(t) for t in tile_ids})
+    if not ids:
+        raise ValueError("tile_ids is empty")
+    if len(ids) == 1:
+        return tile_filter(ids[0])
+    return tiles_expression(ids)
+
+
+@dataclass
+class TileReplacementPlan:
+    """Which data files of a table hold rows of a batch of tiles, and what replaces them.
+
+    ``whole_files``: files holding only tiles of the batch (dropped without being read);
+    ``rewrites``: (file, rows of other tiles to keep) for files that mix batch tiles with others;
+    ``tiles_present``: batch tiles that have rows in the table now.
+    """
+
+    whole_files: list[Any] = field(default_factory=list)
+    rewrites: list[tuple[Any, pa.Table]] = field(default_factory=list)
+    tiles_present: set[int] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.whole_files and not self.rewrites
+
+
+def _tile_id_bounds(data_file: Any, field_id: int) -> tuple[int, int] | None:
+    lo = (data_file.lower_bounds or {}).get(field_id)
+    hi = (data_file.upper_bounds or {}).get(field_id)
+    if lo is None or hi is None:
+        return None
+    return int(from_bytes(LongType(), lo)), int(from_bytes(LongType(), hi))
+
+
+def plan_tile_replacement(table: Table, tile_ids: Iterable[int]) -> TileReplacementPlan:
+    """Find the files of ``table`` holding rows of ``tile_ids`` (partition + statistics pruned).
+
+    A file whose TILE_ID statistics say it holds one tile is decided from metadata alone. A file
+    covering a TILE_ID range (a compacted file) is opened for its TILE_ID column only, and read in
+    full only when it really holds a tile of the batch (its other rows are kept).
+    """
+    from pyiceberg.io.pyarrow import ArrowScan
+
+    ids = {int(t) for t in tile_ids}
+    plan = TileReplacementPlan()
+    if table.current_snapshot() is None:
+        return plan
+    row_filter = tiles_filter(ids)
+    schema = table.schema()
+    fid = schema.find_field("TILE_ID").field_id
+    id_schema = schema.select("TILE_ID")
+    sorted_ids = sorted(ids)
+    for task in table.scan(row_filter=row_filter).plan_files():
+        bounds = _tile_id_bounds(task.file, fid)
+        if bounds is not None and bounds[0] == bounds[1]:
+            if bounds[0] in ids:
+                plan.whole_files.append(task.file)
+                plan.tiles_present.add(bounds[0])
+            continue
+        # Iceberg's metrics evaluation gives up on IN lists longer than 200 values (every file "might
+        # match"); check the file's TILE_ID range against the batch here before opening anything.
+        if bounds is not None:
+            i = bisect.bisect_left(sorted_ids, bounds[0])
+            if i == len(sorted_ids) or sorted_ids[i] > bounds[1]:
+                continue
+        present = ArrowScan(table.metadata, table.io, id_schema, row_filter).to_table([task])
+        if present.num_rows == 0:
+            continue  # the TILE_ID range covers a batch tile but the file does not hold it
+        found = {int(x) for x in pc.unique(present["TILE_ID"]).to_pylist()}
+        plan.tiles_present |= found
+        rows = ArrowScan(table.metadata, table.io, schema, AlwaysTrue()).to_table([task])
+        keep = rows.filter(pc.invert(pc.is_in(rows["TILE_ID"], pa.array(sorted(ids), pa.int64()))))
+        plan.rewrites.append((task.file, keep))
+    return plan
+
+
+_VALIDATED_APPEND: type | None = None
+
+
+def _validated_append_class() -> type:
+    """A fast append that validates like an overwrite when a retry finds the base moved.
+
+    PyIceberg's fast append skips concurrency validation (appends never conflict in general), but
+    appending tiles that were absent at planning time is only correct if no concurrent commit added
+    rows of those tiles meanwhile: with the batch predicate set, the retry runs the serializable
+    checks of an overwrite (added or deleted files matching ``TILE_ID IN batch``) and raises
+    ValidationException on a conflict, which ``overwrite_tiles`` answers by re-planning.
+    """
+    global _VALIDATED_APPEND
+    if _VALIDATED_APPEND is None:
+        from pyiceberg.table.update.snapshot import _FastAppendFiles, _SnapshotProducer
+
+        class _ValidatedFastAppend(_FastAppendFiles):
+            def _validate_concurrency(self) -> None:
+                _SnapshotProducer._validate_concurrency(self)
+
+        _VALIDATED_APPEND = _ValidatedFastAppend
+    return _VALIDATED_APPEND
+
+
+def _stage_tile_replacement(
+    tx: Any, table: Table, tiles: Mapping[int, pa.Table], plan: TileReplacementPlan, props: dict[str, str]
+) -> None:
+    """Stage, in ``tx``, one snapshot that removes the batch tiles' current rows and adds their new rows.
+
+    New tiles only (the backfill case): a fast append, which reads no manifest. Otherwise an
+    overwrite that drops the planned files (and writes back other tiles' rows of mixed files). Either
+    way the producer carries the batch predicate, so that a retry after a concurrent commit validates
+    it (serializable isolation) before re-applying.
+    """
+    from pyiceberg.io.pyarrow import _dataframe_to_data_files
+    from pyiceberg.table.snapshots import Operation
+
+    row_filter = tiles_filter(tiles)
+    # Transaction.table_metadata deep-copies the whole table metadata on every access: take it once
+    # (writing data files needs only its schema, partition spec, properties and location).
+    meta = tx.table_metadata
+    if plan.is_empty:
+        producer = _validated_append_class()(
+            operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
+        )
+    else:
+        producer = tx.update_snapshot(snapshot_properties=props).overwrite()
+    with producer:
+        producer.delete_by_predicate(row_filter)
+        counter = itertools.count(0)
+        for data_file in plan.whole_files:
+            producer.delete_data_file(data_file)
+        for data_file, keep in plan.rewrites:
+            producer.delete_data_file(data_file)
+            if keep.num_rows:
+                for new_file in _dataframe_to_data_files(
+                    meta, keep, table.io, write_uuid=producer.commit_uuid, counter=counter
+                ):
+                    producer.append_data_file(new_file)
+        # One file per tile: a later re-assembly of the tile drops that file without reading it.
+        for tile_id in sorted(tiles):
+            data = tiles[tile_id]
+            if data.num_rows == 0:
+                continue
+            for new_file in _dataframe_to_data_files(
+                meta, data, table.io, write_uuid=producer.commit_uuid, counter=counter
+            ):
+                producer.append_data_file(new_file)
+
+
+def overwrite_tiles(
+    catalog: Catalog,
+    identifier: tuple[str, str],
+    tiles: Mapping[int, pa.Table],
+    snapshot_properties: Mapping[str, str],
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+) -> tuple[int | None, int]:
+    """Replace all rows of the tiles in ``tiles`` ({tile_id: new rows}) in one table, in one transaction.
+
+    Returns (snapshot_id of the commit's last snapshot, attempts). Each attempt loads the table afresh
+    and plans the replacement against the current head, so a retry after a conflict sees (and
+    removes) rows a concurrent writer added for the same tiles.
+    """
+    if not tiles:
+        raise ValueError("overwrite_tiles needs at least one tile")
+    first_tile = min(tiles)
+    what = f"tile {first_tile}" if len(tiles) == 1 else f"{len(tiles)} tiles ({first_tile}, ...)"
+    last_exc: BaseException | None = None
+    for attempt in range(1, max_attempts + 1):
+        table: Table = catalog.load_table(identifier)
+        try:
+            plan = plan_tile_replacement(table, tiles)
+            tx = table.transaction()
+            _stage_tile_replacement(tx, table, tiles, plan, dict(snapshot_properties))
+            committed = tx.commit_transaction()
+        except Exception as exc:
+            if isinstance(exc, OSError):
+                # The warehouse storage failed (after the file layer's own retries): the commit did not happen.
+                raise AssemblyError(
+                    f"writing {what} to {'.'.join(identifier)} failed at the warehouse storage "
+                    f"({type(exc).__name__}: {redact_uri(str(exc))}); the table is unchanged: check the warehouse "
+                    "location and credentials, then re-run the assembly of these tiles"
+                ) from exc
+            if not _retryable(exc):
+                raise
+            last_exc = exc
+            time.sleep(_backoff_s(first_tile, attempt, backoff_s))
+            continue
+        snapshot = _find_snapshot(committed, snapshot_properties)
+        _bound_snapshot_history(catalog, identifier, committed)
+        return (snapshot.snapshot_id if snapshot is not None else None), attempt
+    raise CommitFailedException(
+        f"could not commit {what} to {'.'.join(identifier)} after {max_attempts} attempts "
+        f"(last error: {type(last_exc).__name__}: {last_exc}); too many concurrent writers on the same "
+        "tiles or a catalog problem: re-run the assembly of these tiles"
+    ) from last_exc
+
+
+def _bound_snapshot_history(catalog: Catalog, identifier: tuple[str, str], table: Table) -> None:
+    """Expire the oldest snapshots once the table holds more than twice ``history.expire.min-snapshots-to-keep``.
+
+    Every commit copies and rewrites the whole metadata (all snapshots) several times, so its cost
+    grows with the snapshot count; a backfill of one tile per Dagster run makes thousands of snapshots
+    between two scheduled maintenance runs. Expiring here (one extra commit every ``keep`` commits)
+    keeps every commit's cost flat. Files are not deleted here: the scheduled maintenance removes the
+    files no retained snapshot references (``remove_orphan_files``). A concurrent commit whose starting
+    snapshot this expires re-plans (ValidationException, retried by ``overwrite_tiles``).
+    """
+    from constellation_assets.catalog.maintenance import expire_table_snapshots, snapshots_to_keep
+
+    keep = snapshots_to_keep(table)
+    if keep <= 0 or len(table.metadata.snapshots) <= 2 * keep:
+        return
+    # The commit itself stands if this fails; the next commit or the scheduled maintenance expires instead.
+    with contextlib.suppress(CommitFailedException, ValidationException, ValueError):
+        expire_table_snapshots(catalog, identifier, keep_last=keep, min_age=timedelta(0), max_attempts=2)
+
+
 def overwrite_tile(
     catalog: Catalog,
     identifier: tuple[str, str],
@@ -132,42 +383,10 @@ def overwrite_tile(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     backoff_s: float = DEFAULT_BACKOFF_S,
 ) -> tuple[int | None, int]:
-    """Replace all rows with ``TILE_ID == tile_id`` in one table by ``data``; return (snapshot_id, attempts).
-
-    Each attempt loads the table afresh and plans the overwrite against the current head, so a retry
-    after a conflict sees (and deletes) rows a concurrent writer added for the same tile.
-    """
-    row_filter = tile_filter(tile_id)
-    last_exc: BaseException | None = None
-    for attempt in range(1, max_attempts + 1):
-        table: Table = catalog.load_table(identifier)
-        try:
-            with warnings.catch_warnings():
-                # "Delete operation did not match any records" on a tile's first assembly is expected.
-                warnings.filterwarnings("ignore", message="Delete operation did not match")
-                tx = table.transaction()
-                tx.overwrite(data, overwrite_filter=row_filter, snapshot_properties=dict(snapshot_properties))
-                committed = tx.commit_transaction()
-        except Exception as exc:
-            if isinstance(exc, OSError):
-                # The warehouse storage failed (after the file layer's own retries): the commit did not happen.
-                raise AssemblyError(
-                    f"writing tile {tile_id} to {'.'.join(identifier)} failed at the warehouse storage "
-                    f"({type(exc).__name__}: {redact_uri(str(exc))}); the table is unchanged: check the warehouse "
-                    "location and credentials, then re-run the assembly of this tile"
-                ) from exc
-            if not _retryable(exc):
-                raise
-            last_exc = exc
-            time.sleep(_backoff_s(tile_id, attempt, backoff_s))
-            continue
-        snapshot = _find_snapshot(committed, snapshot_properties)
-        return (snapshot.snapshot_id if snapshot is not None else None), attempt
-    raise CommitFailedException(
-        f"could not commit tile {tile_id} to {'.'.join(identifier)} after {max_attempts} attempts "
-        f"(last error: {type(last_exc).__name__}: {last_exc}); too many concurrent writers on the same "
-        "tile or a catalog problem: re-run the assembly of this tile"
-    ) from last_exc
+    """Replace all rows with ``TILE_ID == tile_id`` in one table by ``data``; return (snapshot_id, attempts)."""
+    return overwrite_tiles(
+        catalog, identifier, {int(tile_id): data}, snapshot_properties, max_attempts, backoff_s
+    )
 
 
 def _find_snapshot(table: Table, snapshot_properties: Mapping[str, str]):
@@ -290,55 +509,117 @@ def assemble_tile(
     leaves the same rows (one copy). Snapshot summaries carry run_id, config_hash, code_version,
     tile_id and a per-call assembly id.
     """
-    start = time.perf_counter()
-    tile_id = int(tile_id)
-    sources, subtiles, n_dropped, missing = load_tile_results(
-        tile_id, list(result_uris), storage_options, run_id=str(run_id), config_hash=str(config_hash)
+    (res,) = assemble_tiles(
+        catalog,
+        {int(tile_id): list(result_uris)},
+        run_id,
+        config_hash,
+        code_version,
+        namespace=namespace,
+        storage_options=storage_options,
+        require_complete=require_complete,
+        max_attempts=max_attempts,
+        backoff_s=backoff_s,
     )
-    if require_complete and missing:
-        raise AssemblyError(
-            f"tile {tile_id} is missing sub-tile result(s) {missing}; run the shear stage for them first"
-        )
+    return res
+
+
+def _tile_summary_properties(tile_ids: list[int]) -> dict[str, str]:
+    # Every retained snapshot's summary is repeated in each metadata.json: a batch of 1,000 tiles
+    # records its range and count, not 1,000 ids (the rows carry RUN_ID and TILE_ID anyway).
+    props = {PROP_TILE_COUNT: str(len(tile_ids))}
+    if len(tile_ids) <= MAX_TILE_IDS_IN_SUMMARY:
+        props[PROP_TILE_ID] = ",".join(str(t) for t in tile_ids)
+    else:
+        props[PROP_TILE_ID_MIN] = str(tile_ids[0])
+        props[PROP_TILE_ID_MAX] = str(tile_ids[-1])
+    return props
+
+
+def assemble_tiles(
+    catalog: Catalog,
+    tile_results: Mapping[int, Iterable[str]],
+    run_id: str,
+    config_hash: str,
+    code_version: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    storage_options: dict | None = None,
+    require_complete: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+) -> list[AssembleResult]:
+    """Replace the rows of every tile in ``tile_results`` ({tile_id: result URIs}) with one commit per table.
+
+    Same semantics as ``assemble_tile`` for each tile (core filter, duplicate check, idempotent
+    replacement, sources before sub-tiles), but the whole batch shares one ``shear.sources`` and one
+    ``shear.subtiles`` transaction, so the per-commit cost is paid once per batch. All inputs are
+    read and checked before anything is committed: a bad file fails the batch with nothing written.
+    Returns one AssembleResult per tile (in tile order); ``elapsed_s`` is the batch's wall time.
+    """
+    start = time.perf_counter()
+    groups = {int(t): list(u) for t, u in sorted(tile_results.items(), key=lambda kv: int(kv[0]))}
+    if not groups:
+        raise AssemblyError("no tiles given to assemble")
+    loaded = {
+        t: load_tile_results(t, uris, storage_options, run_id=str(run_id), config_hash=str(config_hash))
+        for t, uris in groups.items()
+    }
+    if require_complete:
+        incomplete = {t: v[3] for t, v in loaded.items() if v[3]}
+        if incomplete:
+            t, missing = next(iter(incomplete.items()))
+            raise AssemblyError(
+                f"tile {t} is missing sub-tile result(s) {missing}"
+                + (f" ({len(incomplete) - 1} more tile(s) incomplete)" if len(incomplete) > 1 else "")
+                + "; run the shear stage for them first"
+            )
     ensure_tables(catalog, namespace)
     assembly_id = uuid.uuid4().hex
+    tile_ids = list(loaded)
     base_props = {
         PROP_RUN_ID: str(run_id),
         PROP_CONFIG_HASH: str(config_hash),
         PROP_CODE_VERSION: str(code_version),
-        PROP_TILE_ID: str(tile_id),
         PROP_ASSEMBLY_ID: assembly_id,
+        **_tile_summary_properties(tile_ids),
     }
-    src_snapshot, src_attempts = overwrite_tile(
+    sources = {t: v[0] for t, v in loaded.items()}
+    subtiles = {t: v[1] for t, v in loaded.items()}
+    src_snapshot, src_attempts = overwrite_tiles(
         catalog,
         table_identifier(namespace, SOURCES_TABLE),
-        tile_id,
         sources,
-        {**base_props, PROP_ROWS: str(sources.num_rows)},
+        {**base_props, PROP_ROWS: str(sum(x.num_rows for x in sources.values()))},
         max_attempts=max_attempts,
         backoff_s=backoff_s,
     )
-    sub_snapshot, sub_attempts = overwrite_tile(
+    sub_snapshot, sub_attempts = overwrite_tiles(
         catalog,
         table_identifier(namespace, SUBTILES_TABLE),
-        tile_id,
         subtiles,
-        {**base_props, PROP_ROWS: str(subtiles.num_rows)},
+        {**base_props, PROP_ROWS: str(sum(x.num_rows for x in subtiles.values()))},
         max_attempts=max_attempts,
         backoff_s=backoff_s,
     )
-    return AssembleResult(
-        tile_id=tile_id,
-        run_id=str(run_id),
-        assembly_id=assembly_id,
-        n_sources=sources.num_rows,
-        n_margin_dropped=n_dropped,
-        n_subtiles=subtiles.num_rows,
-        sources_snapshot_id=src_snapshot,
-        subtiles_snapshot_id=sub_snapshot,
-        commit_attempts=src_attempts + sub_attempts,
-        elapsed_s=time.perf_counter() - start,
-        missing_subtiles=missing,
-    )
+    elapsed = time.perf_counter() - start
+    return [
+        AssembleResult(
+            tile_id=t,
+            run_id=str(run_id),
+            assembly_id=assembly_id,
+            n_sources=sources[t].num_rows,
+            n_margin_dropped=loaded[t][2],
+            n_subtiles=subtiles[t].num_rows,
+            sources_snapshot_id=src_snapshot,
+            subtiles_snapshot_id=sub_snapshot,
+            commit_attempts=src_attempts + sub_attempts,
+            elapsed_s=elapsed,
+            missing_subtiles=loaded[t][3],
+            batch_size=len(tile_ids),
+        )
+        for t in tile_ids
+    ]
 
 
 def group_results_by_tile(result_uris: Iterable[str]) -> dict[int, list[str]]:
@@ -400,15 +681,19 @@ def assemble_results(
     require_complete: bool = False,
     on_tiles_found: Callable[[int], None] | None = None,
     on_tile_done: Callable[[AssembleResult], None] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[AssembleResult]:
     """Assemble every tile found in ``result_uris`` (files or folders) into the catalog of ``cfg``.
 
-    Tiles are committed one after another (each tile: sources then subtiles); the callbacks report
-    the number of tiles found and each finished tile (progress bars). ``run_id`` defaults to
-    ``assemble-{UTC timestamp}``; config_hash and code version come from ``cfg`` and the package.
+    Tiles are committed ``batch_size`` at a time (each batch: sources then subtiles, one commit per
+    table); the callbacks report the number of tiles found and each finished tile (progress bars).
+    ``run_id`` defaults to ``assemble-{UTC timestamp}``; config_hash and code version come from ``cfg``
+    and the package.
     """
     from constellation_assets.catalog.tables import namespace_from_config, open_catalog
 
+    if int(batch_size) < 1:
+        raise AssemblyError(f"batch_size must be >= 1 tile per commit, got {batch_size}")
     result_uris = [str(u) for u in result_uris]
     uris = []
     for uri in result_uris:
@@ -426,22 +711,25 @@ def assemble_results(
     groups = group_results_by_tile(uris)
     if on_tiles_found is not None:
         on_tiles_found(len(groups))
-    results = []
-    for tile_id, tile_uris in groups.items():
-        res = assemble_tile(
+    results: list[AssembleResult] = []
+    tiles = list(groups)
+    for i in range(0, len(tiles), int(batch_size)):
+        batch = {t: groups[t] for t in tiles[i : i + int(batch_size)]}
+        first_uri = next(iter(batch.values()))[0]
+        done = assemble_tiles(
             catalog,
-            tile_id,
-            tile_uris,
+            batch,
             run_id=run_id,
             config_hash=chash,
             code_version=code_version(),
             namespace=namespace,
-            storage_options=_storage_options_for(cfg, tile_uris[0]),
+            storage_options=_storage_options_for(cfg, first_uri),
             require_complete=require_complete,
         )
-        results.append(res)
+        results += done
         if on_tile_done is not None:
-            on_tile_done(res)
+            for res in done:
+                on_tile_done(res)
     _write_stage_record(cfg, [r.tile_id for r in results])
     return results
 

@@ -34,12 +34,24 @@ from constellation_assets.catalog.tables import (
 SkyBox = tuple[float, float, float, float]  # (ra_min_deg, ra_max_deg, dec_min_deg, dec_max_deg)
 
 
+# Iceberg's metrics and partition evaluators treat an IN list longer than 200 values as "might match"
+# everything (no pruning, and under serializable isolation every concurrent commit in those partitions
+# looks like a conflict): longer lists are split into an OR of IN lists of at most this many values.
+MAX_IN_VALUES = 200
+
+
+def in_values(name: str, values: Sequence[int]) -> BooleanExpression:
+    """``name IN values`` as an OR of IN lists of at most MAX_IN_VALUES values each."""
+    chunks = [In(name, list(values[i : i + MAX_IN_VALUES])) for i in range(0, len(values), MAX_IN_VALUES)]
+    return chunks[0] if len(chunks) == 1 else Or(*chunks)
+
+
 def tiles_expression(tile_ids: Iterable[int]) -> BooleanExpression:
     ids = sorted({int(t) for t in tile_ids})
     if not ids:
         raise ValueError("tile_ids is empty; pass None to select all tiles")
     buckets = sorted({tile_bucket(t) for t in ids})
-    return And(In("TILE_BUCKET", buckets), In("TILE_ID", ids))
+    return And(in_values("TILE_BUCKET", buckets), in_values("TILE_ID", ids))
 
 
 def box_expression(box: SkyBox) -> BooleanExpression:

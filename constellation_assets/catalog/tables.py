@@ -18,18 +18,20 @@ assembly). At Wide Survey scale there are ~60,000 tiles and ~1.5e9 sources (~25,
 of Parquet). Partitioning by identity(TILE_ID) would create 60,000 partitions (directories, manifest
 partition summaries) that compaction could never merge, so whole-survey scans would open 60,000+
 small files forever. A bounded TILE_ID-derived key keeps the partition count at 256 whatever the
-survey size (~235 tiles, ~6e6 rows, ~200 MB per partition once compacted, e.g. by Spark's
-rewrite_data_files; this package does not compact), while per-tile work
-stays cheap: every assembly commit writes files holding one tile only, so their TILE_ID min == max
-statistics make the per-tile overwrite a metadata-only delete (no rewrite of neighbours' rows; after
-a compaction by an external engine has merged tiles, a re-run rewrites that one merged file), and
-the serializable conflict check (file metrics against ``TILE_ID == t``) sees no conflict between
-different tiles committing concurrently. (Iceberg's own ``bucket()`` transform would do the same but
+survey size (~235 tiles, ~6e6 rows, ~200 MB per partition once compacted by
+``catalog.maintenance.compact_data_files``, scheduled in Dagster), while per-tile work stays cheap: every
+assembly commit writes one file per tile, so their TILE_ID min == max statistics make the per-tile
+replacement a metadata-only delete (no rewrite of neighbours' rows; after a compaction has merged
+tiles, a re-run rewrites that one merged file without the tile), and the serializable conflict check
+(file metrics against ``TILE_ID IN batch``) sees no conflict between different tiles committing
+concurrently. (Iceberg's own ``bucket()`` transform would do the same but
 needs the native pyiceberg-core package on every writer; a plain modulo column needs nothing and is
 equally readable by DuckDB/Spark/Trino.) Queries by tile prune on TILE_BUCKET and then on file
 statistics (``scan_sources`` adds the TILE_BUCKET predicate for you); spatial queries prune on RA/DEC
-file statistics, which are tight because each file covers one tile (~0.28 deg^2) and rows are
-written sorted by (DEC, RA), the table's declared sort order. The sub-tile table (16 rows per tile)
+file statistics, which are tight because each assembled file covers one tile (~0.28 deg^2) and rows are
+written sorted by (DEC, RA), the table's declared sort order. Compacted files hold the tiles of one
+bucket (spread over the sky) sorted by (TILE_ID, DEC, RA) in row groups of at most 65,536 rows (2-3
+tiles at survey depth), so tile and sky-box queries prune on row-group statistics there. The sub-tile table (16 rows per tile)
 uses the same key so the two tables join partition-wise.
 """
 
@@ -62,15 +64,22 @@ DEFAULT_CATALOG_NAME = "constellation"
 
 # Table properties. Serializable isolation makes a concurrent commit that added rows of the same tile
 # a conflict (ValidationException) instead of a silent second copy; metadata.json files are pruned so
-# 60,000 per-tile commits do not leave 60,000 metadata files; manifests are merged on append.
+# 60,000 per-tile commits do not leave 60,000 metadata files. Appends are fast appends (merging
+# manifests at commit time would rewrite manifests that span all buckets, so every later plan would
+# read every entry); scheduled maintenance re-groups manifests by TILE_BUCKET range instead. Every
+# commit copies the whole table metadata several times (PyIceberg), so what the metadata lists is kept
+# short: 10 previous metadata files in the log, and the snapshot history bounded by the assembly at
+# twice ``history.expire.min-snapshots-to-keep`` (catalog.maintenance).
 TABLE_PROPERTIES: dict[str, str] = {
     "format-version": "2",
     "write.parquet.compression-codec": "zstd",
+    "write.parquet.row-group-limit": "65536",
     "write.update.isolation-level": "serializable",
     "write.delete.isolation-level": "serializable",
     "write.metadata.delete-after-commit.enabled": "true",
-    "write.metadata.previous-versions-max": "100",
-    "commit.manifest-merge.enabled": "true",
+    "write.metadata.previous-versions-max": "10",
+    "history.expire.min-snapshots-to-keep": "20",
+    "commit.manifest-merge.enabled": "false",
     "commit.retry.num-retries": "6",
     "commit.retry.min-wait-ms": "50",
     "commit.retry.max-wait-ms": "2000",
@@ -302,7 +311,36 @@ def ensure_tables(catalog: Catalog, namespace: str = DEFAULT_NAMESPACE) -> tuple
         sort_order=SUBTILES_SORT_ORDER,
         properties=TABLE_PROPERTIES,
     )
-    return sources, subtiles
+    return _with_table_properties(catalog, sources), _with_table_properties(catalog, subtiles)
+
+
+def _with_table_properties(catalog: Catalog, table: Table) -> Table:
+    """Bring an existing table's properties to TABLE_PROPERTIES (one commit, only when they differ).
+
+    Tables created by earlier versions keep working and get the current maintenance settings.
+    ``format-version`` is never changed here.
+    """
+    current = table.metadata.properties
+    wanted = {k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version" and current.get(k) != v}
+    if not wanted:
+        return table
+    for attempt in range(5):
+        try:
+            with table.transaction() as tx:
+                tx.set_properties(wanted)
+            return catalog.load_table(table.name())
+        except Exception as exc:  # a concurrent writer changed the table first: reload and retry
+            if attempt == 4 or type(exc).__name__ != "CommitFailedException":
+                raise
+            time.sleep(0.05 * (attempt + 1))
+            table = catalog.load_table(table.name())
+            current = table.metadata.properties
+            wanted = {
+                k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version" and current.get(k) != v
+            }
+            if not wanted:
+                return table
+    return table
 
 
 def load_tables(catalog: Catalog, namespace: str = DEFAULT_NAMESPACE) -> tuple[Table, Table]:

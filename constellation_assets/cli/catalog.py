@@ -41,8 +41,15 @@ def _clean(obj: Any) -> Any:
 @click.option(
     "--require-complete", is_flag=True, help="fail a tile that lacks any of its 16 sub-tile results"
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="tiles per Iceberg commit (default 64): one commit per table per batch keeps the per-tile cost "
+    "small at survey scale",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the per-tile results as JSON")
-def assemble_cmd(config_path, results, run_id, require_complete, as_json) -> None:
+def assemble_cmd(config_path, results, run_id, require_complete, batch_size, as_json) -> None:
     """Assemble sub-tile results into the Iceberg shear catalog (idempotent per-tile overwrite).
 
     RESULTS are result files ({TILE}_{ROW}_{COL}.parquet) or folders holding them (local or s3://);
@@ -52,7 +59,7 @@ def assemble_cmd(config_path, results, run_id, require_complete, as_json) -> Non
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from constellation_assets.catalog.assemble import assemble_results
+    from constellation_assets.catalog.assemble import DEFAULT_BATCH_SIZE, assemble_results
 
     cfg = load_cli_config(config_path)
     uris = list(results) or [cfg.output.results]
@@ -70,6 +77,7 @@ def assemble_cmd(config_path, results, run_id, require_complete, as_json) -> Non
                 require_complete=require_complete,
                 on_tiles_found=lambda n: progress.update(task, total=n),
                 on_tile_done=lambda _r: progress.advance(task),
+                batch_size=batch_size or DEFAULT_BATCH_SIZE,
             )
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from exc
@@ -159,6 +167,99 @@ def validate_cmd(config_path, expected, truth, tiles, n_sigma, as_json) -> None:
         sys.exit(1)
 
 
+@click.group("catalog")
+def catalog_group() -> None:
+    """Iceberg shear catalog upkeep."""
+
+
+@catalog_group.command("maintain")
+@config_option
+@click.option("--keep-last", type=click.IntRange(min=1), default=20, show_default=True, help="snapshots kept")
+@click.option(
+    "--min-age-minutes",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="snapshots and data files younger than this are neither expired nor compacted",
+)
+@click.option(
+    "--orphan-age-minutes",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="unreferenced files younger than this are kept (a running writer may still commit them)",
+)
+@click.option("--no-compact", is_flag=True, help="skip the compaction of small data files")
+@click.option("--keep-files", is_flag=True, help="expire snapshots but delete no file")
+@click.option(
+    "--min-input-files",
+    type=click.IntRange(min=2),
+    default=8,
+    show_default=True,
+    help="small files a TILE_BUCKET partition needs before it is compacted",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the maintenance report as JSON")
+def maintain_cmd(
+    config_path,
+    keep_last,
+    min_age_minutes,
+    orphan_age_minutes,
+    no_compact,
+    keep_files,
+    min_input_files,
+    as_json,
+) -> None:
+    """Compact small files, re-group manifests, expire old snapshots and delete dead files.
+
+    Safe while assemblies run (Dagster runs the same every 30 minutes: catalog_maintenance_schedule).
+    """
+    from datetime import timedelta
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from constellation_assets.catalog.maintenance import maintain_catalog
+    from constellation_assets.catalog.tables import namespace_from_config, open_catalog
+
+    cfg = load_cli_config(config_path)
+    try:
+        report = maintain_catalog(
+            open_catalog(cfg),
+            namespace_from_config(cfg),
+            keep_last=keep_last,
+            min_age=timedelta(minutes=min_age_minutes),
+            compact=not no_compact,
+            min_input_files=min_input_files,
+            delete_files=not keep_files,
+            orphan_age=timedelta(minutes=orphan_age_minutes),
+        )
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(_clean(report.to_dict()), indent=2))
+        return
+    table = Table(title=f"Catalog maintenance of {namespace_from_config(cfg)}.* ({report.elapsed_s:.1f} s)")
+    for col in ("table", "files", "compacted", "written", "snapshots", "expired", "manifests", "deleted"):
+        table.add_column(col, justify="right")
+    for comp, exp in zip(report.compaction or [None] * len(report.expiry), report.expiry, strict=False):
+        name = exp.table
+        before, after = report.manifests.get(name, (0, 0))
+        deleted = exp.data_files_deleted + exp.manifests_deleted + exp.manifest_lists_deleted
+        deleted += report.orphans_deleted.get(name, 0)
+        table.add_row(
+            name.rsplit(".", 1)[-1],
+            str(comp.files_before if comp else "-"),
+            str(comp.files_rewritten if comp else "-"),
+            str(comp.files_written if comp else "-"),
+            str(exp.snapshots_before),
+            str(exp.snapshots_expired),
+            f"{before} -> {after}",
+            str(deleted),
+        )
+    Console().print(table)
+
+
 def register(main: click.Group) -> None:
     main.add_command(assemble_cmd)
     main.add_command(validate_cmd)
+    main.add_command(catalog_group)

@@ -23,6 +23,7 @@ from constellation_assets.defs.jobs import (
     synthetic_field_job,
     tile_pipeline_job,
 )
+from constellation_assets.defs.maintenance import maintenance_defs
 from constellation_assets.defs.partitions import injection_shard_partitions, mer_tile_partitions
 from constellation_assets.defs.sensors import (
     build_discovery_sensor,
@@ -57,41 +58,44 @@ def build_definitions(deployment: str | None = None) -> dg.Definitions:
         if sensors_on_by_default(deployment)
         else dg.DefaultSensorStatus.STOPPED
     )
-    return dg.Definitions(
-        assets=[
-            # Locally the synthetic field writes the tiles' input data, so it is upstream of them.
-            build_prepare_tile_assets(field_upstream=local),
-            shear_measurements,
-            shear_catalog,
-            shear_calibration,
-            field_calibration,
-            cosmos_bank,
-            lens_injections,
-            synthetic_field,
-            *EXTRA_ASSETS,
-        ],
-        asset_checks=[
-            prepare_tile_checks,
-            shear_measurement_checks,
-            shear_catalog_checks,
-            cosmos_bank_valid,
-            synthetic_field_complete,
-            shear_calibration_checks,
-            field_calibration_checks,
-            lens_injection_checks,
-        ],
-        jobs=[
-            tile_pipeline_job,
-            calibration_job,
-            field_calibration_job,
-            cosmos_bank_job,
-            injection_job,
-            synthetic_field_job,
-            register_partitions_job,
-        ],
-        sensors=[build_discovery_sensor(discovery_status), tile_pipeline_sensor],
-        schedules=[calibration_schedule],
-        resources=resources_for(deployment),
+    return dg.Definitions.merge(
+        maintenance_defs,
+        dg.Definitions(
+            assets=[
+                # Locally the synthetic field writes the tiles' input data, so it is upstream of them.
+                build_prepare_tile_assets(field_upstream=local),
+                shear_measurements,
+                shear_catalog,
+                shear_calibration,
+                field_calibration,
+                cosmos_bank,
+                lens_injections,
+                synthetic_field,
+                *EXTRA_ASSETS,
+            ],
+            asset_checks=[
+                prepare_tile_checks,
+                shear_measurement_checks,
+                shear_catalog_checks,
+                cosmos_bank_valid,
+                synthetic_field_complete,
+                shear_calibration_checks,
+                field_calibration_checks,
+                lens_injection_checks,
+            ],
+            jobs=[
+                tile_pipeline_job,
+                calibration_job,
+                field_calibration_job,
+                cosmos_bank_job,
+                injection_job,
+                synthetic_field_job,
+                register_partitions_job,
+            ],
+            sensors=[build_discovery_sensor(discovery_status), tile_pipeline_sensor],
+            schedules=[calibration_schedule],
+            resources=resources_for(deployment),
+        ),
     )
 
 
