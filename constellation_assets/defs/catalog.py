@@ -91,10 +91,14 @@ def shear_catalog(
                 _tile_metadata(cfg, res, subtiles, grid, SOURCES_ICEBERG_SCHEMA, namespace),
                 partition_key=str(res.tile_id),
             )
+    from constellation_assets.defs.calibration_field import field_calibration_provenance
+
     yield dg.MaterializeResult(
         metadata={
             **provenance_metadata(cfg, "assemble", extra={"tiles": tile_ids}),
             **timer.metadata(),
+            # The field-level calibration (m, c, config hash) this catalog commit was assembled under.
+            **field_calibration_provenance(context.instance),
             "run_tiles": dg.MetadataValue.json([str(t) for t in tile_ids]),
             "table": dg.MetadataValue.text(f"{namespace}.sources"),
         }
