@@ -239,8 +239,13 @@ def test_maintenance_asset_runs_in_dagster(tmp_path, results):
 
     from constellation_assets.catalog.tables import open_catalog
     from constellation_assets.config import load_config
-    from constellation_assets.defs.maintenance import catalog_maintenance, catalog_maintenance_job
+    from constellation_assets.defs.maintenance import (
+        catalog_maintenance,
+        catalog_maintenance_checks,
+        catalog_maintenance_job,
+    )
     from constellation_assets.defs.resources import ConstellationConfigResource
+    from constellation_assets.quality.catalog_health import catalog_health_outcomes
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"tile_ids": SAME_BUCKET, "output": {"root_uri": str(tmp_path / "out")}}))
@@ -262,18 +267,26 @@ def test_maintenance_asset_runs_in_dagster(tmp_path, results):
         }
     }
     res = dg.materialize(
-        [catalog_maintenance],
+        [catalog_maintenance, catalog_maintenance_checks],
         resources={"pipeline_config": ConstellationConfigResource(config_path=str(path))},
         run_config=run_config,
-        selection=["catalog_maintenance"],
     )
     assert res.success
+    checks = {e.check_name: e for e in res.get_asset_check_evaluations()}
+    assert set(checks) == {"files_present", "rows_match_summary", "history_bounded"}
+    assert all(e.passed for e in checks.values()), [(n, e.description) for n, e in checks.items()]
     md = res.asset_materializations_for_node("catalog_maintenance")[0].metadata
     assert md["files_rewritten"].value == 2 * len(SAME_BUCKET)  # both tables' small files
     assert md["snapshots_expired"].value > 0 and md["dead_files_deleted"].value > 0
     assert len(catalog.load_table(("shear", "sources")).metadata.snapshots) == 2
     assert {t: _tile_rows(catalog, t) for t in SAME_BUCKET} == rows
     assert catalog_maintenance_job.name == "catalog_maintenance_job"
+    # A live data file deleted behind the catalog's back: the health check fails and names it.
+    live = next(iter(catalog.load_table(("shear", "sources")).scan().plan_files())).file.file_path
+    Path(live.removeprefix("file://")).unlink()
+    out = {o.name: o for o in catalog_health_outcomes(catalog, "shear")}
+    assert not out["files_present"].passed and Path(live).name in out["files_present"].message
+    assert out["rows_match_summary"].passed
 
 
 def test_cli_assemble_batches_and_maintain(tmp_path, results):

@@ -8,9 +8,13 @@ minutes during a backfill. The schedule skips a tick while a previous maintenanc
 The same work from the command line: ``constellation catalog maintain``.
 """
 
+from collections.abc import Iterator
+
 import dagster as dg
 
+from constellation_assets.defs.checks import check_specs, results_for
 from constellation_assets.defs.resources import ConstellationConfigResource
+from constellation_assets.quality.catalog_health import HEALTH_CHECK_NAMES, catalog_health_outcomes
 
 MAINTENANCE_JOB_NAME = "catalog_maintenance_job"
 
@@ -74,6 +78,34 @@ def catalog_maintenance(
     return dg.MaterializeResult(metadata=md)
 
 
+MAINTENANCE_CHECKS = check_specs(
+    "catalog_maintenance",
+    list(HEALTH_CHECK_NAMES),
+    descriptions={
+        "files_present": "Every data file the current snapshots reference exists on storage.",
+        "rows_match_summary": "Rows planned from the current snapshots equal their total-records.",
+        "history_bounded": "Retained snapshots within twice history.expire.min-snapshots-to-keep.",
+    },
+)
+
+
+@dg.multi_asset_check(
+    specs=MAINTENANCE_CHECKS,
+    name="catalog_maintenance_checks",
+    can_subset=True,
+    description="The shear catalog after maintenance: live files present, rows intact, history bounded.",
+)
+def catalog_maintenance_checks(
+    context: dg.AssetCheckExecutionContext, pipeline_config: ConstellationConfigResource
+) -> Iterator[dg.AssetCheckResult]:
+    from constellation_assets.catalog.tables import namespace_from_config, open_catalog
+
+    cfg = pipeline_config.load()
+    outcomes = catalog_health_outcomes(open_catalog(cfg), namespace_from_config(cfg))
+    selected = [s for s in MAINTENANCE_CHECKS if s.key in context.selected_asset_check_keys]
+    yield from results_for("catalog_maintenance", selected, outcomes)
+
+
 catalog_maintenance_job = dg.define_asset_job(
     MAINTENANCE_JOB_NAME,
     selection=dg.AssetSelection.assets("catalog_maintenance"),
@@ -106,5 +138,8 @@ def catalog_maintenance_schedule(context: dg.ScheduleEvaluationContext):
 
 
 maintenance_defs = dg.Definitions(
-    assets=[catalog_maintenance], jobs=[catalog_maintenance_job], schedules=[catalog_maintenance_schedule]
+    assets=[catalog_maintenance],
+    asset_checks=[catalog_maintenance_checks],
+    jobs=[catalog_maintenance_job],
+    schedules=[catalog_maintenance_schedule],
 )
