@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from constellation_assets.catalog.schema import (
     SOURCE_RESULT_SCHEMA,
@@ -158,24 +157,11 @@ def read_result_file(uri: str, storage_options: dict | None = None) -> tuple[pa.
     metadata): an empty per-source table and the row as the summary; its ``run_id``/``config_hash`` are the
     file's RUN_ID/CONFIG_HASH columns, or None when it has none (the assembler then records its own).
     """
-    from constellation_assets.io.uri import get_fs
+    from constellation_assets.catalog.schema import read_result_parquet
 
     what = f"sub-tile result {uri!r}"
     tile_id, row, col = parse_subtile_result_name(uri)
-    fs, path = get_fs(uri, storage_options=storage_options)
-    try:
-        with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh)
-    except FileNotFoundError as exc:
-        raise ResultFileError(f"{what} does not exist; run the shear stage for this sub-tile first") from exc
-    except PermissionError as exc:
-        raise ResultFileError(
-            f"{what}: access denied ({exc}); check the credentials in the environment (AWS_* variables)"
-        ) from exc
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ResultFileError(
-            f"{what} cannot be read as Parquet ({exc}); delete it and re-run the shear stage for this sub-tile"
-        ) from exc
+    table = read_result_parquet(uri, storage_options)
     raw = (table.schema.metadata or {}).get(SUMMARY_METADATA_KEY)
     if raw is not None:
         try:

@@ -285,20 +285,15 @@ def write_subtile_result(
     return uri
 
 
-def read_subtile_result(uri: str, storage_options: dict | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Read one sub-tile result file: (rows conformed to SOURCE_RESULT_SCHEMA, summary dict).
-
-    Raises ResultFileError naming the URI when the file cannot be read, lacks the summary, or does
-    not match the schema.
-    """
+def read_result_parquet(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """The Parquet table of a sub-tile result file; ResultFileError naming the URI and the fix otherwise."""
     from constellation_assets.io.uri import get_fs
 
     what = f"sub-tile result {uri!r}"
-    parse_subtile_result_name(uri)
     fs, path = get_fs(uri, storage_options=storage_options)
     try:
         with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh)
+            return pq.read_table(fh)
     except FileNotFoundError as exc:
         raise ResultFileError(f"{what} does not exist; run the shear stage for this sub-tile first") from exc
     except PermissionError as exc:
@@ -309,6 +304,17 @@ def read_subtile_result(uri: str, storage_options: dict | None = None) -> tuple[
         raise ResultFileError(
             f"{what} cannot be read as Parquet ({exc}); delete it and re-run the shear stage for this sub-tile"
         ) from exc
+
+
+def read_subtile_result(uri: str, storage_options: dict | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Read one sub-tile result file: (rows conformed to SOURCE_RESULT_SCHEMA, summary dict).
+
+    Raises ResultFileError naming the URI when the file cannot be read, lacks the summary, or does
+    not match the schema.
+    """
+    what = f"sub-tile result {uri!r}"
+    parse_subtile_result_name(uri)
+    table = read_result_parquet(uri, storage_options)
     raw = (table.schema.metadata or {}).get(SUMMARY_METADATA_KEY)
     if raw is None:
         raise ResultFileError(
