@@ -297,7 +297,7 @@ class CalibrationConfig(_Section):
     n_galaxies: int = Field(2000, ge=2)
     g_true: float = Field(0.02, gt=0.0, lt=0.2)
     psf_model: Literal["moffat", "gaussian"] = "moffat"
-    psf_fwhm_arcsec: float = Field(0.17, gt=0.0)
+    psf_fwhm_arcsec: float = Field(euclid.VIS_PSF_FWHM_ARCSEC, gt=0.0)
     moffat_beta: float = Field(3.5, gt=1.0)
     pixel_scale_arcsec: float = Field(0.1, gt=0.0)
     population: Literal["sersic", "bulge_disk", "cosmos", "fixed"] = "sersic"
@@ -551,7 +551,7 @@ class InjectionConfig(_Section):
     output_uri: str | None = Field(None, description="default {output.root_uri}/injections")
     stamp_size_pix: int = Field(64, ge=8, le=1024)
     bands: list[str] = Field(default_factory=lambda: ["VIS"])
-    psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": 0.17})
+    psf_fwhm_arcsec: dict[str, float] = Field(default_factory=lambda: {"VIS": euclid.VIS_PSF_FWHM_ARCSEC})
     pixel_scale_arcsec: float = Field(0.1, gt=0.0)
     force: bool = False
     lease_timeout_s: float = Field(

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from constellation_assets.euclid import AB_ZEROPOINT_UJY
 from constellation_assets.io.uri import DataAccessError, _translate, is_s3, is_transient_error, open_uri
 
 __all__ = [
@@ -61,7 +62,7 @@ _DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
 DET_QUALITY_REJECT_MASK = 0x78C
 
 #: AB zero point of a flux in microJansky.
-MAG_AB_ZEROPOINT_UJY = 23.9
+MAG_AB_ZEROPOINT_UJY = AB_ZEROPOINT_UJY
 
 # Null integers become -1: every shear cut then rejects the row (-1 has all DET_QUALITY bits set).
 _INT_NULL = -1

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from constellation_assets.euclid import VIS_PSF_FWHM_ARCSEC
 from constellation_assets.shear.ensemble import jackknife_blocks
 from constellation_assets.shear.fpfs import (
     MOMENT_NAMES,
@@ -63,7 +64,7 @@ class CalibrationSettings:
     n_galaxies: int = 2000
     g_true: float = 0.02
     psf_model: str = "moffat"
-    psf_fwhm_arcsec: float = 0.17
+    psf_fwhm_arcsec: float = VIS_PSF_FWHM_ARCSEC
     moffat_beta: float = 2.5
     psf_g1: float = 0.0
     psf_g2: float = 0.0
