@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from constellation_assets.catalog.schema import (
     SOURCE_RESULT_SCHEMA,
+    SUBTILE_SCHEMA,
     SUMMARY_METADATA_KEY,
     ResultFileError,
     _check_summary,
@@ -43,21 +44,8 @@ __all__ = [
 
 #: The seed's SHINE -> Constellation result: one row per sub-tile.
 SHINE_RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("TILE_ID", pa.int64(), nullable=False),
-        pa.field("SUBTILE_ROW", pa.int8(), nullable=False),
-        pa.field("SUBTILE_COL", pa.int8(), nullable=False),
-        pa.field("RA", pa.float64(), nullable=False),  # deg
-        pa.field("DEC", pa.float64(), nullable=False),  # deg
-        pa.field("G1", pa.float32(), nullable=False),
-        pa.field("G2", pa.float32(), nullable=False),
-        pa.field("G1_ERR", pa.float32(), nullable=False),
-        pa.field("G2_ERR", pa.float32(), nullable=False),
-        pa.field("N_SOURCES", pa.int32(), nullable=False),
-        pa.field("METHOD", pa.string(), nullable=False),
-        pa.field("CONVERGENCE", pa.float32(), nullable=False),
-    ]
-)
+    [f for f in SUBTILE_SCHEMA if f.name not in ("RUN_ID", "CONFIG_HASH")]
+)  # the seed's columns are our sub-tile schema without the provenance columns
 
 #: Columns only per-source rows have: their presence decides the shape.
 _PER_SOURCE_ONLY = ("OBJECT_ID", "E1", "E2", "R11", "R22", "WEIGHT", "IN_CORE")

@@ -243,6 +243,25 @@ def _columns_of(table) -> list[str]:
     return list(getattr(table, "columns", []))
 
 
+#: Flag columns every catalog selection reads (shear-grade sources, PSF stars).
+SELECTION_FLAG_COLUMNS = ("VIS_DET", "SPURIOUS_FLAG", "POINT_LIKE_FLAG", "DET_QUALITY_FLAG")
+
+
+def selection_snr(table, what: str) -> np.ndarray:
+    """Detection S/N of every row (SNR_DETECTION, else FLUX_DETECTION_TOTAL / FLUXERR_DETECTION_TOTAL; NaN where
+    undefined) after checking that ``table`` has the columns a selection needs; ``what`` names the caller."""
+    names = set(_columns_of(table))
+    need = list(SELECTION_FLAG_COLUMNS)
+    if "SNR_DETECTION" not in names:
+        need += ["FLUX_DETECTION_TOTAL", "FLUXERR_DETECTION_TOTAL"]
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise KeyError(f"{what} needs column(s) {', '.join(missing)}; read the catalog with read_mer_catalog")
+    if "SNR_DETECTION" in names:
+        return np.asarray(_column(table, "SNR_DETECTION"), dtype=np.float64)
+    return _snr(_column(table, "FLUX_DETECTION_TOTAL"), _column(table, "FLUXERR_DETECTION_TOTAL"))
+
+
 def shear_selection(table, snr_min: float = 10.0) -> np.ndarray:
     """Shear-grade source mask (Euclid shear community cuts), one bool per row:
 
@@ -252,19 +271,7 @@ def shear_selection(table, snr_min: float = 10.0) -> np.ndarray:
     ``table``: a pyarrow Table from :func:`read_mer_catalog`, or any mapping of column name -> array
     (a dict, a polars or pandas DataFrame). Uses SNR_DETECTION when present, else computes it.
     """
-    names = set(_columns_of(table))
-    need = ["VIS_DET", "SPURIOUS_FLAG", "POINT_LIKE_FLAG", "DET_QUALITY_FLAG"]
-    if "SNR_DETECTION" not in names:
-        need += ["FLUX_DETECTION_TOTAL", "FLUXERR_DETECTION_TOTAL"]
-    missing = [c for c in need if c not in names]
-    if missing:
-        raise KeyError(
-            f"shear_selection needs column(s) {', '.join(missing)}; read the catalog with read_mer_catalog"
-        )
-    if "SNR_DETECTION" in names:
-        snr = np.asarray(_column(table, "SNR_DETECTION"), dtype=np.float64)
-    else:
-        snr = _snr(_column(table, "FLUX_DETECTION_TOTAL"), _column(table, "FLUXERR_DETECTION_TOTAL"))
+    snr = selection_snr(table, "shear_selection")
     with np.errstate(invalid="ignore"):
         mask = snr >= float(snr_min)  # NaN compares False
     mask &= np.asarray(_column(table, "VIS_DET")) > 0

@@ -103,9 +103,6 @@ DET_RE = re.compile(
 PSF_RE = re.compile(
     r"^EUC_VIS_GRD-PSF-(?P<body>[0-9A-Za-z-]*?)__(?P<ts>\d{8}T\d{6}(?:\.\d+)?)Z\.fits(?:\.gz)?$"
 )
-#: A PSF file body naming ``{obs_id:06d}-{dither:02d}``: the per-dither layout the synthetic field wrote before
-#: it adopted the per-observation product. Read as a secondary path only (see :func:`discover_vis_exposures`).
-_PSF_DITHER_RE = re.compile(r"^(?:[0-9A-Za-z]+-)*?(?P<obs_id>\d{6})-(?P<dither>\d{2})(?:-|$)")
 #: ``EUC_MER_FINAL-CAT_TILE102044185-95D31A_20240924T033645.917365Z_00.00.fits``
 MER_RE = re.compile(
     r"^EUC_MER_FINAL-CAT_TILE(?P<tile_id>\d{9})-(?P<hash>[0-9A-Za-z]+)_(?P<ts>\d{8}T\d{6}(?:\.\d+)?)Z"
@@ -186,7 +183,6 @@ def _discover_folder(folder: str, obs_id: int, storage_options: dict | None) -> 
     """Every DET file of one observation folder with its BKG/WGT (same dither and exposure) and PSF file."""
     files: dict[tuple[str, int, int], list[tuple[str, str]]] = {}
     psf_obs: list[tuple[str, str]] = []
-    psf_dither: dict[int, list[tuple[str, str]]] = {}
     for uri in list_uri(folder, storage_options):
         name = _basename(uri)
         m = DET_RE.match(name)
@@ -198,12 +194,8 @@ def _discover_folder(folder: str, obs_id: int, storage_options: dict | None) -> 
             continue
         m = PSF_RE.match(name)
         if m:
-            md = _PSF_DITHER_RE.match(m["body"])
-            if md and int(md["obs_id"]) == obs_id:
-                psf_dither.setdefault(int(md["dither"]), []).append((m["ts"], uri))
-            else:
-                psf_obs.append((m["ts"], uri))
-    psf_default = _latest(psf_obs, f"PSF of observation {obs_id}") if psf_obs else None
+            psf_obs.append((m["ts"], uri))
+    psf = _latest(psf_obs, f"PSF of observation {obs_id}") if psf_obs else None
     out: list[VisExposure] = []
     for _kind, d, e in sorted(k for k in files if k[0] == "DET"):
         what = f"observation {obs_id} dither {d} exposure {e}"
@@ -213,12 +205,6 @@ def _discover_folder(folder: str, obs_id: int, storage_options: dict | None) -> 
             c = files.get((kind, d, e))
             return _latest(c, f"{kind} of {what}") if c else None
 
-        # The per-observation PSF product; a per-dither file (pre-merge synthetic layout) wins where present.
-        psf = (
-            _latest(psf_dither[d], f"PSF of observation {obs_id} dither {d}")
-            if d in psf_dither
-            else psf_default
-        )
         exp = VisExposure(
             obs_id, d, det, pick("BKG"), pick("WGT"), psf, DET_RE.match(_basename(det))["ts"], exposure=e
         )

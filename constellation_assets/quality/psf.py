@@ -61,24 +61,9 @@ STAR_DET_QUALITY_REJECT = 0x2 | 0x78C
 
 def select_psf_stars(table: Any, snr_min: float = 50.0) -> np.ndarray:
     """Bool mask of the MER catalog rows usable as PSF stars (see the module docstring)."""
-    from constellation_assets.io.mer_catalog import _column, _columns_of
+    from constellation_assets.io.mer_catalog import _column, selection_snr
 
-    names = set(_columns_of(table))
-    need = ["POINT_LIKE_FLAG", "SPURIOUS_FLAG", "VIS_DET", "DET_QUALITY_FLAG"]
-    if "SNR_DETECTION" not in names:
-        need += ["FLUX_DETECTION_TOTAL", "FLUXERR_DETECTION_TOTAL"]
-    missing = [c for c in need if c not in names]
-    if missing:
-        raise KeyError(
-            f"PSF star selection needs MER column(s) {', '.join(missing)}; read it with read_mer_catalog"
-        )
-    if "SNR_DETECTION" in names:
-        snr = np.asarray(_column(table, "SNR_DETECTION"), dtype=np.float64)
-    else:
-        flux = np.asarray(_column(table, "FLUX_DETECTION_TOTAL"), dtype=np.float64)
-        err = np.asarray(_column(table, "FLUXERR_DETECTION_TOTAL"), dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = np.where(err > 0, flux / err, np.nan)
+    snr = selection_snr(table, "PSF star selection")
     with np.errstate(invalid="ignore"):
         mask = snr >= float(snr_min)
     mask &= np.asarray(_column(table, "POINT_LIKE_FLAG")) == 1
