@@ -646,12 +646,11 @@ def prepare(
     failed: list[int] = []
 
     def one(t: int) -> None:
-        if on_error is None:
-            results.append(prepare_tile(cfg, t, force=force))
-            return
         try:
             results.append(prepare_tile(cfg, t, force=force))
         except Exception as exc:  # noqa: BLE001 - handed to the caller, which reports it per tile
+            if on_error is None:
+                raise
             failed.append(t)
             on_error(t, exc)
 
