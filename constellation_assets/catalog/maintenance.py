@@ -623,7 +623,7 @@ def rewrite_manifests(
             )
             producer.buckets_per_manifest = int(buckets_per_manifest)
             try:
-                with producer:
+                with producer:  # leaving the block re-groups every manifest into the transaction
                     pass
                 table = tx.commit_transaction()
             except CommitFailedException:
