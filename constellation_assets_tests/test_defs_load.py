@@ -45,7 +45,10 @@ def test_definitions_validate_loadable(defs):
     for name in EXPECTED_JOBS:  # resolving a job builds its execution plan inputs: catches broken wiring
         assert repo.get_job(name).graph is not None
     assert {s.name for s in repo.sensor_defs} == {"mer_tile_discovery_sensor", "tile_pipeline_sensor"}
-    assert {s.name for s in repo.schedule_defs} == {"weekly_calibration_schedule", "catalog_maintenance_schedule"}
+    assert {s.name for s in repo.schedule_defs} == {
+        "weekly_calibration_schedule",
+        "catalog_maintenance_schedule",
+    }
 
 
 def test_every_asset_is_documented_grouped_owned_and_checked(defs):
