@@ -69,16 +69,89 @@ class TileWriter:
         self.rng = rng
 
     def write(self, outdir: str, tile_id: int, run_id: str = "bench") -> list[str]:
-        import pyarrow as pa
-
         from constellation_assets.catalog.schema import subtile_result_name, write_subtile_result
+
+        return [
+            write_subtile_result(table, summary, f"{outdir}/{subtile_result_name(tile_id, row, col)}")
+            for (row, col), table, summary in self.results(tile_id, run_id)
+        ]
+
+    def tile_rows(self, tile_id: int, run_id: str = "bench"):
+        """(core sources, sub-tile rows) of a tile as the assembly would commit them, without files."""
+        from constellation_assets.catalog.assemble import tile_tables
+        from constellation_assets.catalog.schema import checked_subtile_result, subtile_result_name
+
+        results = []
+        for (row, col), table, summary in self.results(tile_id, run_id):
+            name = subtile_result_name(tile_id, row, col)
+            results.append((name, checked_subtile_result(table, summary, tile_id, row, col, name)))
+        sources, subtiles, _ = tile_tables(tile_id, results)
+        return sources, subtiles
+
+    def fill_rows(self, tile_id: int) -> tuple:
+        """Rows like :meth:`tile_rows` for any tile, made from the reference tile's (vectorised, ~1 ms).
+
+        Same sources per tile (positions re-projected about the tile's centre), fresh shapes. For
+        filling the table to survey size only: the timed checkpoints use the whole assembly path.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from constellation_assets.catalog.schema import tile_bucket
+
+        np = self.np
+        if not hasattr(self, "_template"):
+            from constellation_assets.sky.tiles import radec_to_tangent
+
+            src, sub = self.tile_rows(FIRST_TILE, "bench-fill")
+            ref = self.mer_tile(FIRST_TILE)
+            self._template = (src, sub, ref)
+            self._src_tan = radec_to_tangent(
+                src["RA"].to_numpy(), src["DEC"].to_numpy(), ref.ra_deg, ref.dec_deg
+            )
+            self._sub_tan = radec_to_tangent(
+                sub["RA"].to_numpy(), sub["DEC"].to_numpy(), ref.ra_deg, ref.dec_deg
+            )
+        src, sub, _ = self._template
+        tile = self.mer_tile(tile_id)
+        n = src.num_rows
+
+        def retile(t, tan):
+            ra, dec = self.tangent_to_radec(tan[0], tan[1], tile.ra_deg, tile.dec_deg)
+            out = t.set_column(
+                t.schema.get_field_index("TILE_ID"),
+                "TILE_ID",
+                pa.array(np.full(t.num_rows, tile_id, np.int64)),
+            )
+            out = out.set_column(out.schema.get_field_index("RA"), "RA", pa.array(np.asarray(ra, np.float64)))
+            out = out.set_column(
+                out.schema.get_field_index("DEC"), "DEC", pa.array(np.asarray(dec, np.float64))
+            )
+            bucket = pa.array(np.full(t.num_rows, tile_bucket(tile_id), np.int32))
+            out = out.set_column(out.schema.get_field_index("TILE_BUCKET"), "TILE_BUCKET", bucket)
+            return out.cast(t.schema)
+
+        out = retile(src, self._src_tan)
+        object_id = pc.add(
+            pc.subtract(src["OBJECT_ID"], np.int64(FIRST_TILE) * 1_000_000), np.int64(tile_id) * 1_000_000
+        )
+        out = out.set_column(out.schema.get_field_index("OBJECT_ID"), "OBJECT_ID", object_id)
+        for col, mean in (("E1", 0.02), ("E2", -0.01)):
+            vals = pa.array((mean + self.rng.normal(0, 0.25, n)).astype(np.float32))
+            out = out.set_column(out.schema.get_field_index(col), col, vals)
+        out = out.cast(src.schema).sort_by([("DEC", "ascending"), ("RA", "ascending")])
+        return out, retile(sub, self._sub_tan)
+
+    def results(self, tile_id: int, run_id: str = "bench") -> list:
+        """[((row, col), per-source rows, summary)] of the tile's 16 sub-tiles."""
+        import pyarrow as pa
 
         np = self.np
         tile = self.mer_tile(tile_id)
         ra, dec = self.tangent_to_radec(self.xi, self.eta, tile.ra_deg, tile.dec_deg)
         ra, dec = np.asarray(ra), np.asarray(dec)
         object_id = np.int64(tile_id) * 1_000_000 + np.arange(self.xi.size, dtype=np.int64)
-        uris = []
+        out = []
         for row, col, idx, in_core, (cx, cy) in self.subtiles:
             n = idx.size
             e1 = (0.02 + self.rng.normal(0, 0.25, n)).astype(np.float32)
@@ -117,9 +190,34 @@ class TileWriter:
                 "run_id": run_id,
                 "config_hash": "bench",
             }
-            uri = f"{outdir}/{subtile_result_name(tile_id, row, col)}"
-            uris.append(write_subtile_result(table, summary, uri))
-        return uris
+            out.append(((row, col), table, summary))
+        return out
+
+
+def _append_by_bucket(table, rows) -> None:
+    """One fast-append commit of ``rows``: one data file per TILE_BUCKET, sorted (TILE_ID, DEC, RA).
+
+    What compaction writes. (PyIceberg's ``Table.append`` splits by partition with one filter of the
+    whole batch per partition: 256 passes over it.)
+    """
+    import itertools
+
+    import numpy as np
+    from pyiceberg.io.pyarrow import _dataframe_to_data_files
+
+    rows = rows.sort_by([("TILE_BUCKET", "ascending"), ("TILE_ID", "ascending"), ("DEC", "ascending")])
+    bucket = rows["TILE_BUCKET"].to_numpy()
+    edges = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
+    tx = table.transaction()
+    meta = tx.table_metadata  # a deep copy per access: once
+    counter = itertools.count(0)
+    with tx.update_snapshot().fast_append() as app:
+        for a, b in itertools.pairwise(edges):
+            for data_file in _dataframe_to_data_files(
+                meta, rows.slice(a, b - a), table.io, write_uuid=app.commit_uuid, counter=counter
+            ):
+                app.append_data_file(data_file)
+    tx.commit_transaction()
 
 
 def _checkpoints(n: int) -> list[int]:
@@ -165,17 +263,20 @@ def run(
     first_tile: int = FIRST_TILE,
     progress: bool = True,
     compact_min_files: int = 4,
+    fill_batch: int | None = None,
 ) -> dict:
     import numpy as np
+    import pyarrow as pa
 
     from constellation_assets.catalog import assemble as assemble_mod
     from constellation_assets.catalog.assemble import assemble_results
     from constellation_assets.catalog.maintenance import maintain_catalog
     from constellation_assets.catalog.query import scan_sources
-    from constellation_assets.catalog.tables import open_catalog
+    from constellation_assets.catalog.tables import ensure_tables, open_catalog
 
     cfg = _config(root / "output")
     catalog = open_catalog(cfg)
+    ensure_tables(catalog, "shear")
     writer = TileWriter(n_sources)
     results_dir = root / "results"
     # Time spent reading result files, apart from the commits (instrumentation only).
@@ -195,11 +296,53 @@ def run(
     done = 0
     last_maint = 0
     gen_s = 0.0
+    fill_s, n_filled = 0.0, 0
     rng = np.random.default_rng(1)
     t_start = time.perf_counter()
+
+    def maintain() -> None:
+        nonlocal last_maint
+        if not maintain_every or done - last_maint < maintain_every:
+            return
+        rep = maintain_catalog(
+            catalog,
+            min_age=timedelta(0),
+            orphan_age=timedelta(0),
+            keep_last=20,
+            min_input_files=compact_min_files,
+        )
+        maint.append(
+            {
+                "at_tiles": done,
+                "seconds": round(rep.elapsed_s, 2),
+                "files_rewritten": sum(c.files_rewritten for c in rep.compaction),
+                "snapshots_expired": sum(e.snapshots_expired for e in rep.expiry),
+                "files_deleted": sum(
+                    e.data_files_deleted + e.manifests_deleted + e.manifest_lists_deleted for e in rep.expiry
+                )
+                + sum(rep.orphans_deleted.values()),
+            }
+        )
+        last_maint = done
+
     try:
         while done < n_tiles:
-            nb = min(batch, n_tiles - done, max(1, next(c for c in checkpoints if c > done) - done))
+            target = next(c for c in checkpoints if c > done)
+            if fill_batch and target - done > batch:
+                # Fill up to the probe: each batch of tiles is one PyIceberg append of rows made in memory
+                # (no result files), which writes one file per TILE_BUCKET: the layout the scheduled
+                # compaction leaves behind a backfill. The probe below times the whole path on top of it.
+                t0 = time.perf_counter()
+                while target - done > batch:
+                    nf = min(fill_batch, target - done - batch)
+                    rows = [writer.fill_rows(t) for t in range(first_tile + done, first_tile + done + nf)]
+                    for k, ident in enumerate((("shear", "sources"), ("shear", "subtiles"))):
+                        _append_by_bucket(catalog.load_table(ident), pa.concat_tables([r[k] for r in rows]))
+                    done += nf
+                    n_filled += nf
+                    maintain()
+                fill_s += time.perf_counter() - t0
+            nb = min(batch, n_tiles - done, max(1, target - done))
             tiles = [first_tile + done + i for i in range(nb)]
             shutil.rmtree(results_dir, ignore_errors=True)
             results_dir.mkdir(parents=True)
@@ -215,28 +358,7 @@ def run(
             read = read_s[0] - read_before
             window.append((wall / nb, read / nb, (wall - read) / nb, cpu / nb))
             done += nb
-            if maintain_every and done - last_maint >= maintain_every:
-                rep = maintain_catalog(
-                    catalog,
-                    min_age=timedelta(0),
-                    orphan_age=timedelta(0),
-                    keep_last=20,
-                    min_input_files=compact_min_files,
-                )
-                maint.append(
-                    {
-                        "at_tiles": done,
-                        "seconds": round(rep.elapsed_s, 2),
-                        "files_rewritten": sum(c.files_rewritten for c in rep.compaction),
-                        "snapshots_expired": sum(e.snapshots_expired for e in rep.expiry),
-                        "files_deleted": sum(
-                            e.data_files_deleted + e.manifests_deleted + e.manifest_lists_deleted
-                            for e in rep.expiry
-                        )
-                        + sum(rep.orphans_deleted.values()),
-                    }
-                )
-                last_maint = done
+            maintain()
             if done in checkpoints:
                 stats = _table_stats(catalog, ("shear", "sources"))
                 probe = int(rng.integers(first_tile, first_tile + done))
@@ -279,6 +401,9 @@ def run(
         "maintenance": maint,
         "maintenance_s_total": round(sum(m["seconds"] for m in maint), 1),
         "generate_s_total": round(gen_s, 1),
+        "fill_batch": fill_batch,
+        "tiles_filled": n_filled,
+        "fill_s_per_tile": round(fill_s / n_filled, 4) if n_filled else None,
         "total_s": round(time.perf_counter() - t_start, 1),
         "flat_ratio_last_over_first": round(last["s_per_tile"] / first["s_per_tile"], 2)
         if first["s_per_tile"]
@@ -311,6 +436,11 @@ def _print_table(res: dict) -> None:
     print(" | ".join(h for _, h in cols))
     for row in res["checkpoints"]:
         print(" | ".join(str(row[k]) for k, _ in cols))
+    if res.get("tiles_filled"):
+        print(
+            f"{res['tiles_filled']} tiles filled by appends of {res['fill_batch']} tiles "
+            f"({res['fill_s_per_tile']} s/tile); the rows above time {res['batch']} tiles through the whole path"
+        )
     print(
         f"last/first s per tile: wall {res['flat_ratio_last_over_first']}, "
         f"cpu {res['flat_ratio_cpu_last_over_first']}"
@@ -330,6 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="small files a TILE_BUCKET partition needs to be compacted (consecutive tiles fill the 256 "
         "buckets in turn: 4 means every ~1,000 tiles)",
+    )
+    ap.add_argument(
+        "--fill-batch",
+        type=int,
+        default=0,
+        help="fill between checkpoints through the commit path in batches of this many tiles (rows made in "
+        "memory, no result files); each checkpoint still times --batch tiles through the whole path "
+        "(0: every tile through the whole path)",
     )
     ap.add_argument("--first-tile", type=int, default=FIRST_TILE)
     ap.add_argument("--root", default=None, help="work folder (default: a temporary one, removed after)")
@@ -355,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             None if args.no_maintenance else args.maintain_every,
             args.first_tile,
             compact_min_files=args.compact_min_files,
+            fill_batch=args.fill_batch or None,
         )
     finally:
         if tmp is not None:

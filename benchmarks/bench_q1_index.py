@@ -1,12 +1,19 @@
-"""Cost of indexing VIS exposures for one tile, with and without the pointing pre-filter.
+"""Cost of finding and indexing the VIS exposures of one tile: all of them, the pointing pre-filter, the association table.
 
-Usage: python benchmarks/bench_q1_index.py [--far 4] [--exposures 2] [--nq 16]
+Usage: python benchmarks/bench_q1_index.py [--far 4] [--exposures 2] [--nq 16] [--s3] [--full-index]
 
 Writes observations with the real Q1 DET structure (144 quadrants x SCI/RMS/FLG in scrambled order, a
 primary header with EXPTIME, BKG/WGT per exposure and one PSF file per observation) but tiny pixel arrays
-(``--nq`` square), one observation on the tile and ``--far`` observations 3-20 deg away. Reports the number
-of range requests (what costs time on S3: one round trip each) and the local wall time of
-``build_quadrant_index`` over all exposures, without and with ``overlap_box`` = the tile's extended area.
+(``--nq`` square): one observation on the tile and ``--far`` observations 5 deg away, and a tile
+association table (IRSA ``euclid.tileid_association_q1`` columns ``tileid, obsid``). With ``--s3`` they
+are served by a moto S3 server on 127.0.0.1. For each method it reports the exposures listed, the range
+requests and listings (what costs time on S3: one round trip each) and the wall time of discovery +
+``build_quadrant_index`` for the tile:
+
+- all exposures: every observation listed and every exposure's ~430 HDU headers walked (only with
+  ``--full-index`` or ``--far`` <= 10: ~870 requests per exposure);
+- pointing pre-filter (``overlap_box``): every observation listed, a few header requests per exposure;
+- association table (``data.tile_association_uri``): one table read, only the tile's observations listed.
 """
 
 from __future__ import annotations
@@ -65,47 +72,106 @@ def write_observation(folder: Path, obs_id: int, ra0: float, dec0: float, n_exp:
             fits.HDUList(hdus).writeto(folder / f"EUC_VIS_SWL-{kind}-{stem}")
 
 
+def _copy_observation(src: Path, dst: Path, src_id: int, dst_id: int) -> None:
+    """The same files under another observation id (folder and names): a far pointing, cheaply."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        name = f.name.replace(f"-{src_id:06d}-", f"-{dst_id:06d}-")
+        (dst / name).write_bytes(f.read_bytes())
+
+
+def _upload(root: Path, endpoint: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            client.put_object(Bucket=bucket, Key=str(f.relative_to(root)), Body=f.read_bytes())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--far", type=int, default=4, help="observations far from the tile")
     ap.add_argument("--exposures", type=int, default=2, help="exposures per observation (real: up to 6)")
     ap.add_argument("--nq", type=int, default=16, help="quadrant side in pixels (real: 2048 x 2066)")
+    ap.add_argument(
+        "--s3", action="store_true", help="serve the observations from a moto S3 server on 127.0.0.1"
+    )
     args = ap.parse_args()
+
+    import os
 
     from constellation_assets.io import q1
     from constellation_assets.sky.tiles import mer_tile
 
-    tile = mer_tile(102044185)
+    tile_id = 102044185
+    tile = mer_tile(tile_id)
+    server = None
     with tempfile.TemporaryDirectory() as tmp:
-        vis = Path(tmp) / "q1" / "VIS"
-        write_observation(vis / "3025", 3025, tile.ra_deg, tile.dec_deg, args.exposures, args.nq)
-        for k in range(args.far):
-            write_observation(
-                vis / str(4000 + k),
-                4000 + k,
-                (tile.ra_deg + 3 + 5 * k) % 360,
-                tile.dec_deg,
-                args.exposures,
-                args.nq,
-            )
-        exps = q1.discover_vis_exposures(str(vis))
-        counter = {"n": 0}
-        orig = q1._read_range
+        local = Path(tmp) / "q1" / "VIS"
+        write_observation(local / "3025", 3025, tile.ra_deg, tile.dec_deg, args.exposures, args.nq)
+        far_ids = [4000 + k for k in range(args.far)]
+        if far_ids:
+            # far pointings 3-20 deg away, the same files for each (only the pointing matters here)
+            write_observation(local / str(far_ids[0]), far_ids[0], (tile.ra_deg + 5) % 360, tile.dec_deg,
+                              args.exposures, args.nq)  # fmt: skip
+            for o in far_ids[1:]:
+                _copy_observation(local / str(far_ids[0]), local / str(o), far_ids[0], o)
+        assoc = Path(tmp) / "tileid_association_q1.csv"
+        rows = [f"{tile_id},3025"] + [f"{tile_id + 1 + k},{o}" for k, o in enumerate(far_ids)]
+        assoc.write_text("tileid,obsid\n" + "\n".join(rows) + "\n")
+        vis, so, assoc_uri = str(local), None, str(assoc)
+        if args.s3:
+            from moto.server import ThreadedMotoServer
 
-        def counting(fs, path, start, end):
-            counter["n"] += 1
-            return orig(fs, path, start, end)
+            for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+                os.environ.setdefault(k, v)  # the loopback moto server only
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            _upload(Path(tmp), endpoint, "bench-q1")
+            vis, assoc_uri = "s3://bench-q1/q1/VIS", "s3://bench-q1/tileid_association_q1.csv"
+            so = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        counter = {"range": 0, "list": 0}
+        orig_range, orig_list = q1._read_range, q1.list_uri
 
-        q1._read_range = counting
-        for label, box in (("all exposures", None), ("pointing pre-filter", tile.extended)):
-            counter["n"] = 0
-            t0 = time.perf_counter()
-            index = q1.build_quadrant_index(exps, overlap_box=box)
-            dt = time.perf_counter() - t0
-            n_obs = len(set(index.column("obs_id").to_pylist()))
-            print(f"{label:22s}: {len(exps)} exposures, {counter['n']:6d} range requests, {dt:6.2f} s, "
-                  f"{index.num_rows} quadrant rows from {n_obs} observation(s)")  # fmt: skip
-        q1._read_range = orig
+        def counting_range(fs, path, start, end):
+            counter["range"] += 1
+            return orig_range(fs, path, start, end)
+
+        def counting_list(*a, **k):
+            counter["list"] += 1
+            return orig_list(*a, **k)
+
+        q1._read_range, q1.list_uri = counting_range, counting_list
+        where = "moto S3" if args.s3 else "local files"
+        print(f"one tile, {1 + args.far} observations x {args.exposures} exposures ({where})")
+        print(
+            "method                 | exposures listed | range requests | listings | seconds | quadrant rows"
+        )
+        try:
+            methods = [
+                ("pointing pre-filter", tile.extended, False),
+                ("association table", tile.extended, True),
+            ]
+            if args.full_index or args.far <= 10:
+                methods.insert(0, ("all exposures", None, False))
+            for label, box, table in methods:
+                counter.update(range=0, list=0)
+                q1._ASSOCIATIONS.clear()
+                t0 = time.perf_counter()
+                obs = q1.tile_observations(tile_id, assoc_uri, so) if table else None
+                exps = q1.discover_vis_exposures(vis, obs_ids=obs, storage_options=so)
+                index = q1.build_quadrant_index(exps, storage_options=so, overlap_box=box)
+                dt = time.perf_counter() - t0
+                print(f"{label:22s} | {len(exps):16d} | {counter['range']:14d} | {counter['list']:8d} | "
+                      f"{dt:7.2f} | {index.num_rows}")  # fmt: skip
+        finally:
+            q1._read_range, q1.list_uri = orig_range, orig_list
+            if server is not None:
+                server.stop()
 
 
 if __name__ == "__main__":

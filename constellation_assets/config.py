@@ -161,6 +161,12 @@ class DataConfig(_Section):
         "they are real photons, measured with their own noise and PSF and combined by inverse variance "
         "(false keeps only the '-1-' exposures, as SHINE does; the exclusion is logged)",
     )
+    tile_association_uri: str | None = Field(
+        None,
+        description="table of (tile id, observation id) pairs, CSV or Parquet (IRSA's euclid.tileid_association_q1 "
+        "export): a tile then lists and indexes only its observations, instead of every folder under "
+        "vis_base_uri (pointing pre-filter)",
+    )
     s3: S3Config = Field(default_factory=S3Config)
 
     @property

@@ -548,7 +548,12 @@ def _box_corners_overlap(rows: pa.Table, box) -> np.ndarray:
 
 def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = False) -> PrepareResult:
     """Prepare one MER tile: sources, quadrants and one manifest per sub-tile (see module docstring)."""
-    from constellation_assets.io.q1 import build_quadrant_index, discover_vis_exposures, quadrants_overlapping
+    from constellation_assets.io.q1 import (
+        build_quadrant_index,
+        discover_vis_exposures,
+        quadrants_overlapping,
+        tile_observations,
+    )
     from constellation_assets.sky.subtiles import subtile_grid
     from constellation_assets.sky.tiles import mer_tile
 
@@ -560,8 +565,10 @@ def prepare_tile(cfg, tile_id: int, force: bool = False, index_progress: bool = 
     tile = mer_tile(tile_id, tc.tile_core_arcmin, tc.tile_extended_arcmin)
 
     vis_so = cfg.storage_options(cfg.data.vis_base_uri)
+    assoc_uri = cfg.data.tile_association_uri
     exposures = discover_vis_exposures(
         cfg.data.vis_base_uri,
+        obs_ids=tile_observations(tile_id, assoc_uri, cfg.storage_options(assoc_uri)) if assoc_uri else None,
         storage_options=vis_so,
         include_short_exposures=cfg.data.include_short_exposures,
     )

@@ -438,3 +438,30 @@ def test_batches_over_200_tiles_still_prune_and_do_not_conflict_with_other_tiles
     got = scan_sources(catalog, many)
     assert set(got["TILE_ID"].to_pylist()) == {tile, SAME_BUCKET[1]}
     assert "Or(" in repr(tiles_expression(many))
+
+
+def test_scale_benchmark_fill_matches_the_assembly_rows(tmp_path):
+    """The benchmark's fill (rows made in memory, one append per batch) writes what the assembly commits:
+    same schema, same rows per tile, one file per TILE_BUCKET; the timed probes still go through files."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_catalog_scale as bench
+    finally:
+        sys.path.pop(0)
+
+    writer = bench.TileWriter(60)
+    tile = bench.FIRST_TILE + 7
+    real_src, real_sub = writer.tile_rows(tile)
+    fill_src, fill_sub = writer.fill_rows(tile)
+    assert fill_src.schema == real_src.schema and fill_sub.schema == real_sub.schema
+    assert fill_src.num_rows == real_src.num_rows and fill_sub.num_rows == real_sub.num_rows
+    assert sorted(fill_src["OBJECT_ID"].to_pylist()) == sorted(real_src["OBJECT_ID"].to_pylist())
+    assert pc.max(pc.abs(pc.subtract(fill_sub["RA"], real_sub["RA"]))).as_py() < 1e-9
+    res = bench.run(
+        tmp_path, n_tiles=40, batch=8, n_sources=60, maintain_every=None, progress=False, fill_batch=12
+    )
+    # checkpoints 10, 30, 40: fills of 2, 12, 2 tiles, each followed by a probe of 8 through files
+    assert res["tiles_filled"] == 16 and [r["tiles"] for r in res["checkpoints"]] == [10, 30, 40]
+    assert res["checkpoints"][-1]["rows"] == 40 * real_src.num_rows

@@ -209,3 +209,55 @@ def test_q1_edff_config_against_moto_bucket(moto_s3, tmp_path, monkeypatch):
                 src.column("RIGHT_ASCENSION").to_numpy(), src.column("DECLINATION").to_numpy()
             )
         )
+
+
+def test_tile_association_limits_discovery_to_the_tiles_observations(prepared, tmp_path):
+    """With data.tile_association_uri a tile lists and indexes only its observations: a damaged
+    observation folder of another tile is never opened (without the table it fails the tile)."""
+    import shutil
+
+    from constellation_assets.io.q1 import Q1FormatError
+
+    cfg, res, root = prepared
+    vis = tmp_path / "VIS"
+    shutil.copytree(cfg.data.vis_base_uri, vis)
+    obs = sorted(int(p.name) for p in vis.iterdir() if p.name.isdigit())
+    assert obs
+    bad = vis / "999999"
+    bad.mkdir()
+    (bad / "EUC_VIS_SWL-DET-999999-00-1-0000000__20241017T040000.000000Z.fits").write_bytes(
+        b"not a FITS file"
+    )
+    assoc = tmp_path / "tileid_association_q1.csv"
+    rows = "".join(f"{TILE},{o},0.5\n" for o in obs) + "102044186,999999,0.1\n"
+    assoc.write_text("tileid,obsid,overlap_fraction\n" + rows)
+    data = {"vis_base_uri": str(vis), "catalog_base_uri": cfg.data.catalog_base_uri}
+    with_table = small_config(
+        root, data={**data, "tile_association_uri": str(assoc)}, output={"root_uri": str(tmp_path / "a")}
+    )
+    got = prepare_tile(with_table, TILE)
+    assert got.n_quadrants == res.n_quadrants and len(got.manifest_uris) == 16
+    without = small_config(root, data=data, output={"root_uri": str(tmp_path / "b")})
+    with pytest.raises(Q1FormatError, match="999999"):
+        prepare_tile(without, TILE)
+
+
+def test_tile_association_table_formats_and_errors(tmp_path):
+    import pyarrow as pa
+
+    from constellation_assets.io.q1 import Q1FormatError, read_tile_association, tile_observations
+    from constellation_assets.io.uri import DataAccessError
+
+    pq_path = tmp_path / "assoc.parquet"
+    pq.write_table(pa.table({"TILE_ID": [5, 5, 7, 5], "OBSERVATION_ID": [30, 10, 10, 30]}), pq_path)
+    assert read_tile_association(str(pq_path)) == {5: [10, 30], 7: [10]}
+    assert tile_observations(8, str(pq_path)) == []
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tile,ra\n5,1.0\n")
+    with pytest.raises(Q1FormatError, match="observation id column"):
+        read_tile_association(str(bad))
+    with pytest.raises(DataAccessError, match="tile_association_uri"):
+        read_tile_association(str(tmp_path / "missing.csv"))
+    # a rewritten table is read again
+    pq.write_table(pa.table({"tileid": [5], "obsid": [99]}), pq_path)
+    assert read_tile_association(str(pq_path)) == {5: [99]}

@@ -422,9 +422,6 @@ def load_tile_results(
     """
     tile_id = int(tile_id)
     seen: dict[tuple[int, int], str] = {}
-    source_parts: list[pa.Table] = []
-    summaries: list[dict[str, Any]] = []
-    n_dropped = 0
     uris = list(result_uris)
     for uri in uris:
         try:
@@ -446,7 +443,31 @@ def load_tile_results(
             loaded = [f.result() for f in futures]
         except ResultFileError as exc:
             raise AssemblyError(str(exc)) from exc
-    for uri, (rows, summary) in zip(uris, loaded, strict=True):
+    sources, subtiles, n_dropped = tile_tables(
+        tile_id, list(zip(uris, loaded, strict=True)), run_id=run_id, config_hash=config_hash
+    )
+    grid = int(round(SUBTILES_PER_TILE**0.5))
+    missing = sorted({(r, c) for r in range(grid) for c in range(grid)} - set(seen))
+    return sources, subtiles, n_dropped, missing
+
+
+def tile_tables(
+    tile_id: int,
+    results: Iterable[tuple[str, tuple[pa.Table, dict[str, Any]]]],
+    *,
+    run_id: str | None = None,
+    config_hash: str | None = None,
+) -> tuple[pa.Table, pa.Table, int]:
+    """One tile's read results ``[(uri, (rows, summary)), ...]`` -> (core sources, sub-tile rows, n dropped).
+
+    The rows the assembly commits: sources inside their sub-tile core with RUN_ID and TILE_BUCKET,
+    conformed to the table schema and sorted (DEC, RA); one sub-tile row per result. Raises
+    AssemblyError when an OBJECT_ID occurs in more than one core.
+    """
+    source_parts: list[pa.Table] = []
+    summaries: list[dict[str, Any]] = []
+    n_dropped = 0
+    for uri, (rows, summary) in results:
         if summary.get("result_shape") == "subtile":
             summary["run_id"] = summary.get("run_id") or run_id or "external"
             summary["config_hash"] = summary.get("config_hash") or config_hash or "unknown"
@@ -458,7 +479,7 @@ def load_tile_results(
         core = core.append_column("TILE_BUCKET", pa.array([tile_bucket(tile_id)] * core.num_rows, pa.int32()))
         source_parts.append(conform_table(core, SOURCES_TABLE_ARROW_SCHEMA, f"sub-tile result {uri!r}"))
         summaries.append(summary)
-    if not seen:
+    if not summaries:
         raise AssemblyError(f"no result files given for tile {tile_id}")
     sources = pa.concat_tables(source_parts) if source_parts else SOURCES_TABLE_ARROW_SCHEMA.empty_table()
     _check_unique_object_ids(tile_id, sources)
@@ -470,9 +491,7 @@ def load_tile_results(
     )
     subtiles = conform_table(subtiles, SUBTILES_TABLE_ARROW_SCHEMA, f"tile {tile_id} summaries")
     subtiles = subtiles.sort_by([("SUBTILE_ROW", "ascending"), ("SUBTILE_COL", "ascending")])
-    grid = int(round(SUBTILES_PER_TILE**0.5))
-    missing = sorted({(r, c) for r in range(grid) for c in range(grid)} - set(seen))
-    return sources, subtiles, n_dropped, missing
+    return sources, subtiles, n_dropped
 
 
 def _check_unique_object_ids(tile_id: int, sources: pa.Table) -> None:
@@ -574,9 +593,47 @@ def assemble_tiles(
                 + (f" ({len(incomplete) - 1} more tile(s) incomplete)" if len(incomplete) > 1 else "")
                 + "; run the shear stage for them first"
             )
+    return commit_tiles(
+        catalog,
+        {t: (v[0], v[1]) for t, v in loaded.items()},
+        run_id,
+        config_hash,
+        code_version,
+        namespace=namespace,
+        max_attempts=max_attempts,
+        backoff_s=backoff_s,
+        n_margin_dropped={t: v[2] for t, v in loaded.items()},
+        missing_subtiles={t: v[3] for t, v in loaded.items()},
+        start=start,
+    )
+
+
+def commit_tiles(
+    catalog: Catalog,
+    tiles: Mapping[int, tuple[pa.Table, pa.Table]],
+    run_id: str,
+    config_hash: str,
+    code_version: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+    n_margin_dropped: Mapping[int, int] | None = None,
+    missing_subtiles: Mapping[int, list[tuple[int, int]]] | None = None,
+    start: float | None = None,
+) -> list[AssembleResult]:
+    """Commit tiles' rows ``{tile_id: (core sources, sub-tile rows)}`` (from :func:`tile_tables`).
+
+    The commit half of :func:`assemble_tiles`: one ``shear.sources`` transaction, then one
+    ``shear.subtiles`` transaction for the whole batch, each an idempotent replacement of the batch
+    tiles' rows.
+    """
+    start = time.perf_counter() if start is None else start
+    if not tiles:
+        raise AssemblyError("no tiles given to commit")
     ensure_tables(catalog, namespace)
     assembly_id = uuid.uuid4().hex
-    tile_ids = list(loaded)
+    tile_ids = sorted(int(t) for t in tiles)
     base_props = {
         PROP_RUN_ID: str(run_id),
         PROP_CONFIG_HASH: str(config_hash),
@@ -584,8 +641,8 @@ def assemble_tiles(
         PROP_ASSEMBLY_ID: assembly_id,
         **_tile_summary_properties(tile_ids),
     }
-    sources = {t: v[0] for t, v in loaded.items()}
-    subtiles = {t: v[1] for t, v in loaded.items()}
+    sources = {t: tiles[t][0] for t in tile_ids}
+    subtiles = {t: tiles[t][1] for t in tile_ids}
     src_snapshot, src_attempts = overwrite_tiles(
         catalog,
         table_identifier(namespace, SOURCES_TABLE),
@@ -609,13 +666,13 @@ def assemble_tiles(
             run_id=str(run_id),
             assembly_id=assembly_id,
             n_sources=sources[t].num_rows,
-            n_margin_dropped=loaded[t][2],
+            n_margin_dropped=(n_margin_dropped or {}).get(t, 0),
             n_subtiles=subtiles[t].num_rows,
             sources_snapshot_id=src_snapshot,
             subtiles_snapshot_id=sub_snapshot,
             commit_attempts=src_attempts + sub_attempts,
             elapsed_s=elapsed,
-            missing_subtiles=loaded[t][3],
+            missing_subtiles=list((missing_subtiles or {}).get(t, [])),
             batch_size=len(tile_ids),
         )
         for t in tile_ids

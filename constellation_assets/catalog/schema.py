@@ -257,7 +257,23 @@ def write_subtile_result(
     from constellation_assets.io.uri import atomic_output
 
     tile_id, row, col = parse_subtile_result_name(uri)
-    what = f"sub-tile result {uri!r}"
+    table, summary = checked_subtile_result(table, summary, tile_id, row, col, f"sub-tile result {uri!r}")
+    metadata = dict(table.schema.metadata or {})
+    metadata[SUMMARY_METADATA_KEY] = encode_summary(summary)
+    table = table.replace_schema_metadata(metadata)
+    with atomic_output(uri, storage_options=storage_options) as local_path:
+        pq.write_table(table, local_path, compression="zstd")
+    return uri
+
+
+def checked_subtile_result(
+    table: pa.Table, summary: Mapping[str, Any], tile_id: int, row: int, col: int, what: str
+) -> tuple[pa.Table, dict[str, Any]]:
+    """(rows conformed to SOURCE_RESULT_SCHEMA, checked summary with TILE_ID/SUBTILE_ROW/SUBTILE_COL).
+
+    What :func:`write_subtile_result` stores and :func:`read_subtile_result` returns; ResultFileError
+    when the summary or the id columns disagree with (tile_id, row, col).
+    """
     table = conform_table(table, SOURCE_RESULT_SCHEMA, what)
     summary = _check_summary(summary, what)
     for key, value in (("TILE_ID", tile_id), ("SUBTILE_ROW", row), ("SUBTILE_COL", col)):
@@ -277,12 +293,7 @@ def write_subtile_result(
                 raise ResultFileError(
                     f"{what}: column {key} holds values other than {value} (from the file name)"
                 )
-    metadata = dict(table.schema.metadata or {})
-    metadata[SUMMARY_METADATA_KEY] = encode_summary(summary)
-    table = table.replace_schema_metadata(metadata)
-    with atomic_output(uri, storage_options=storage_options) as local_path:
-        pq.write_table(table, local_path, compression="zstd")
-    return uri
+    return table, summary
 
 
 def read_result_parquet(uri: str, storage_options: dict | None = None) -> pa.Table:

@@ -165,6 +165,100 @@ def discover_observations(vis_base_uri: str, storage_options: dict | None = None
     return sorted(set(out))
 
 
+#: Column names accepted for the tile and the observation of a tile association table (case-insensitive):
+#: IRSA's ``euclid.tileid_association_q1`` export and our own spellings.
+ASSOCIATION_TILE_COLUMNS = ("tileid", "tile_id", "tile_index", "tile")
+ASSOCIATION_OBS_COLUMNS = ("obsid", "obs_id", "observation_id", "observation", "obs")
+
+_ASSOCIATIONS: dict[tuple, dict[int, list[int]]] = {}
+
+
+def _association_column(names: Sequence[str], accepted: Sequence[str], uri: str, what: str) -> str:
+    lower = {n.lower(): n for n in names}
+    for a in accepted:
+        if a in lower:
+            return lower[a]
+    raise Q1FormatError(
+        uri,
+        f"no {what} column in the tile association table (columns: {', '.join(names) or 'none'})",
+        f"name it one of {', '.join(accepted)} (IRSA's euclid.tileid_association_q1 export has them), "
+        "or unset data.tile_association_uri to find observations from their pointings",
+    )
+
+
+def read_tile_association(uri: str, storage_options: dict | None = None) -> dict[int, list[int]]:
+    """Tile id -> sorted observation ids, from a CSV or Parquet table (e.g. IRSA ``euclid.tileid_association_q1``).
+
+    One row per (tile, observation) pair; other columns are ignored. Read once per process and file
+    version (a rewritten file is read again), so a run over many tiles costs one read.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from constellation_assets.io.uri import get_fs
+
+    fs, path = get_fs(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DataAccessError(
+            uri,
+            "Not found",
+            "data.tile_association_uri must name a CSV or Parquet table of (tile id, observation id) pairs; "
+            "export IRSA's euclid.tileid_association_q1 there, or unset it to use the pointing pre-filter",
+        ) from None
+    except Exception as exc:
+        raise DataAccessError(
+            uri, f"cannot read ({type(exc).__name__}: {exc})", "check the location and credentials"
+        ) from exc
+    key = (str(uri), info.get("ETag") or info.get("mtime") or info.get("LastModified"), info.get("size"))
+    cached = _ASSOCIATIONS.get(key)
+    if cached is not None:
+        return cached
+    raw = read_bytes(uri, storage_options)
+    try:
+        if raw[:4] == b"PAR1":
+            table = pq.read_table(io.BytesIO(raw))
+        else:
+            table = pacsv.read_csv(io.BytesIO(raw))
+    except Exception as exc:
+        raise Q1FormatError(
+            uri,
+            f"not a readable CSV or Parquet table ({type(exc).__name__}: {exc})",
+            "write the association as CSV (header row) or Parquet",
+        ) from exc
+    tcol = _association_column(table.column_names, ASSOCIATION_TILE_COLUMNS, uri, "tile id")
+    ocol = _association_column(table.column_names, ASSOCIATION_OBS_COLUMNS, uri, "observation id")
+    try:
+        tiles = np.asarray(table.column(tcol).to_numpy(zero_copy_only=False), dtype=np.int64)
+        obs = np.asarray(table.column(ocol).to_numpy(zero_copy_only=False), dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise Q1FormatError(
+            uri, f"tile and observation ids must be integers ({exc})", "fix the table"
+        ) from exc
+    out: dict[int, set[int]] = {}
+    for t, o in zip(tiles.tolist(), obs.tolist(), strict=True):
+        out.setdefault(int(t), set()).add(int(o))
+    result = {t: sorted(v) for t, v in out.items()}
+    _ASSOCIATIONS.clear()  # one table per process is the use; keep memory bounded
+    _ASSOCIATIONS[key] = result
+    return result
+
+
+def tile_observations(tile_id: int, association_uri: str, storage_options: dict | None = None) -> list[int]:
+    """The observation ids of ``tile_id`` in the association table; [] when the tile has none."""
+    assoc = read_tile_association(association_uri, storage_options)
+    obs = assoc.get(int(tile_id), [])
+    if not obs:
+        log.warning(
+            "tile %s has no observations in the tile association table %s (%d tiles listed): no VIS exposures",
+            tile_id,
+            association_uri,
+            len(assoc),
+        )
+    return obs
+
+
 def _latest(candidates: list[tuple[str, str]], what: str) -> str:
     """Pick the newest (timestamp, uri) of ONE product: several timestamps are reprocessing versions."""
     candidates = sorted(candidates)
