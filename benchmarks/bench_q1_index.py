@@ -13,7 +13,9 @@ requests and listings (what costs time on S3: one round trip each) and the wall 
 - all exposures: every observation listed and every exposure's ~430 HDU headers walked (only with
   ``--full-index`` or ``--far`` <= 10: ~870 requests per exposure);
 - pointing pre-filter (``overlap_box``): every observation listed, a few header requests per exposure;
-- association table (``data.tile_association_uri``): one table read, only the tile's observations listed.
+- association table (``data.tile_association_uri``): one table read, only the tile's observations listed;
+  then with the quadrant index cache (``{root}/cache/quadrant_index``, shared by all tiles and runs) cold and
+  warm: a warm tile reads one cached Parquet per exposure instead of walking its headers.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def main() -> None:
     ap.add_argument(
         "--s3", action="store_true", help="serve the observations from a moto S3 server on 127.0.0.1"
     )
+    ap.add_argument(
+        "--full-index", action="store_true", help="also index every exposure (default when --far <= 10)"
+    )
     args = ap.parse_args()
 
     import os
@@ -123,7 +128,11 @@ def main() -> None:
         assoc.write_text("tileid,obsid\n" + "\n".join(rows) + "\n")
         vis, so, assoc_uri = str(local), None, str(assoc)
         if args.s3:
+            import logging
+
             from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
             for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
                 os.environ.setdefault(k, v)  # the loopback moto server only
@@ -134,8 +143,8 @@ def main() -> None:
             _upload(Path(tmp), endpoint, "bench-q1")
             vis, assoc_uri = "s3://bench-q1/q1/VIS", "s3://bench-q1/tileid_association_q1.csv"
             so = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        counter = {"range": 0, "list": 0}
-        orig_range, orig_list = q1._read_range, q1.list_uri
+        counter = {"range": 0, "list": 0, "get": 0}
+        orig_range, orig_list, orig_get = q1._read_range, q1.list_uri, q1.read_bytes
 
         def counting_range(fs, path, start, end):
             counter["range"] += 1
@@ -145,31 +154,39 @@ def main() -> None:
             counter["list"] += 1
             return orig_list(*a, **k)
 
-        q1._read_range, q1.list_uri = counting_range, counting_list
+        def counting_get(*a, **k):
+            counter["get"] += 1
+            return orig_get(*a, **k)
+
+        q1._read_range, q1.list_uri, q1.read_bytes = counting_range, counting_list, counting_get
         where = "moto S3" if args.s3 else "local files"
+        cache = str(Path(tmp) / "index-cache") if not args.s3 else "s3://bench-q1/cache/quadrant_index"
         print(f"one tile, {1 + args.far} observations x {args.exposures} exposures ({where})")
-        print(
-            "method                 | exposures listed | range requests | listings | seconds | quadrant rows"
-        )
+        print("method                                | exposures listed | range requests | whole-object reads "
+              "| listings | seconds | quadrant rows")  # fmt: skip
         try:
             methods = [
-                ("pointing pre-filter", tile.extended, False),
-                ("association table", tile.extended, True),
+                ("pointing pre-filter", tile.extended, False, None),
+                ("association table", tile.extended, True, None),
+                ("association table, index cache (cold)", tile.extended, True, cache),
+                ("association table, index cache (warm)", tile.extended, True, cache),
             ]
             if args.full_index or args.far <= 10:
-                methods.insert(0, ("all exposures", None, False))
-            for label, box, table in methods:
-                counter.update(range=0, list=0)
+                methods.insert(0, ("all exposures", None, False, None))
+            for label, box, table, cache_uri in methods:
+                counter.update(range=0, list=0, get=0)
                 q1._ASSOCIATIONS.clear()
                 t0 = time.perf_counter()
                 obs = q1.tile_observations(tile_id, assoc_uri, so) if table else None
                 exps = q1.discover_vis_exposures(vis, obs_ids=obs, storage_options=so)
-                index = q1.build_quadrant_index(exps, storage_options=so, overlap_box=box)
+                index = q1.build_quadrant_index(
+                    exps, cache_uri=cache_uri, storage_options=so, cache_storage_options=so, overlap_box=box
+                )
                 dt = time.perf_counter() - t0
-                print(f"{label:22s} | {len(exps):16d} | {counter['range']:14d} | {counter['list']:8d} | "
-                      f"{dt:7.2f} | {index.num_rows}")  # fmt: skip
+                print(f"{label:37s} | {len(exps):16d} | {counter['range']:14d} | {counter['get']:18d} | "
+                      f"{counter['list']:8d} | {dt:7.2f} | {index.num_rows}")  # fmt: skip
         finally:
-            q1._read_range, q1.list_uri = orig_range, orig_list
+            q1._read_range, q1.list_uri, q1.read_bytes = orig_range, orig_list, orig_get
             if server is not None:
                 server.stop()
 
