@@ -44,6 +44,13 @@ Engines (``inference.engine`` in the config, an opaque section):
     IN_CORE rows when the command gives none) and the file is re-written atomically to the result URI
     with this run's provenance (config_hash, run_id).
 
+Several sub-tiles of one tile (``infer_tile_manifests``, used by ``pipeline.infer_many``, the local run
+and the shear worker behind the Dagster ``shear_measurements`` asset) are measured together with the
+built-in engine: every quadrant they need is read once for the tile, byte ranges only, instead of once per
+sub-tile listing it (neighbouring extended sub-tiles share most quadrants), and one quadrant is in memory at
+a time (:func:`measure_tile`); the result files are those ``infer_manifest`` writes.
+``benchmarks/bench_tile_io.py`` reports the bytes read per tile against the HDUs overlapping it.
+
 Idempotency: the result ``{output.results}/{tile_id}/{TILE}_{ROW}_{COL}.parquet`` is skipped when it
 exists with the same ``config_hash`` and manifest hash (unless ``force``); otherwise it is (re)written
 atomically, so a partial file never appears.
@@ -507,12 +514,16 @@ def measure_tile(
         for q in dict.fromkeys(pos.tolist()):
             users[q].append(m)
 
+    # Quadrants no manifest with sources needs are not read (they would give no stamp).
+    wanted = [q for q in range(len(entries)) if any(out[m] is None and len(members[m][0]) for m in users[q])]
+
     measurer = _BatchMeasurer(device, batch_size, _estimator_kwargs(cfg), progress)
     stamp_src: list[np.ndarray] = []  # union source index of each stamp (by stamp id)
     stamp_quad: list[np.ndarray] = []  # quadrant of each stamp
     n_ids = 0
     try:
-        for q, quad, exc in st.iter_quadrant_images(entries, stamp_size, opts):
+        for i, quad, exc in st.iter_quadrant_images([entries[q] for q in wanted], stamp_size, opts):
+            q = wanted[i]
             live = [m for m in users[q] if out[m] is None and len(members[m][0])]
             if exc is None and live:
                 try:

@@ -7,7 +7,9 @@ Pipeline (all vectorised over sources; no per-pixel Python):
    Decoded quadrants (with their WCS and native PSF grid) are kept in a process-wide LRU cache
    (:data:`QUADRANT_CACHE`, ``CONSTELLATION_QUADRANT_CACHE_MB``, default 256) because neighbouring
    sub-tiles measured by one worker share quadrants; on s3:// the next quadrant is fetched while the
-   current one is measured.
+   current one is measured. The tile-level measurement (:func:`iter_quadrant_images`, used by
+   :func:`constellation_assets.shear.infer.measure_tile`) instead reads each quadrant of a tile once and
+   cuts the stamps of every sub-tile from it, without the cache.
 2. World -> pixel for all sources at once (astropy WCS, TPV included); keep the sources whose centre lies
    on the quadrant. The local WCS Jacobian at each source (central differences of the WCS) is kept too.
 3. Cut ``stamp_size`` x ``stamp_size`` stamps with one block gather per array (strided window view; the
