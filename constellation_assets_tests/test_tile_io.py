@@ -137,3 +137,26 @@ def test_unreadable_quadrant_fails_only_its_subtiles(tile, tmp_path):
     assert isinstance(out[0], Exception)
     assert "missing.fits" in str(out[0])
     assert all(isinstance(o, tuple) and o[1] > 0 for o in out[1:])
+
+
+def test_infer_many_groups_manifests_by_tile(tile):
+    import pickle
+
+    from constellation_assets.pipeline import _infer_group, _tile_groups, infer_many
+
+    groups = _tile_groups(["r/m/7/7_0_1.yaml", "r/m/8/8_0_0.yaml", "r/m/7/7_1_1.yaml", "s3://b/x/other.yaml"])
+    assert groups == [["r/m/7/7_0_1.yaml", "r/m/7/7_1_1.yaml"], ["r/m/8/8_0_0.yaml"], ["s3://b/x/other.yaml"]]
+    cfg, uris = tile["cfg"], tile["uris"]
+    assert _tile_groups(uris) == [uris]
+    results = infer_many(cfg, uris, workers=2)  # one tile: one group, measured in this process
+    assert sorted(r.manifest_uri for r in results) == sorted(uris)
+    # The worker-process task returns picklable results and failures.
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        done, failed = _infer_group(cfg.model_dump(mode="json"), uris, None, None, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(done) == len(uris) and not failed
+    pickle.dumps((done, failed))
