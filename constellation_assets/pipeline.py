@@ -54,15 +54,36 @@ def stage_record_uri(cfg, stage: str) -> str:
     return run_config_uri(cfg.output.root_uri, stage, cfg.field_name, cfg.field_name)
 
 
-def _infer_one(cfg_dict: dict, manifest_uri: str, device: str | None, batch_size: int | None, threads: int):
+def _infer_group(cfg_dict: dict, uris: list[str], device: str | None, batch_size: int | None, threads: int):
+    """One worker task: the manifests of one tile, measured together (picklable failures)."""
+    import pickle
+
     import torch
 
     from constellation_assets.config import PipelineConfig
-    from constellation_assets.shear.infer import infer_manifest
+    from constellation_assets.shear.infer import infer_tile_manifests
 
     torch.set_num_threads(max(1, threads))
     cfg = PipelineConfig.model_validate(cfg_dict)
-    return infer_manifest(cfg, manifest_uri, device=device, batch_size=batch_size)
+    results, failures = infer_tile_manifests(cfg, uris, device=device, batch_size=batch_size)
+    out = []
+    for uri, exc in failures:
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        out.append((uri, exc))
+    return results, out
+
+
+def _tile_groups(uris: list[str]) -> list[list[str]]:
+    """Manifests grouped by tile (``{tile_id}_{row}_{col}.yaml`` names, else by folder), in order."""
+    groups: dict[str, list[str]] = {}
+    for uri in uris:
+        folder, _, name = str(uri).rstrip("/").rpartition("/")
+        head = name.split("_", 1)[0]
+        groups.setdefault(head if head.isdigit() and "_" in name else folder, []).append(uri)
+    return list(groups.values())
 
 
 def infer_many(
@@ -77,44 +98,48 @@ def infer_many(
 ) -> list:
     """Run the estimator on many manifests, in ``workers`` processes (spawned: torch is not fork-safe).
 
+    The sub-tiles of one tile are measured together, each quadrant read once per tile
+    (:func:`constellation_assets.shear.infer.infer_tile_manifests`); the workers share out the tiles.
     ``on_error(manifest_uri, exc)``: when given, a failing sub-tile is reported there and the others go on;
-    without it the first failure raises.
+    without it a failure raises (the first failing manifest's error, once its tile is done).
     """
-    from constellation_assets.shear.infer import infer_manifest
+    from constellation_assets.shear.infer import infer_tile_manifests
     from constellation_assets.shear.worker import infer_record_extra
 
     uris = list(manifest_uris)
-    workers = max(1, min(workers or cfg.compute.workers, len(uris) or 1))
+    groups = _tile_groups(uris)
+    workers = max(1, min(workers or cfg.compute.workers, len(groups) or 1))
     results = []
     if workers == 1:
-        for uri in uris:
-            try:
-                res = infer_manifest(cfg, uri, device=device, batch_size=batch_size)
-            except Exception as exc:
-                if on_error is None:
-                    raise
+        for group in groups:
+            done, failed = infer_tile_manifests(cfg, group, device=device, batch_size=batch_size)
+            if failed and on_error is None:
+                raise failed[0][1]
+            for uri, exc in failed:
                 on_error(uri, exc)
-                continue
-            results.append(res)
-            if on_done:
-                on_done(res)
+            for res in done:
+                results.append(res)
+                if on_done:
+                    on_done(res)
         write_stage_record(cfg, "infer", infer_record_extra(results))
         return results
     threads = max(1, (cfg.compute.torch_threads or mp.cpu_count()) // workers)
     cfg_dict = cfg.model_dump(mode="json")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futs = {pool.submit(_infer_one, cfg_dict, u, device, batch_size, threads): u for u in uris}
+        futs = {pool.submit(_infer_group, cfg_dict, g, device, batch_size, threads): g for g in groups}
         for fut in cf.as_completed(futs):
             try:
-                res = fut.result()  # a failing sub-tile raises here, naming its manifest
-            except Exception as exc:
-                if on_error is None:
-                    raise
-                on_error(futs[fut], exc)
-                continue
-            results.append(res)
-            if on_done:
-                on_done(res)
+                done, failed = fut.result()
+            except Exception as exc:  # the worker process itself failed: every sub-tile of its tile
+                failed, done = [(u, exc) for u in futs[fut]], []
+            if failed and on_error is None:
+                raise failed[0][1]
+            for uri, exc in failed:
+                on_error(uri, exc)
+            for res in done:
+                results.append(res)
+                if on_done:
+                    on_done(res)
     results.sort(key=lambda r: r.manifest_uri)
     write_stage_record(cfg, "infer", infer_record_extra(results))  # last, after every sub-tile result
     return results

@@ -1,6 +1,9 @@
 """A shear worker killed with SIGKILL mid-run: no partial result is visible, re-running completes (finished
 sub-tiles are skipped, not redone), and assembly gives every source exactly once.
 
+The worker measures the sub-tiles of a tile together (each quadrant read once per tile), so the sub-tiles
+are spread over two tiles: the kill comes after the first tile's results, while the second is measured.
+
 (An assembly killed mid-commit and concurrent assembly are covered by test_catalog_faults.py and
 test_catalog_concurrency.py.)
 """
@@ -26,6 +29,7 @@ from constellation_assets.catalog.schema import read_subtile_result
 from constellation_assets_tests import test_stamps_synth as syn
 
 TILE = 102044185
+TILE2 = 102044186
 N_SUB = 6
 N_GAL = 16
 
@@ -45,6 +49,7 @@ def _manifests(tmp_path: Path) -> list[str]:
             [q],
             ra,
             dec,
+            tile_id=_tile_of(col),
             row=col // 4,
             col=col % 4,
             core_mask=core,
@@ -60,6 +65,10 @@ def _manifests(tmp_path: Path) -> list[str]:
         m.write_text(yaml.safe_dump(d, sort_keys=False))
         out.append(str(m))
     return out
+
+
+def _tile_of(col: int) -> int:
+    return TILE if col < N_SUB // 2 else TILE2
 
 
 @pytest.mark.integration
@@ -92,7 +101,9 @@ def test_worker_sigkill_mid_subtile_then_rerun(tmp_path):
         env=env,
     )
     try:
-        first = json.loads(proc.stdout.readline())  # one sub-tile done: the worker is inside the next one
+        first = json.loads(
+            proc.stdout.readline()
+        )  # the first tile is done: the worker is inside the next one
         assert first["status"] == "written"
         time.sleep(0.05)
     finally:
@@ -122,9 +133,11 @@ def test_worker_sigkill_mid_subtile_then_rerun(tmp_path):
     ]
 
     catalog = open_catalog_from(f"sqlite:///{tmp_path / 'catalog.db'}", str(tmp_path / "wh"))
-    uris = sorted(r.result_uri for r in results)
-    res = assemble_tile(catalog, TILE, uris, "rerun", "h", "v")
-    src = scan_sources(catalog, [TILE])
+    n_assembled = 0
+    for tile in (TILE, TILE2):
+        uris = sorted(r.result_uri for r in results if r.tile_id == tile)
+        n_assembled += assemble_tile(catalog, tile, uris, "rerun", "h", "v").n_sources
+    src = scan_sources(catalog, [TILE, TILE2])
     n_core = N_SUB * int((np.arange(N_GAL) % 4 != 0).sum())
-    assert res.n_sources == src.num_rows == n_core  # core sources exactly once: none lost, none duplicated
+    assert n_assembled == src.num_rows == n_core  # core sources exactly once: none lost, none duplicated
     assert len(pc.unique(src["OBJECT_ID"])) == n_core

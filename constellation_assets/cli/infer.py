@@ -66,16 +66,22 @@ def infer_command(config_path, manifests, device, batch_size, force, as_json) ->
         def on_progress(n: int) -> None:
             bar.update(task, stamps=bar.tasks[task].fields["stamps"] + n)
 
-        for uri in uris:
-            bar.update(task, description=uri.rstrip("/").rsplit("/", 1)[-1])
-            res, fail = run_manifests(cfg, [uri], None, None, force=force, progress=on_progress)
-            results += res
-            failures += fail
-            for r in res:
-                if as_json:
-                    click.echo(json.dumps(r.to_metadata(), default=str))
+        def on_result(r) -> None:
+            if as_json:
+                click.echo(json.dumps(r.to_metadata(), default=str))
             bar.advance(task)
-        bar.update(task, description="sub-tiles")
+
+        # The sub-tiles of one tile are measured together (each quadrant read once per tile).
+        results, failures = run_manifests(
+            cfg,
+            uris,
+            None,
+            None,
+            force=force,
+            progress=on_progress,
+            on_result=on_result,
+            on_error=lambda uri, exc: bar.advance(task),
+        )
     if not failures:  # the infer stage's run_config record, after every sub-tile result
         from constellation_assets.provenance import write_stage_record
         from constellation_assets.shear.worker import infer_record_extra

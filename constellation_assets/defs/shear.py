@@ -70,7 +70,8 @@ def _text(value) -> str | None:
     owners=OWNERS,
     kinds={"pytorch", "parquet", "kubernetes"},
     description="Shear inference on each sub-tile manifest of the tile -> one Parquet of per-source rows "
-    "(E1, E2, R11, R22, WEIGHT, SNR, FLAGS) per sub-tile. Runs in a worker process through dagster-pipes: "
+    "(E1, E2, R11, R22, WEIGHT, SNR, FLAGS) per sub-tile; the sub-tiles of a tile are measured together, "
+    "each VIS quadrant read once per tile. Runs in a worker process through dagster-pipes: "
     "a subprocess locally, a GPU pod (nvidia.com/gpu) on Kubernetes, one worker for all tiles of a run; "
     "serialised by the 'gpu' pool.",
 )

@@ -13,11 +13,13 @@ of every HDU in the DET/BKG/WGT/PSF files and the footprint from the SCI header'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,10 +52,12 @@ __all__ = [
     "Q1FormatError",
     "QuadrantData",
     "QuadrantHeader",
+    "ReadStats",
     "SHORT_EXPOSURE_INDEX",
     "VIS_FOCAL_PLANE_SPAN_DEG",
     "VisExposure",
     "build_quadrant_index",
+    "count_reads",
     "default_mer_base_uri",
     "discover_mer_catalog",
     "discover_mer_mosaics",
@@ -84,6 +88,7 @@ __all__ = [
     "read_quadrant",
     "read_quadrant_hdus",
     "read_quadrant_row",
+    "read_stats",
     "vis_exposure_of",
     "zero_point_mag",
 ]
@@ -391,9 +396,59 @@ def discover_mer_catalog(catalog_base_uri: str, tile_id: int, storage_options: d
 # ----------------------------------------------------------------------------------------------- FITS walk
 
 
+@dataclasses.dataclass
+class ReadStats:
+    """Range requests made through :func:`_read_range`: their number, the bytes returned and, for a
+    :func:`count_reads` block, each request as ``(path, start, end)``."""
+
+    requests: int = 0
+    bytes: int = 0
+    ranges: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
+
+
+#: Totals of this process (no per-request list); :func:`read_stats` returns a copy.
+_READ_TOTALS = ReadStats()
+#: The stats of the open :func:`count_reads` blocks (every block sees every read of the process).
+_READ_BLOCKS: list[ReadStats] = []
+_READ_LOCK = threading.Lock()
+
+
+def read_stats() -> ReadStats:
+    """Range requests and bytes read by this process so far (a snapshot: subtract two for a block)."""
+    with _READ_LOCK:
+        return ReadStats(_READ_TOTALS.requests, _READ_TOTALS.bytes)
+
+
+@contextlib.contextmanager
+def count_reads() -> Iterator[ReadStats]:
+    """Count the range requests of a block (all threads of the process), each recorded with its range::
+
+    with count_reads() as reads:
+        ...
+    print(reads.requests, reads.bytes, reads.ranges)
+    """
+    stats = ReadStats()
+    with _READ_LOCK:
+        _READ_BLOCKS.append(stats)
+    try:
+        yield stats
+    finally:
+        with _READ_LOCK:
+            _READ_BLOCKS.remove(stats)
+
+
 def _read_range(fs, path: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a file: the single choke point of all index/quadrant reads (tests count it)."""
-    return fs.cat_file(path, start=start, end=end)
+    """Bytes [start, end) of a file: the single choke point of all index/quadrant reads (counted:
+    :func:`read_stats`, :func:`count_reads`)."""
+    data = fs.cat_file(path, start=start, end=end)
+    with _READ_LOCK:
+        _READ_TOTALS.requests += 1
+        _READ_TOTALS.bytes += len(data)
+        for stats in _READ_BLOCKS:
+            stats.requests += 1
+            stats.bytes += len(data)
+            stats.ranges.append((str(path), int(start), int(end)))
+    return data
 
 
 def _parse_header(raw: bytes, uri: str, offset: int):

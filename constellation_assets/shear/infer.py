@@ -44,6 +44,13 @@ Engines (``inference.engine`` in the config, an opaque section):
     IN_CORE rows when the command gives none) and the file is re-written atomically to the result URI
     with this run's provenance (config_hash, run_id).
 
+Several sub-tiles of one tile (``infer_tile_manifests``, used by ``pipeline.infer_many``, the local run
+and the shear worker behind the Dagster ``shear_measurements`` asset) are measured together with the
+built-in engine: every quadrant they need is read once for the tile, byte ranges only, instead of once per
+sub-tile listing it (neighbouring extended sub-tiles share most quadrants), and one quadrant is in memory at
+a time (:func:`measure_tile`); the result files are those ``infer_manifest`` writes.
+``benchmarks/bench_tile_io.py`` reports the bytes read per tile against the HDUs overlapping it.
+
 Idempotency: the result ``{output.results}/{tile_id}/{TILE}_{ROW}_{COL}.parquet`` is skipped when it
 exists with the same ``config_hash`` and manifest hash (unless ``force``); otherwise it is (re)written
 atomically, so a partial file never appears.
@@ -83,8 +90,10 @@ __all__ = [
     "ExternalEngineError",
     "InferResult",
     "infer_manifest",
+    "infer_tile_manifests",
     "load_manifest",
     "measure_manifest",
+    "measure_tile",
     "resolve_device",
     "result_uri_for",
 ]
@@ -356,8 +365,6 @@ def measure_manifest(
 
     Returns ``(table, n_stamps)``: a pyarrow table with the SOURCE_RESULT_SCHEMA columns.
     """
-    import pyarrow as pa
-
     opts = storage_options or cfg.storage_options
     sources_uri = manifest.get("sources_uri") or manifest.get("source_catalog") or ""
     sources, in_core = st.sources_from_manifest(manifest, opts(str(sources_uri)))
@@ -370,9 +377,17 @@ def measure_manifest(
         measurer.add(stamps)
         del stamps
     per_stamp = measurer.finish()
+    return _result_table(cfg, manifest, sources, in_core, per_stamp, covered), measurer.n_stamps
+
+
+def _result_table(cfg, manifest, sources, in_core, per_stamp: Mapping[str, np.ndarray], covered: np.ndarray):
+    """Combine a sub-tile's per-exposure moments per source and build its SOURCE_RESULT_SCHEMA table."""
+    import pyarrow as pa
+
     from constellation_assets.shear import fpfs
 
     assert len(fpfs.MOMENT_NAMES) == _N_MOMENTS
+    n = len(sources)
     est = _estimator_kwargs(cfg)
     # Per-exposure failures that exclude a stamp: non-finite pixels, unusable PSF. (A noisy exposure's
     # denominator or S/N is not a reason: cuts are made once, on the combined moments.)
@@ -394,7 +409,7 @@ def measure_manifest(
     tile_id = int(manifest["tile_id"])
     row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
     snr = np.where(np.isfinite(comb["snr"]), comb["snr"], np.float32(np.finfo(np.float32).max))
-    table = pa.table(
+    return pa.table(
         {
             "TILE_ID": pa.array(np.full(n, tile_id, np.int64)),
             "SUBTILE_ROW": pa.array(np.full(n, row, np.int8)),
@@ -413,7 +428,158 @@ def measure_manifest(
             "IN_CORE": pa.array(in_core.astype(bool)),
         }
     )
-    return table, measurer.n_stamps
+
+
+def _entry_key(entry: Mapping[str, Any]) -> str:
+    """Identity of a manifest quadrant entry (paths, HDU names, byte offsets): equal entries are one read."""
+    return json.dumps(dict(entry), sort_keys=True, default=str, separators=(",", ":"))
+
+
+def measure_tile(
+    cfg,
+    manifests: list[Mapping[str, Any]],
+    device: str = "cpu",
+    batch_size: int = 1024,
+    storage_options: Callable[[str], dict] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[Any, int] | Exception]:
+    """Measure several sub-tile manifests (normally the sub-tiles of one tile) reading each quadrant once.
+
+    Quadrant-major: the union of the manifests' sources is formed, then every distinct quadrant entry
+    is read once (:func:`constellation_assets.shear.stamps.iter_quadrant_images`), the stamps of every
+    source of any manifest listing that quadrant are cut and their per-exposure moments measured in
+    batches (``_BatchMeasurer``), and the quadrant is released. The per-stamp moments are then split back
+    per manifest (a stamp counts for a manifest that lists both its source and its quadrant, in the
+    manifest's quadrant order) and combined per source as in :func:`measure_manifest`, so each table
+    holds what measuring the manifest alone gives (up to the estimator's batch-median pixel scale).
+    Memory: one quadrant (two on s3://, one read ahead) plus the stamps of one batch and the moments.
+
+    Returns, per manifest in order, ``(table, n_stamps)`` or the exception that failed it: a quadrant
+    that cannot be read or cut fails the manifests that list it (the others go on), a bad source list
+    fails its manifest; an estimator error fails them all.
+    """
+    opts = storage_options or cfg.storage_options
+    stamp_size = int(cfg.shear.stamp_size_pix)
+    out: list[Any] = [None] * len(manifests)
+    tables: dict[str, Any] = {}
+    members: list[tuple[st.SourceList, np.ndarray]] = []  # (sources, in_core) per manifest
+    keys = []
+    for m, manifest in enumerate(manifests):
+        try:
+            uri = str(manifest.get("sources_uri") or manifest.get("source_catalog") or "")
+            if uri not in tables:
+                tables[uri] = st.read_source_table(manifest, opts(uri))
+            sources, in_core = st.sources_from_manifest(manifest, opts(uri), table=tables[uri])
+        except Exception as exc:
+            out[m] = exc
+            sources, in_core = (
+                st.SourceList(np.zeros(0, np.int64), np.zeros(0), np.zeros(0)),
+                np.zeros(0, bool),
+            )
+        members.append((sources, in_core))
+        keys.append((sources.object_id, sources.ra_deg, sources.dec_deg))
+    tables.clear()
+    # Union of the sources (one stamp per source and quadrant, whichever sub-tiles share the source).
+    oid = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, np.int64)
+    rec = np.rec.fromarrays(
+        [oid, *(np.concatenate([k[i] for k in keys]) if keys else np.zeros(0) for i in (1, 2))],
+        names="oid,ra,dec",
+    )
+    uniq, inverse = np.unique(rec, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    union = st.SourceList(
+        np.ascontiguousarray(uniq["oid"], np.int64),
+        np.ascontiguousarray(uniq["ra"], np.float64),
+        np.ascontiguousarray(uniq["dec"], np.float64),
+    )
+    bounds = np.cumsum([0] + [len(k[0]) for k in keys])
+    union_idx = [inverse[bounds[m] : bounds[m + 1]] for m in range(len(manifests))]
+    del keys, rec, oid, inverse
+
+    # Distinct quadrant entries, in order of first appearance; each manifest's quadrants as positions.
+    entry_pos: dict[str, int] = {}
+    entries: list[Mapping[str, Any]] = []
+    quads_of: list[np.ndarray] = []
+    for manifest in manifests:
+        pos = []
+        for e in manifest.get("quadrants") or []:
+            k = _entry_key(e)
+            if k not in entry_pos:
+                entry_pos[k] = len(entries)
+                entries.append(e)
+            pos.append(entry_pos[k])
+        quads_of.append(np.asarray(pos, np.intp))
+    users: list[list[int]] = [[] for _ in entries]  # manifests listing each quadrant
+    for m, pos in enumerate(quads_of):
+        for q in dict.fromkeys(pos.tolist()):
+            users[q].append(m)
+
+    # Quadrants no manifest with sources needs are not read (they would give no stamp).
+    wanted = [q for q in range(len(entries)) if any(out[m] is None and len(members[m][0]) for m in users[q])]
+
+    measurer = _BatchMeasurer(device, batch_size, _estimator_kwargs(cfg), progress)
+    stamp_src: list[np.ndarray] = []  # union source index of each stamp (by stamp id)
+    stamp_quad: list[np.ndarray] = []  # quadrant of each stamp
+    n_ids = 0
+    try:
+        for i, quad, exc in st.iter_quadrant_images([entries[q] for q in wanted], stamp_size, opts):
+            q = wanted[i]
+            live = [m for m in users[q] if out[m] is None and len(members[m][0])]
+            if exc is None and live:
+                try:
+                    sel = np.zeros(len(union), bool)
+                    for m in live:
+                        sel[union_idx[m]] = True
+                    subset_idx = np.nonzero(sel)[0]
+                    subset = st.SourceList(
+                        union.object_id[subset_idx], union.ra_deg[subset_idx], union.dec_deg[subset_idx]
+                    )
+                    stamps = st.quadrant_stamps(quad, subset, stamp_size)
+                except Exception as err:
+                    exc = err
+            del quad
+            if exc is not None:
+                for m in live:
+                    out[m] = exc
+                continue
+            if not live or not len(stamps):
+                continue
+            k = len(stamps)
+            stamp_src.append(subset_idx[stamps.source_index])
+            stamp_quad.append(np.full(k, q, np.intp))
+            stamps.source_index = np.arange(n_ids, n_ids + k, dtype=np.intp)  # stamp ids
+            n_ids += k
+            measurer.add(stamps)
+            del stamps
+        per_stamp = measurer.finish()
+    except Exception as exc:  # the estimator: its batches mix sub-tiles
+        return [o if o is not None else exc for o in out]
+    src_of = np.concatenate(stamp_src) if stamp_src else np.zeros(0, np.intp)
+    quad_of = np.concatenate(stamp_quad) if stamp_quad else np.zeros(0, np.intp)
+    ids = np.asarray(per_stamp["source_index"], np.intp)
+    s_src, s_quad = src_of[ids], quad_of[ids]
+    for m, manifest in enumerate(manifests):
+        if out[m] is not None:
+            continue
+        try:
+            sources, in_core = members[m]
+            local = np.full(len(union), -1, np.intp)
+            local[union_idx[m]] = np.arange(len(sources))
+            rank = np.full(len(entries), -1, np.intp)  # first position of each quadrant in the manifest
+            pos = quads_of[m]
+            rank[pos[::-1]] = np.arange(len(pos))[::-1]
+            keep = (local[s_src] >= 0) & (rank[s_quad] >= 0)
+            # Per-source sums in the manifest's quadrant order (the order measure_manifest adds them in).
+            rows = np.nonzero(keep)[0]
+            rows = rows[np.argsort(rank[s_quad[rows]], kind="stable")]
+            part = {k: v[rows] for k, v in per_stamp.items()}
+            part["source_index"] = local[s_src[rows]]
+            covered = np.bincount(part["source_index"], minlength=len(sources)).astype(np.int64)
+            table = _result_table(cfg, manifest, sources, in_core, part, covered)
+            out[m] = (table, int(part["usable"].sum()))
+        except Exception as exc:
+            out[m] = exc
+    return out
 
 
 def summarize(table, manifest: Mapping[str, Any], method: str) -> dict[str, Any]:
@@ -637,7 +803,6 @@ def infer_manifest(
         run_id: provenance id stored in the summary (default: a new unique id).
         progress: called with the number of stamps measured after each batch.
     """
-    from constellation_assets.catalog.schema import write_subtile_result
     from constellation_assets.provenance import config_hash
 
     t0 = time.perf_counter()
@@ -678,29 +843,192 @@ def infer_manifest(
         else:
             table, n_stamps = measure_manifest(cfg, manifest, dev, bs, progress=progress)
             summary = summarize(table, manifest, str(cfg.shear.method))
-        n_core = int(np.asarray(table["IN_CORE"].to_numpy(zero_copy_only=False), bool).sum())
-        summary.update(
-            {
-                "run_id": run_id,
-                "config_hash": chash,
-                "manifest_hash": mhash,
-                "engine": engine,
-                "n_rows": table.num_rows,
-                "n_core": n_core,
-                "n_stamps": n_stamps,
-                "device": dev,
-            }
-        )
-        write_subtile_result(table, summary, result_uri, storage_options=result_opts)
-    seconds = time.perf_counter() - t0
-    res = InferResult(
-        manifest_uri, result_uri, tile_id, row, col, "written", engine, str(summary["METHOD"]),
+        job = _Job(manifest_uri, manifest, result_uri, result_opts, mhash)
+        res = _write_result(cfg, job, table, summary, n_stamps, engine, chash, run_id, dev)
+    res.seconds = time.perf_counter() - t0
+    res.peak_rss_mb, res.peak_gpu_mb = mem.rss_mb, mem.gpu_mb
+    _log_written(res)
+    return res
+
+
+@dataclasses.dataclass
+class _Job:
+    """One manifest to (re)measure: where its result goes and the manifest hash stored with it."""
+
+    manifest_uri: str
+    manifest: dict
+    result_uri: str
+    result_opts: dict | None
+    manifest_hash: str
+
+
+def _write_result(
+    cfg, job: _Job, table, summary: dict, n_stamps: int, engine, chash, run_id, dev
+) -> InferResult:
+    """Add the provenance to a sub-tile summary and write its result (temp name + rename)."""
+    from constellation_assets.catalog.schema import write_subtile_result
+
+    m = job.manifest
+    tile_id, row, col = int(m["tile_id"]), int(m["sub_tile_row"]), int(m["sub_tile_col"])
+    n_core = int(np.asarray(table["IN_CORE"].to_numpy(zero_copy_only=False), bool).sum())
+    summary.update(
+        {
+            "run_id": run_id,
+            "config_hash": chash,
+            "manifest_hash": job.manifest_hash,
+            "engine": engine,
+            "n_rows": table.num_rows,
+            "n_core": n_core,
+            "n_stamps": n_stamps,
+            "device": dev,
+        }
+    )
+    write_subtile_result(table, summary, job.result_uri, storage_options=job.result_opts)
+    return InferResult(
+        job.manifest_uri, job.result_uri, tile_id, row, col, "written", engine, str(summary["METHOD"]),
         table.num_rows, n_core, int(summary["N_SOURCES"]), n_stamps,
         float(summary["G1"]), float(summary["G2"]), float(summary["G1_ERR"]), float(summary["G2_ERR"]),
-        seconds, dev, mem.rss_mb, mem.gpu_mb, chash, run_id,
+        math.nan, dev, math.nan, None, chash, run_id,
     )  # fmt: skip
+
+
+def _log_written(res: InferResult) -> None:
     log.info(
         "sub-tile %s_%s_%s: %d sources (%d core, %d measured), %d stamps, %.1f s on %s, peak RSS %.0f MB",
-        tile_id, row, col, res.n_sources, n_core, res.n_measured, n_stamps, seconds, dev, mem.rss_mb,
+        res.tile_id, res.sub_tile_row, res.sub_tile_col, res.n_sources, res.n_core, res.n_measured,
+        res.n_stamps, res.seconds, res.device, res.peak_rss_mb,
     )  # fmt: skip
-    return res
+
+
+def infer_tile_manifests(
+    cfg,
+    manifest_uris: list[str],
+    device: str | None = None,
+    batch_size: int | None = None,
+    *,
+    force: bool = False,
+    run_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_result: Callable[[InferResult], None] | None = None,
+    on_error: Callable[[str, BaseException], None] | None = None,
+) -> tuple[list[InferResult], list[tuple[str, BaseException]]]:
+    """:func:`infer_manifest` for many manifests, the sub-tiles of a tile measured together.
+
+    Manifests are grouped by ``tile_id``; in each tile those whose result exists with the same config
+    and manifest hash are skipped (unless ``force``), and the others are measured with
+    :func:`measure_tile`, which reads every quadrant they need once for the tile (instead of once per
+    sub-tile that lists it), then each result is written as :func:`infer_manifest` writes it (same
+    file, summary and provenance, temp name + rename). A tile with a single manifest to measure, and
+    the external engine, go through :func:`infer_manifest` one manifest at a time.
+
+    Each result (``on_result``) and failure (``on_error(uri, exc)``) is reported per sub-tile; a failing
+    sub-tile does not stop the others. Returns ``(results, failures)`` in manifest order. In a tile
+    measured together, ``seconds`` of a sub-tile is its share (by stamps) of the tile's measurement
+    plus the writing of its result, and ``peak_rss_mb`` / ``peak_gpu_mb`` are the tile's.
+    """
+    from constellation_assets.provenance import config_hash
+
+    results: dict[str, InferResult] = {}
+    failures: dict[str, BaseException] = {}
+
+    def ok(uri: str, res: InferResult) -> None:
+        results[uri] = res
+        if on_result:
+            on_result(res)
+
+    def failed(uri: str, exc: BaseException) -> None:
+        log.error("sub-tile manifest %s failed: %s", uri, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        failures[uri] = exc
+        if on_error:
+            on_error(uri, exc)
+
+    def one(uri: str) -> None:
+        try:
+            res = infer_manifest(cfg, uri, device, batch_size, force=force, run_id=run_id, progress=progress)
+        except Exception as exc:
+            failed(uri, exc)
+            return
+        ok(uri, res)
+
+    uris = list(dict.fromkeys(str(u) for u in manifest_uris))
+    engine = str((cfg.inference or {}).get("engine", "builtin")).lower()
+    if engine != "builtin" or len(uris) < 2:
+        for uri in uris:
+            one(uri)
+        return [results[u] for u in uris if u in results], [(u, failures[u]) for u in uris if u in failures]
+
+    chash = config_hash(cfg)
+    dev = resolve_device(device or cfg.compute.device)
+    bs = int(batch_size or cfg.compute.batch_size)
+    run_id = run_id or f"infer-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    tiles: dict[int, list[_Job]] = {}
+    for uri in uris:
+        t0 = time.perf_counter()
+        try:
+            manifest = load_manifest(uri, cfg.storage_options(uri), cfg=cfg)
+            tile_id = int(manifest["tile_id"])
+            row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
+            result_uri = result_uri_for(cfg, tile_id, row, col)
+            job = _Job(uri, manifest, result_uri, cfg.storage_options(result_uri), _manifest_hash(manifest))
+            old = None if force else _existing_summary(result_uri, job.result_opts)
+        except Exception as exc:
+            failed(uri, exc)
+            continue
+        if (
+            old is not None
+            and old.get("config_hash") == chash
+            and old.get("manifest_hash") == job.manifest_hash
+        ):
+            log.info(
+                "sub-tile %s_%s_%s: result exists with the same config (%s): skipped",
+                tile_id,
+                row,
+                col,
+                chash,
+            )
+            ok(uri, InferResult(
+                uri, result_uri, tile_id, row, col, "skipped", old.get("engine", engine), str(old["METHOD"]),
+                int(old.get("n_rows", -1)), int(old.get("n_core", -1)), int(old["N_SOURCES"]), 0,
+                float(old["G1"]), float(old["G2"]), float(old["G1_ERR"]), float(old["G2_ERR"]),
+                time.perf_counter() - t0, dev, math.nan, None, chash, str(old.get("run_id", "")),
+            ))  # fmt: skip
+            continue
+        if old is not None:
+            log.info(
+                "sub-tile %s_%s_%s: existing result has another config/manifest: recomputing",
+                tile_id,
+                row,
+                col,
+            )
+        tiles.setdefault(tile_id, []).append(job)
+
+    for tile_id, jobs in tiles.items():
+        if len(jobs) == 1:
+            one(jobs[0].manifest_uri)
+            continue
+        t0 = time.perf_counter()
+        with _PeakMemory(dev) as mem:
+            outs = measure_tile(cfg, [j.manifest for j in jobs], dev, bs, progress=progress)
+        t_measure = time.perf_counter() - t0
+        n_total = sum(o[1] for o in outs if isinstance(o, tuple)) or 1
+        log.info(
+            "tile %s: %d sub-tiles measured together (%d stamps) in %.1f s, peak RSS %.0f MB",
+            tile_id, len(jobs), n_total, t_measure, mem.rss_mb,
+        )  # fmt: skip
+        for job, got in zip(jobs, outs, strict=True):
+            if isinstance(got, BaseException):
+                failed(job.manifest_uri, got)
+                continue
+            t1 = time.perf_counter()
+            table, n_stamps = got
+            try:
+                summary = summarize(table, job.manifest, str(cfg.shear.method))
+                res = _write_result(cfg, job, table, summary, n_stamps, engine, chash, run_id, dev)
+            except Exception as exc:
+                failed(job.manifest_uri, exc)
+                continue
+            res.seconds = t_measure * n_stamps / n_total + time.perf_counter() - t1
+            res.peak_rss_mb, res.peak_gpu_mb = mem.rss_mb, mem.gpu_mb
+            _log_written(res)
+            ok(job.manifest_uri, res)
+    return [results[u] for u in uris if u in results], [(u, failures[u]) for u in uris if u in failures]

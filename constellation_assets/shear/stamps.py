@@ -7,7 +7,9 @@ Pipeline (all vectorised over sources; no per-pixel Python):
    Decoded quadrants (with their WCS and native PSF grid) are kept in a process-wide LRU cache
    (:data:`QUADRANT_CACHE`, ``CONSTELLATION_QUADRANT_CACHE_MB``, default 256) because neighbouring
    sub-tiles measured by one worker share quadrants; on s3:// the next quadrant is fetched while the
-   current one is measured.
+   current one is measured. The tile-level measurement (:func:`iter_quadrant_images`, used by
+   :func:`constellation_assets.shear.infer.measure_tile`) instead reads each quadrant of a tile once and
+   cuts the stamps of every sub-tile from it, without the cache.
 2. World -> pixel for all sources at once (astropy WCS, TPV included); keep the sources whose centre lies
    on the quadrant. The local WCS Jacobian at each source (central differences of the WCS) is kept too.
 3. Cut ``stamp_size`` x ``stamp_size`` stamps with one block gather per array (strided window view; the
@@ -116,7 +118,9 @@ __all__ = [
     "flux_scale_ujy_per_adu",
     "local_jacobian",
     "quadrant_stamps",
+    "iter_quadrant_images",
     "read_quadrant_images",
+    "read_source_table",
     "sky_frame_transform",
     "sources_from_manifest",
     "stamp_grid",
@@ -828,14 +832,29 @@ def _entry_exposure(entry: Mapping[str, Any]) -> int:
     return int(m["exposure"]) if m else 1
 
 
+def _psf_hdu_key(entry: Mapping[str, Any]) -> tuple | None:
+    """Identity of an entry's PSF HDU (file, HDU, byte range); None when the entry has no byte offsets."""
+    if entry.get("psf_hdu") is None or entry.get("psf_header_offset") is None:
+        return None
+    return tuple(
+        str(entry.get(f"psf_{k}")) for k in ("path", "hdu", "header_offset", "data_offset", "data_size")
+    )
+
+
 def read_quadrant_images(
-    entry: Mapping[str, Any], storage_options: dict | None = None, files: Any = None
+    entry: Mapping[str, Any],
+    storage_options: dict | None = None,
+    files: Any = None,
+    *,
+    psf_hdus: dict | None = None,
 ) -> QuadrantImages:
     """Read the SCI/RMS/FLG, BKG and PSF HDUs of one manifest quadrant entry (WGT only without RMS).
 
     All reads go through :func:`constellation_assets.io.q1.read_quadrant_hdus`: byte ranges from the entry's
     offsets, or by HDU name through the process-wide header walk cache for entries without offsets.
     ``files`` is accepted for older callers and unused (the walks are cached in ``io.q1.HDU_TABLES``).
+    ``psf_hdus``: a dict kept by the caller across entries, so that a PSF HDU shared by several exposures
+    (the dithers of an observation share its PSF file) is read once.
     """
     from constellation_assets.io.q1 import entry_det_id, hdu_candidates, read_quadrant_hdus
     from constellation_assets.io.uri import DataAccessError
@@ -843,7 +862,14 @@ def read_quadrant_images(
     det = entry_det_id(entry)
     exposure = f"{int(entry.get('obs_id'))}-{int(entry.get('dither'))}-{_entry_exposure(entry)}"
     key = f"{exposure}-{det}"
-    arrays = read_quadrant_hdus(dict(entry), storage_options=storage_options)
+    psf_key = _psf_hdu_key(entry) if psf_hdus is not None else None
+    if psf_key is not None and psf_key in psf_hdus:
+        arrays = read_quadrant_hdus(dict(entry), storage_options, ["sci", "rms", "flg", "bkg"])
+        arrays["psf"] = psf_hdus[psf_key]
+    else:
+        arrays = read_quadrant_hdus(dict(entry), storage_options=storage_options)
+        if psf_key is not None and "psf" in arrays:
+            psf_hdus[psf_key] = arrays["psf"]
     for kind in ("sci", "psf"):
         if kind not in arrays or arrays[kind][0] is None:
             where = entry.get("sci_path" if kind == "sci" else "psf_path")
@@ -972,14 +998,9 @@ def _quadrant_cache_key(entry: Mapping[str, Any], storage_options: dict | None) 
 # Manifest -> stamps
 
 
-def sources_from_manifest(
-    manifest: Mapping[str, Any], storage_options: dict | None = None
-) -> tuple[SourceList, np.ndarray]:
-    """The manifest's sources (its ``source_ids`` rows) and the IN_CORE mask.
-
-    Read from ``sources_uri`` (the prepared Parquet of the tile's sources, which also holds the neighbours'
-    sources of the extended area), else from ``source_catalog`` (Parquet, or a MER final catalog FITS).
-    """
+def read_source_table(manifest: Mapping[str, Any], storage_options: dict | None = None):
+    """The manifest's source catalog (``sources_uri``, else ``source_catalog``): OBJECT_ID, RIGHT_ASCENSION,
+    DECLINATION of every row, as a pyarrow table."""
     import pyarrow.parquet as pq
 
     from constellation_assets.io.uri import DataAccessError, open_uri
@@ -1003,6 +1024,21 @@ def sources_from_manifest(
         raise DataAccessError(
             str(uri), f"source catalog lacks columns {cols} ({exc})", "re-run `constellation prepare`"
         ) from exc
+    return table
+
+
+def sources_from_manifest(
+    manifest: Mapping[str, Any], storage_options: dict | None = None, *, table: Any = None
+) -> tuple[SourceList, np.ndarray]:
+    """The manifest's sources (its ``source_ids`` rows) and the IN_CORE mask.
+
+    Read from ``sources_uri`` (the prepared Parquet of the tile's sources, which also holds the neighbours'
+    sources of the extended area), else from ``source_catalog`` (Parquet, or a MER final catalog FITS).
+    ``table``: that catalog already read (:func:`read_source_table`), e.g. once for all sub-tiles of a tile.
+    """
+    if table is None:
+        table = read_source_table(manifest, storage_options)
+    uri = manifest.get("sources_uri") or manifest.get("source_catalog")
     oid = table["OBJECT_ID"].to_numpy().astype(np.int64)
     ra = table["RIGHT_ASCENSION"].to_numpy().astype(np.float64)
     dec = table["DECLINATION"].to_numpy().astype(np.float64)
@@ -1091,6 +1127,53 @@ def iter_manifest_stamps(
             del quad
             if len(stamps):
                 yield stamps
+
+
+def iter_quadrant_images(
+    entries: list[Mapping[str, Any]],
+    stamp_size: int,
+    storage_options: Callable[[str], dict | None] | dict | None = None,
+) -> Iterator[tuple[int, QuadrantImages | None, Exception | None]]:
+    """Read each quadrant entry once, in order: yields ``(i, quadrant, None)`` or ``(i, None, error)``.
+
+    For a tile-level measurement (:func:`constellation_assets.shear.infer.measure_tile`): the quadrants
+    bypass :data:`QUADRANT_CACHE` (each is read exactly once per call and released by the caller, so at
+    most the current quadrant and, on s3://, the one fetched ahead are in memory). The WCS and the native
+    PSF grid are prepared in the reading thread, as in :func:`iter_manifest_stamps`. A quadrant that
+    cannot be read is reported with its error and the others are still read.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from constellation_assets.io.uri import is_s3
+
+    psf_hdus: dict = {}  # PSF HDUs shared by the dithers of an observation: read once
+
+    def load(entry: Mapping[str, Any]) -> QuadrantImages:
+        opts = (
+            storage_options(str(entry.get("sci_path", ""))) if callable(storage_options) else storage_options
+        )
+        quad = read_quadrant_images(entry, opts, psf_hdus=psf_hdus)
+        quad.get_wcs()
+        quad.psf.native(int(stamp_size))
+        return quad
+
+    ahead = any(is_s3(str(e.get("sci_path", ""))) for e in entries)
+    pool_cm = ThreadPoolExecutor(1, "quadrant-prefetch") if ahead else contextlib.nullcontext()
+    with pool_cm as pool:
+        nxt = pool.submit(load, entries[0]) if ahead and entries else None
+        for i, entry in enumerate(entries):
+            try:
+                if ahead:
+                    fut = nxt
+                    nxt = pool.submit(load, entries[i + 1]) if i + 1 < len(entries) else None
+                    quad = fut.result()
+                else:
+                    quad = load(entry)
+            except Exception as exc:  # the caller fails the sub-tiles that need this quadrant
+                yield i, None, exc
+                continue
+            yield i, quad, None
+            del quad
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Shear worker: ``python -m constellation_assets.shear.worker --config C MANIFEST... [--device D] [--batch-size N]``.
 
 Runs :func:`constellation_assets.shear.infer.infer_manifest` on one or many sub-tile manifests (URIs, or
-folders/prefixes holding ``*.yaml`` manifests).
+folders/prefixes holding ``*.yaml`` manifests); the sub-tiles of one tile are measured together, each
+quadrant read once per tile (:func:`constellation_assets.shear.infer.infer_tile_manifests`).
 
 Under Dagster (launched by ``PipesSubprocessClient`` locally or ``PipesK8sClient`` on Kubernetes, detected
 from the pipes environment variables) it speaks dagster-pipes:
@@ -75,23 +76,26 @@ def run_manifests(
     on_error: Callable[[str, BaseException], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list, list[tuple[str, str]]]:
-    """Infer each manifest in turn; returns ``(results, failures)`` with failures as (uri, message)."""
-    from constellation_assets.shear.infer import infer_manifest
+    """Infer the manifests; returns ``(results, failures)`` with failures as (uri, message).
 
-    results, failures = [], []
-    for uri in manifests:
-        try:
-            res = infer_manifest(cfg, uri, device, batch_size, force=force, run_id=run_id, progress=progress)
-        except Exception as exc:  # one bad sub-tile must not stop the others
-            log.error("sub-tile manifest %s failed: %s", uri, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            failures.append((uri, f"{type(exc).__name__}: {exc}"))
-            if on_error:
-                on_error(uri, exc)
-            continue
-        results.append(res)
-        if on_result:
-            on_result(res)
-    return results, failures
+    The sub-tiles of one tile are measured together, each quadrant read once for the tile
+    (:func:`constellation_assets.shear.infer.infer_tile_manifests`); results and failures are still
+    reported per sub-tile, and a failing sub-tile does not stop the others.
+    """
+    from constellation_assets.shear.infer import infer_tile_manifests
+
+    results, failed = infer_tile_manifests(
+        cfg,
+        list(manifests),
+        device,
+        batch_size,
+        force=force,
+        run_id=run_id,
+        progress=progress,
+        on_result=on_result,
+        on_error=on_error,
+    )
+    return results, [(uri, f"{type(exc).__name__}: {exc}") for uri, exc in failed]
 
 
 def infer_record_extra(results: list) -> dict[str, Any]:
