@@ -424,7 +424,8 @@ def test_detection_boundary_and_missing_mer_snr():
         ),
     )
     res = measure_paired_bias(fields, G, mer_snr_cuts=[0.0])
-    d = res.detection
+    (d,) = res.detection  # no truth neighbour column: no isolated subset
+    assert d["selection"] == "all rows" and d["median_mer_snr_of_those"] == 20.0
     assert d["n_objects_listed_in_some_fields_only"] == 40
     assert d["n_weighted_rows_of_those"] == 120  # listed and weighted in the three other fields
     assert d["n_rows_without_mer_snr"] == 10
@@ -442,4 +443,4 @@ def test_detection_boundary_and_missing_mer_snr():
 def test_no_mer_snr_column_means_no_cut_table():
     res = measure_paired_bias(make_fields(n=300), G, mer_snr_cuts=[5.0])
     assert res.mer_cuts == [] and res.mer_snr_census == []
-    assert res.detection["n_objects_listed_in_some_fields_only"] == 0
+    assert res.detection[0]["n_objects_listed_in_some_fields_only"] == 0

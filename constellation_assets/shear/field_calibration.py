@@ -77,6 +77,7 @@ import logging
 import math
 import multiprocessing as mp
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -372,8 +373,8 @@ class FieldCalibrationResult:
     bins: list[dict[str, Any]]
     # MER preselection boundary (see measure_paired_bias): m, c and the paired dm, dc per post-hoc MER S/N cut
     mer_cuts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    # objects detected (listed in the MER catalog) in some paired fields only, and what they contribute
-    detection: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # per selection (all rows, isolated): objects listed in some paired fields only, what they contribute
+    detection: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # rows, FPFS-weighted rows and share of the summed weight per MER detection S/N bin
     mer_snr_census: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     config_hash: str = ""
@@ -684,20 +685,31 @@ def measure_paired_bias(
                 }
             )
 
-    detection: dict[str, Any] = {}
+    detection: list[dict[str, Any]] = []
     listed_all = present.all(axis=1)
     partial = present.any(axis=1) & ~listed_all
-    if listed_all.any():
-        d_, de_ = _paired_jackknife(block_sums(everything), block_sums(listed_all), signs, g)
-        w_total = float(weight.sum())
-        detection = {
-            "n_objects_listed_in_some_fields_only": int(partial.sum()),
-            "n_weighted_rows_of_those": int((measured & partial[:, None]).sum()),
-            "weight_fraction_of_those": float(weight[partial].sum() / w_total) if w_total else math.nan,
-            "max_weight_of_those": float(weight[partial].max()) if partial.any() else 0.0,
-            "n_rows_without_mer_snr": int((present & ~np.isfinite(mer_snr)).sum()),
-            **_diff_dict(d_, de_),
-        }
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: objects without a MER S/N
+        best_mer = np.nanmax(np.where(present, mer_snr, np.nan), axis=1)
+    for name, subset in subsets:
+        if not (listed_all & subset).any():
+            continue
+        d_, de_ = _paired_jackknife(block_sums(subset), block_sums(subset & listed_all), signs, g)
+        w_total = float(weight[subset].sum())
+        part = partial & subset
+        snr_part = best_mer[part][np.isfinite(best_mer[part])]
+        detection.append(
+            {
+                "selection": name,
+                "n_objects_listed_in_some_fields_only": int(part.sum()),
+                "n_weighted_rows_of_those": int((measured & part[:, None]).sum()),
+                "weight_fraction_of_those": float(weight[part].sum() / w_total) if w_total else math.nan,
+                "max_weight_of_those": float(weight[part].max()) if part.any() else 0.0,
+                "median_mer_snr_of_those": float(np.median(snr_part)) if len(snr_part) else math.nan,
+                "n_rows_without_mer_snr": int((present & ~np.isfinite(mer_snr) & subset[:, None]).sum()),
+                **_diff_dict(d_, de_),
+            }
+        )
 
     census: list[dict[str, Any]] = []
     if has_mer:
@@ -913,19 +925,23 @@ def field_calibration_selection_tables(res: FieldCalibrationResult) -> list:
             )
         out.append(t)
     if res.detection:
-        d = res.detection
         t = Table(
             title="Detection boundary: objects listed in some fields only; dm = m(all) - m(listed in every field)"
         )
-        for col in ("objects", "weighted rows", "weight share", "max weight", "dm1", "dm2", "dc1", "dc2"):
-            t.add_column(col, justify="right")
-        t.add_row(
-            str(d["n_objects_listed_in_some_fields_only"]),
-            str(d["n_weighted_rows_of_those"]),
-            f"{d['weight_fraction_of_those']:.1e}",
-            f"{d['max_weight_of_those']:.2f}",
-            *(fmt(d[k], d[f"{k}_err"]) for k in ("dm1", "dm2", "dc1", "dc2")),
-        )
+        cols = ("selection", "objects", "weighted rows", "weight share", "max w", "median MER S/N")
+        for col in (*cols, "dm1", "dm2", "dc1", "dc2"):
+            t.add_column(col, justify="left" if col == "selection" else "right")
+        for d in res.detection:
+            med = d["median_mer_snr_of_those"]
+            t.add_row(
+                d["selection"],
+                str(d["n_objects_listed_in_some_fields_only"]),
+                str(d["n_weighted_rows_of_those"]),
+                f"{d['weight_fraction_of_those']:.1e}",
+                f"{d['max_weight_of_those']:.2f}",
+                f"{med:.1f}" if med is not None and math.isfinite(med) else "-",
+                *(fmt(d[k], d[f"{k}_err"]) for k in ("dm1", "dm2", "dc1", "dc2")),
+            )
         out.append(t)
     if res.mer_snr_census:
         t = Table(title="FPFS selection weight per MER detection S/N bin (all fields' rows)")
