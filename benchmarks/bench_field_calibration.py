@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 
 
@@ -63,7 +64,7 @@ def main() -> None:
         cal["field_work_dir"] = args.work_dir
     cfg = load_config(base)
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # the wide tables, also in a log file
     t0, c0 = time.perf_counter(), _cpu_s()
     res = run_field_calibration(cfg, progress=True, console=Console(stderr=True))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
