@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 
 
@@ -29,7 +30,11 @@ def main() -> None:
     from rich.console import Console
 
     from constellation_assets.config import load_config
-    from constellation_assets.shear.field_calibration import field_calibration_table, run_field_calibration
+    from constellation_assets.shear.field_calibration import (
+        field_calibration_selection_tables,
+        field_calibration_table,
+        run_field_calibration,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/field_calibration.yaml")
@@ -59,11 +64,11 @@ def main() -> None:
         cal["field_work_dir"] = args.work_dir
     cfg = load_config(base)
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # the wide tables, also in a log file
     t0, c0 = time.perf_counter(), _cpu_s()
     res = run_field_calibration(cfg, progress=True, console=Console(stderr=True))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    for table in field_calibration_table(res):
+    for table in (*field_calibration_table(res), *field_calibration_selection_tables(res)):
         console.print(table)
     cpu_min = cpu / 60.0
     iso = next((b for b in res.bins if b["variable"] == "blended" and b["bin"] == "isolated"), None)

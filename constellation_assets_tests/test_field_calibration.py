@@ -321,3 +321,126 @@ def test_noise_sign_negates_the_paired_noise_draw():
     from constellation_assets.synthetic.field import field_config_hash
 
     assert field_config_hash(plus) != field_config_hash(minus)  # the partner is a different field
+
+
+def with_mer_snr(fields, mer_snr_of):
+    """Add the per-field MER detection S/N column: ``mer_snr_of(variant, ids) -> array``."""
+    return [
+        (v, df.with_columns(pl.Series("MER_SNR", mer_snr_of(v, df["OBJECT_ID"].to_numpy()))))
+        for v, df in fields
+    ]
+
+
+def pooled_m(fields, comp, keep_row):
+    """m from each sign's pooled sums of w e / w R over the rows keep_row(variant, frame) keeps."""
+    gs = {}
+    for sign in (+1, -1):
+        num = den = 0.0
+        for v, df in fields:
+            if v.sign != sign:
+                continue
+            k = keep_row(v, df)
+            w = df["WEIGHT"].to_numpy() * k
+            num += float((w * df[f"E{comp}"].to_numpy()).sum())
+            den += float((w * df[f"R{comp}{comp}"].to_numpy()).sum())
+        gs[sign] = num / den
+    return (gs[+1] - gs[-1]) / (2 * G[comp - 1]) - 1
+
+
+def test_mer_cut_dm_is_exact_on_a_hand_made_catalog():
+    """A MER S/N that moves with the shear (+0.3 in +g fields, -0.3 in -g) selects differently in +g and -g:
+    the post-hoc cut must give exactly the m of the pooled per-field sums after dropping those rows."""
+    fields = make_fields(n=3000, m=(0.01, -0.02), response_noise=0.2)
+    r = np.random.default_rng(3)
+    ids = fields[0][1]["OBJECT_ID"].to_numpy()
+    base = dict(zip(ids.tolist(), r.uniform(2.0, 14.0, size=len(ids)).tolist(), strict=True))
+    # the response-correlated part: objects with large e1 response gain S/N under +g
+    fields = with_mer_snr(fields, lambda v, oid: np.array([base[i] for i in oid.tolist()]) + 0.3 * v.sign)
+    res = measure_paired_bias(fields, G, mer_snr_cuts=[0.0, 5.0, 10.0])
+    rows = {(c["selection"], c["mer_snr_min"]): c for c in res.mer_cuts}
+    assert set(rows) == {("all rows", 0.0), ("all rows", 5.0), ("all rows", 10.0)}
+    no_cut = rows[("all rows", 0.0)]
+    assert no_cut["dm1"] == 0.0 and no_cut["dm1_err"] == 0.0 and no_cut["n_rows_removed"] == 0
+    assert no_cut["m1"] == pytest.approx(res.m1, abs=1e-14)
+    for cut in (5.0, 10.0):
+        row = rows[("all rows", cut)]
+        for comp in (1, 2):
+            m_all = pooled_m(fields, comp, lambda v, df: np.ones(df.height))
+            m_cut = pooled_m(
+                fields, comp, lambda v, df, cut=cut: (df["MER_SNR"].to_numpy() >= cut).astype(float)
+            )
+            assert row[f"m{comp}"] == pytest.approx(m_cut, abs=1e-12)
+            assert row[f"dm{comp}"] == pytest.approx(m_cut - m_all, abs=1e-12)
+        expect_removed = sum(int((df["MER_SNR"].to_numpy() < cut).sum()) for _, df in fields)
+        assert row["n_rows_removed"] == expect_removed
+        # paired: the cut's error on dm is smaller than the error on m itself (shared objects and noise)
+        assert 0 < row["dm1_err"] < row["m1_err"]
+    # the +-0.3 shift makes the cut shear-dependent: rows differ between +g and -g at the boundary
+    assert rows[("all rows", 5.0)]["dm1"] != 0.0
+
+
+def test_mer_cut_costs_nothing_where_the_fpfs_weight_is_zero():
+    """Objects near the MER boundary with zero FPFS weight contribute nothing: dm = 0 exactly, whatever the
+    boundary does; objects above it are untouched."""
+    fields = make_fields(n=2000, m=(0.005, 0.005), response_noise=0.2)
+    r = np.random.default_rng(4)
+    ids = fields[0][1]["OBJECT_ID"].to_numpy()
+    faint = dict(zip(ids.tolist(), (r.uniform(size=len(ids)) < 0.3).tolist(), strict=True))
+    out = []
+    for v, df in fields:
+        f = np.array([faint[i] for i in df["OBJECT_ID"].to_list()])
+        snr = np.where(f, 5.0 + 0.5 * v.sign + r.normal(0, 1, df.height), 30.0)  # faint: straddles 5
+        out.append(
+            (
+                v,
+                df.with_columns(
+                    pl.Series("MER_SNR", snr), pl.Series("WEIGHT", np.where(f, 0.0, df["WEIGHT"]))
+                ),
+            )
+        )
+    res = measure_paired_bias(out, G, mer_snr_cuts=[5.0])
+    (row,) = res.mer_cuts
+    assert row["n_rows_removed"] == 0  # removed rows are counted only where the FPFS weight is > 0
+    assert row["dm1"] == 0.0 and row["dm2"] == 0.0 and row["dc1"] == 0.0
+    assert row["weight_fraction_removed"] == 0.0
+    census = {b["lo"]: b for b in res.mer_snr_census}
+    assert census[20.0]["weight_fraction"] == pytest.approx(1.0)
+    assert sum(b["n_rows"] for b in res.mer_snr_census) == sum(df.height for _, df in out)
+    assert census[4.0]["n_weighted"] == 0 and census[4.0]["mean_weight"] == 0.0
+
+
+def test_detection_boundary_and_missing_mer_snr():
+    fields = make_fields(n=1000, m=(0.0, 0.0))
+    # the unrotated -g field does not list 40 objects (not detected there): their intrinsic shapes no longer
+    # cancel against the rotated -g field; 10 rows of +g have no MER S/N
+    lost = fields[1][1]["OBJECT_ID"].head(40).implode()
+    fields[1] = (fields[1][0], fields[1][1].filter(~pl.col("OBJECT_ID").is_in(lost)))
+    fields = with_mer_snr(fields, lambda v, oid: np.full(len(oid), 20.0))
+    v0, df0 = fields[0]
+    fields[0] = (
+        v0,
+        df0.with_columns(
+            pl.when(pl.int_range(pl.len()) < 10).then(None).otherwise(pl.col("MER_SNR")).alias("MER_SNR")
+        ),
+    )
+    res = measure_paired_bias(fields, G, mer_snr_cuts=[0.0])
+    (d,) = res.detection  # no truth neighbour column: no isolated subset
+    assert d["selection"] == "all rows" and d["median_mer_snr_of_those"] == 20.0
+    assert d["n_objects_listed_in_some_fields_only"] == 40
+    assert d["n_weighted_rows_of_those"] == 120  # listed and weighted in the three other fields
+    assert d["n_rows_without_mer_snr"] == 10
+    m_listed = pooled_m(fields, 1, lambda v, df: (~df["OBJECT_ID"].is_in(lost)).to_numpy().astype(float))
+    assert d["dm1"] == pytest.approx(res.m1 - m_listed, abs=1e-12) and d["dm1"] != 0.0
+    (row,) = res.mer_cuts
+    assert row["n_rows_removed"] == 10  # no MER S/N fails even the 0 cut
+    head, bins = field_calibration_table(res)
+    from constellation_assets.shear.field_calibration import field_calibration_selection_tables
+
+    assert [t.row_count for t in field_calibration_selection_tables(res)] == [1, 1, 11]
+    assert res.to_dict()["mer_cuts"][0]["n_rows_removed"] == 10
+
+
+def test_no_mer_snr_column_means_no_cut_table():
+    res = measure_paired_bias(make_fields(n=300), G, mer_snr_cuts=[5.0])
+    assert res.mer_cuts == [] and res.mer_snr_census == []
+    assert res.detection[0]["n_objects_listed_in_some_fields_only"] == 0

@@ -310,7 +310,7 @@ def test_injection_hash_ignores_unrelated_sections():
     from constellation_assets.sim.injection import INJECTION_HASH_SECTIONS
 
     a = load_config({"variant": "v1"})
-    b = load_config({"variant": "v1", "shear": {"snr_min": 5.0}, "calibration": {"n_galaxies": 10}})
+    b = load_config({"variant": "v1", "shear": {"snr_min": 7.0}, "calibration": {"n_galaxies": 10}})
     c = load_config({"variant": "v1", "injection": {"seed_base": 7}})
     assert config_hash(a, {}, INJECTION_HASH_SECTIONS) == config_hash(b, {}, INJECTION_HASH_SECTIONS)
     assert config_hash(a, {}, INJECTION_HASH_SECTIONS) != config_hash(c, {}, INJECTION_HASH_SECTIONS)

@@ -160,6 +160,13 @@ def test_positive_responses(good):
     flipped = src.with_columns(pl.when(key).then(-pl.col("R22")).otherwise(pl.col("R22")).alias("R22"))
     out = check_positive_responses(flipped)
     assert not out.passed and out.metadata["n_bad_subtiles"] == 1
+    # a sub-tile whose sources all have WEIGHT 0 (all below the estimator's S/N cut) divides no shear
+    unweighted = src.with_columns(pl.when(key).then(0.0).otherwise(pl.col("WEIGHT")).alias("WEIGHT"))
+    out = check_positive_responses(unweighted)
+    assert out.passed and out.metadata["n_unweighted_subtiles"] == 1
+    assert out.metadata["n_subtiles"] == check_positive_responses(src).metadata["n_subtiles"] - 1
+    both = flipped.with_columns(pl.when(key).then(0.0).otherwise(pl.col("WEIGHT")).alias("WEIGHT"))
+    assert check_positive_responses(both).passed  # the flipped response carries no weight
 
 
 def test_shear_vs_truth(good):

@@ -158,6 +158,7 @@ def _calibrate_field(cfg, as_json: bool, figure_path: str | None) -> None:
     from constellation_assets.shear.field_calibration import (
         FieldCalibrationError,
         field_calibration_figure_png,
+        field_calibration_selection_tables,
         field_calibration_table,
         run_field_calibration,
     )
@@ -176,7 +177,7 @@ def _calibrate_field(cfg, as_json: bool, figure_path: str | None) -> None:
         click.echo(json.dumps(payload, indent=2))
         return
     out = Console()
-    for table in field_calibration_table(res):
+    for table in (*field_calibration_table(res), *field_calibration_selection_tables(res)):
         out.print(table)
     verdict = "within" if payload["within_requirement"] else "OUTSIDE"
     click.echo(

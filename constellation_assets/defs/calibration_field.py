@@ -111,6 +111,9 @@ def field_calibration(
             "fields": dg.MetadataValue.json(d["fields"]),
             "matched": dg.MetadataValue.json(d["matched"]),
             "bins": dg.MetadataValue.json(d["bins"]),
+            "mer_cuts": dg.MetadataValue.json(d["mer_cuts"]),
+            "detection": dg.MetadataValue.json(d["detection"]),
+            "mer_snr_census": dg.MetadataValue.json(d["mer_snr_census"]),
             "m_vs_bin": png_markdown(
                 field_calibration_figure_png(res, m_req), "m in bins (1-sigma jackknife)"
             ),

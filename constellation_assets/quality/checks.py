@@ -361,7 +361,9 @@ def check_positive_responses(sources: Frame) -> CheckOutcome:
 
     Per-source responses of moment estimators (FPFS, metacalibration) scatter with noise and may be
     negative for individual faint sources; only the ensemble response divides the shear, so that is
-    what must be positive. The fraction of non-positive per-source responses is reported.
+    what must be positive. The fraction of non-positive per-source responses is reported. A sub-tile whose
+    sources all have WEIGHT 0 (e.g. all below the estimator's S/N selection) has no ensemble response and
+    divides no shear; it is counted (``n_unweighted_subtiles``), not failed.
     """
     name = "positive_responses"
     lf = _lazy(sources)
@@ -373,10 +375,18 @@ def check_positive_responses(sources: Frame) -> CheckOutcome:
         .agg(
             ((w * pl.col("R11")).sum() / w.sum()).alias("R11_MEAN"),
             ((w * pl.col("R22")).sum() / w.sum()).alias("R22_MEAN"),
+            w.sum().alias("W_SUM"),
         )
         .collect()
     )
-    bad_rows = per.filter(~(pl.col("R11_MEAN") > 0) | ~(pl.col("R22_MEAN") > 0)).sort(_key())
+    unweighted = per.filter(pl.col("W_SUM") == 0)
+    bad_rows = (
+        per.filter(pl.col("W_SUM") != 0)
+        .filter(~(pl.col("R11_MEAN") > 0) | ~(pl.col("R22_MEAN") > 0))
+        .drop("W_SUM")
+        .sort(_key())
+    )
+    per = per.filter(pl.col("W_SUM") != 0)
     frac, n_neg_w = (
         lf.select(
             ((pl.col("R11") <= 0) | (pl.col("R22") <= 0)).mean().alias("f"),
@@ -391,6 +401,7 @@ def check_positive_responses(sources: Frame) -> CheckOutcome:
     meta = {
         "n_subtiles": per.height,
         "n_bad_subtiles": bad_rows.height,
+        "n_unweighted_subtiles": unweighted.height,
         "n_negative_weight": n_neg_w,
         "min_mean_r11": _jsonable(per["R11_MEAN"].min()) if per.height else None,
         "min_mean_r22": _jsonable(per["R22_MEAN"].min()) if per.height else None,

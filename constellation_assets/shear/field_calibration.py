@@ -50,6 +50,15 @@ deleting a sub-tile removes the same objects from all fields. The sub-tile grid 
 sets the number of jackknife regions: the calibration configs use a fine grid (1' sub-tiles) so that a
 few-arcminute synthetic field has tens of them.
 
+MER preselection boundary (``calibration.field_mer_snr_cuts``): every field's rows are joined by OBJECT_ID with
+the detection S/N of that field's own MER catalog (measured on its sheared mosaic with ``field.mer_catalog:
+measured``), and m, c are recomputed with each cut applied post hoc per field, as ``shear.snr_min`` would in
+prepare (the stamps have no neighbour masking from the catalog, so dropping a row changes nothing else). The
+paired ``dm = m(cut) - m(run's own cut)`` shares objects and noise, so its jackknife error is far below that of
+m; run with ``shear.snr_min = 0`` to test every cut above the detection threshold (configs/
+field_calibration_mer.yaml). ``detection`` reports the objects that some fields list and others do not and
+``m(all) - m(listed in every field)``; ``mer_snr_census`` the FPFS selection weight per MER S/N bin.
+
 Bins (``calibration.field_bin_edges``): catalog S/N (``SNR``, mean over the fields that measured the object),
 ``N_EXPOSURES`` (exposures that survived masking), the catalog ``MASKED_FRACTION`` where the catalog has that
 column, and from the truth tables of the synthetic field: the intrinsic half-light radius ``HLR_ARCSEC`` and
@@ -68,6 +77,7 @@ import logging
 import math
 import multiprocessing as mp
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +94,7 @@ __all__ = [
     "FieldCalibrationResult",
     "FieldVariant",
     "field_calibration_figure_png",
+    "field_calibration_selection_tables",
     "field_variant_config",
     "load_field_catalog",
     "measure_paired_bias",
@@ -141,6 +152,13 @@ BIN_COLUMNS = {
 }
 
 _BIAS_KEYS = ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err")
+_DIFF_KEYS = ("dm1", "dm1_err", "dm2", "dm2_err", "dc1", "dc1_err", "dc2", "dc2_err")
+
+#: Per-field column with the MER detection S/N of the row's object in that field's own MER catalog.
+MER_SNR_COLUMN = "MER_SNR"
+
+#: MER detection S/N bin edges of the weight census (:attr:`FieldCalibrationResult.mer_snr_census`).
+MER_CENSUS_EDGES = (0.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, math.inf)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +293,32 @@ def truth_columns(cfg, tile_ids: Sequence[int]):
     return out
 
 
+def mer_snr_columns(cfg, tile_ids: Sequence[int]):
+    """OBJECT_ID and the MER detection S/N (:data:`MER_SNR_COLUMN`, the quantity ``shear.snr_min`` cuts on) of
+    every row of the field's tile MER catalogs (first catalog wins for an OBJECT_ID listed twice)."""
+    import polars as pl
+
+    from constellation_assets.io.mer_catalog import read_mer_catalog, selection_snr
+    from constellation_assets.io.q1 import discover_mer_catalog
+
+    frames = []
+    base = cfg.data.catalog_base_uri
+    for tile_id in tile_ids:
+        uri = discover_mer_catalog(base, int(tile_id), cfg.storage_options(base))
+        t = read_mer_catalog(uri, cfg.storage_options(uri))
+        snr = selection_snr(t, "the field calibration's MER S/N cuts")
+        frames.append(pl.DataFrame({"OBJECT_ID": t.column("OBJECT_ID").to_numpy(), MER_SNR_COLUMN: snr}))
+    if not frames:
+        return pl.DataFrame(
+            {"OBJECT_ID": [], MER_SNR_COLUMN: []}, schema={"OBJECT_ID": pl.Int64, MER_SNR_COLUMN: pl.Float64}
+        )
+    return pl.concat(frames).unique("OBJECT_ID", keep="first", maintain_order=True)
+
+
 def load_field_catalog(cfg, tile_ids: Sequence[int] | None = None):
     """The assembled ``shear.sources`` rows of a field (columns :data:`CATALOG_COLUMNS`, plus
-    ``MASKED_FRACTION`` if the catalog has it), left-joined with the truth columns by OBJECT_ID."""
+    ``MASKED_FRACTION`` if the catalog has it), left-joined by OBJECT_ID with the MER detection S/N of the
+    field's own MER catalogs (:data:`MER_SNR_COLUMN`) and the truth columns."""
     import polars as pl
 
     from constellation_assets.catalog.tables import namespace_from_config, open_catalog
@@ -292,6 +333,12 @@ def load_field_catalog(cfg, tile_ids: Sequence[int] | None = None):
     if "MASKED_FRACTION" in sources.columns:
         cols.append("MASKED_FRACTION")
     cat = sources.select(cols)
+    mer = mer_snr_columns(cfg, tiles)
+    cat = (
+        cat.join(mer, on="OBJECT_ID", how="left")
+        if mer.height
+        else cat.with_columns(pl.lit(None, pl.Float64).alias(MER_SNR_COLUMN))
+    )
     truth = truth_columns(cfg, tiles)
     if truth.height:
         cat = cat.join(truth, on="OBJECT_ID", how="left")
@@ -324,6 +371,12 @@ class FieldCalibrationResult:
     fields: dict[str, dict[str, Any]]
     matched: dict[str, float]
     bins: list[dict[str, Any]]
+    # MER preselection boundary (see measure_paired_bias): m, c and the paired dm, dc per post-hoc MER S/N cut
+    mer_cuts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # per selection (all rows, isolated): objects listed in some paired fields only, what they contribute
+    detection: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # rows, FPFS-weighted rows and share of the summed weight per MER detection S/N bin
+    mer_snr_census: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     config_hash: str = ""
     work_dir: str = ""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -362,9 +415,15 @@ def _field_arrays(frame, index: np.ndarray, n: int) -> dict[str, np.ndarray]:
     r11 = np.asarray(frame["R11"].to_numpy(), np.float64)
     r22 = np.asarray(frame["R22"].to_numpy(), np.float64)
     ok = (w > 0) & np.isfinite(w) & np.isfinite(e1) & np.isfinite(e2) & np.isfinite(r11) & np.isfinite(r22)
-    out = {k: np.zeros(n) for k in ("we1", "we2", "wr1", "wr2")}
+    out = {k: np.zeros(n) for k in ("we1", "we2", "wr1", "wr2", "w")}
     out["measured"] = np.zeros(n, bool)
+    out["present"] = np.zeros(n, bool)
+    out["present"][index] = True
+    out["mer_snr"] = np.full(n, np.nan)
+    if MER_SNR_COLUMN in frame.columns:
+        out["mer_snr"][index] = np.asarray(frame[MER_SNR_COLUMN].cast(float).fill_null(np.nan).to_numpy())
     i = index[ok]
+    out["w"][i] = w[ok]
     out["we1"][i] = (w * e1)[ok]
     out["we2"][i] = (w * e2)[ok]
     out["wr1"][i] = (w * r11)[ok]
@@ -402,6 +461,34 @@ def _jackknife(
     return full, err, k
 
 
+def _paired_jackknife(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], signs: np.ndarray, g_true: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(m1, m2, c1, c2) of the block sums ``a`` minus those of ``b`` and the delete-one-block jackknife error
+    of that difference: both deleted together, so the noise the two selections share cancels."""
+    (se_a, sr_a), (se_b, sr_b) = a, b
+    nonempty = np.zeros(len(se_a), bool)
+    for x in (se_a, sr_a, se_b, sr_b):
+        nonempty |= np.abs(x).sum(axis=(1, 2)) > 0
+    se_a, sr_a, se_b, sr_b = se_a[nonempty], sr_a[nonempty], se_b[nonempty], sr_b[nonempty]
+    k = len(se_a)
+    tot = [x.sum(0) for x in (se_a, sr_a, se_b, sr_b)]
+    full = _bias(tot[0], tot[1], signs, g_true) - _bias(tot[2], tot[3], signs, g_true)
+    if k < 2:
+        return full, np.full(4, np.nan)
+    dele = _bias(tot[0][None] - se_a, tot[1][None] - sr_a, signs, g_true) - _bias(
+        tot[2][None] - se_b, tot[3][None] - sr_b, signs, g_true
+    )
+    err = np.sqrt((k - 1) / k * ((dele - dele.mean(0)) ** 2).sum(0))
+    return full, err
+
+
+def _diff_dict(full: np.ndarray, err: np.ndarray) -> dict[str, float]:
+    return dict(
+        zip(_DIFF_KEYS, [float(x) for pair in zip(full, err, strict=True) for x in pair], strict=True)
+    )
+
+
 def _bias_dict(full: np.ndarray, err: np.ndarray) -> dict[str, float]:
     keys = ("m1", "m2", "c1", "c2")
     out: dict[str, float] = {}
@@ -418,9 +505,23 @@ def measure_paired_bias(
     bin_edges: Mapping[str, Sequence[float]] | None = None,
     blend_radius_arcsec: float = 1.5,
     min_match_fraction: float = 0.5,
+    mer_snr_cuts: Sequence[float] = (),
 ) -> FieldCalibrationResult:
     """m and c from the per-field catalogs of paired fields (polars frames with :data:`CATALOG_COLUMNS`,
     optionally ``HLR_ARCSEC``, ``NEIGHBOUR_ARCSEC``, ``MASKED_FRACTION``); see the module docstring.
+
+    MER preselection boundary (``mer_snr_cuts``, frames with :data:`MER_SNR_COLUMN`): for every cut, each
+    field's rows whose MER detection S/N *in that field's own MER catalog* is below the cut are dropped from that
+    field's sums, which is what ``shear.snr_min = cut`` does in prepare (the MER S/N is measured on the sheared
+    image, so an object can pass in +g and fail in -g). ``mer_cuts`` lists, for all rows and for isolated rows,
+    m and c after the cut and the paired ``dm = m(cut) - m(no cut)`` (likewise dc) with the jackknife error of
+    the difference (same objects and noise on both sides, so it is far smaller than that of m). "No cut" is the
+    run's own preselection (``shear.snr_min`` of the run): run with 0 to test cuts above the detection threshold.
+    Rows without a MER S/N fail every cut (``n_rows_without_mer_snr`` counts them).
+
+    ``detection``: objects listed in some fields' catalogs but not in others (their detection or preselection
+    flipped between fields), and ``dm = m(all rows) - m(objects listed in every field)`` with its paired
+    error: what the detection boundary contributes where nothing smooth selects the objects first.
 
     Raises :class:`FieldCalibrationError` when a +g or a -g field is missing, an OBJECT_ID repeats within a
     field, or fewer than ``min_match_fraction`` of the objects are measured in every field (OBJECT_IDs that
@@ -470,6 +571,9 @@ def measure_paired_bias(
     we = np.stack([np.column_stack([p["we1"], p["we2"]]) for p in per], axis=1)  # (n, nf, 2)
     wr = np.stack([np.column_stack([p["wr1"], p["wr2"]]) for p in per], axis=1)
     measured = np.column_stack([p["measured"] for p in per])
+    present = np.column_stack([p["present"] for p in per])
+    weight = np.column_stack([p["w"] for p in per])
+    mer_snr = np.column_stack([p["mer_snr"] for p in per])
     matched = measured.all(axis=1)
     n_matched = int(matched.sum())
     frac = n_matched / max(int(measured.any(axis=1).sum()), 1)
@@ -480,14 +584,19 @@ def measure_paired_bias(
         )
     n_blocks = len(subtile_keys)
 
-    def block_sums(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def block_sums(sel: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sub-tile sums of w e and w R over the objects ``sel``; ``keep`` (n, n_fields): rows kept."""
         lab = labels[sel]
+        wsel, rsel = we[sel], wr[sel]
+        if keep is not None:
+            wsel = wsel * keep[sel][..., None]
+            rsel = rsel * keep[sel][..., None]
         se = np.zeros((n_blocks, nf, 2))
         sr = np.zeros((n_blocks, nf, 2))
         for fi in range(nf):
             for comp in range(2):
-                se[:, fi, comp] = np.bincount(lab, weights=we[sel, fi, comp], minlength=n_blocks)
-                sr[:, fi, comp] = np.bincount(lab, weights=wr[sel, fi, comp], minlength=n_blocks)
+                se[:, fi, comp] = np.bincount(lab, weights=wsel[:, fi, comp], minlength=n_blocks)
+                sr[:, fi, comp] = np.bincount(lab, weights=rsel[:, fi, comp], minlength=n_blocks)
         return se, sr
 
     everything = np.ones(n, bool)
@@ -545,8 +654,86 @@ def measure_paired_bias(
         add_bin("blended", "isolated", blend_radius_arcsec, None, np.isfinite(d) & (d >= blend_radius_arcsec))
         add_bin("blended", "blended", 0.0, blend_radius_arcsec, np.isfinite(d) & (d < blend_radius_arcsec))
 
+    subsets = [("all rows", everything)]
+    if "NEIGHBOUR_ARCSEC" in bin_values and np.isfinite(bin_values["NEIGHBOUR_ARCSEC"]).any():
+        d = bin_values["NEIGHBOUR_ARCSEC"]
+        subsets.append(("isolated", np.isfinite(d) & (d >= blend_radius_arcsec)))
+    mer_cuts: list[dict[str, Any]] = []
+    has_mer = bool(np.isfinite(mer_snr[present]).any())
+    for name, subset in subsets if (mer_snr_cuts and has_mer) else []:
+        base = block_sums(subset)
+        w_total = float(weight[subset].sum())
+        for cut in sorted(float(x) for x in mer_snr_cuts):
+            with np.errstate(invalid="ignore"):
+                keep = mer_snr >= cut  # NaN (no MER S/N) fails
+            cut_sums = block_sums(subset, keep)
+            f_, e_, k_ = _jackknife(*cut_sums, signs, g)
+            d_, de_ = _paired_jackknife(cut_sums, base, signs, g)
+            removed = measured & ~keep & subset[:, None]
+            mer_cuts.append(
+                {
+                    "selection": name,
+                    "mer_snr_min": cut,
+                    "n_objects": int((measured & keep & subset[:, None]).any(axis=1).sum()),
+                    "n_rows_removed": int(removed.sum()),
+                    "weight_fraction_removed": float(weight[removed].sum() / w_total)
+                    if w_total
+                    else math.nan,
+                    "n_subtiles": int(k_),
+                    **_bias_dict(f_, e_),
+                    **_diff_dict(d_, de_),
+                }
+            )
+
+    detection: list[dict[str, Any]] = []
+    listed_all = present.all(axis=1)
+    partial = present.any(axis=1) & ~listed_all
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: objects without a MER S/N
+        best_mer = np.nanmax(np.where(present, mer_snr, np.nan), axis=1)
+    for name, subset in subsets:
+        if not (listed_all & subset).any():
+            continue
+        d_, de_ = _paired_jackknife(block_sums(subset), block_sums(subset & listed_all), signs, g)
+        w_total = float(weight[subset].sum())
+        part = partial & subset
+        snr_part = best_mer[part][np.isfinite(best_mer[part])]
+        detection.append(
+            {
+                "selection": name,
+                "n_objects_listed_in_some_fields_only": int(part.sum()),
+                "n_weighted_rows_of_those": int((measured & part[:, None]).sum()),
+                "weight_fraction_of_those": float(weight[part].sum() / w_total) if w_total else math.nan,
+                "max_weight_of_those": float(weight[part].max()) if part.any() else 0.0,
+                "median_mer_snr_of_those": float(np.median(snr_part)) if len(snr_part) else math.nan,
+                "n_rows_without_mer_snr": int((present & ~np.isfinite(mer_snr) & subset[:, None]).sum()),
+                **_diff_dict(d_, de_),
+            }
+        )
+
+    census: list[dict[str, Any]] = []
+    if has_mer:
+        w_total = float(weight.sum())
+        for lo, hi in zip(MER_CENSUS_EDGES[:-1], MER_CENSUS_EDGES[1:], strict=True):
+            with np.errstate(invalid="ignore"):
+                in_bin = present & (mer_snr >= lo) & (mer_snr < hi)
+            nr = int(in_bin.sum())
+            census.append(
+                {
+                    "lo": lo,
+                    "hi": None if math.isinf(hi) else hi,
+                    "n_rows": nr,
+                    "n_weighted": int((in_bin & measured).sum()),
+                    "mean_weight": float(weight[in_bin].mean()) if nr else math.nan,
+                    "weight_fraction": float(weight[in_bin].sum() / w_total) if w_total else math.nan,
+                }
+            )
+
     return FieldCalibrationResult(
         **head,
+        mer_cuts=mer_cuts,
+        detection=detection,
+        mer_snr_census=census,
         n_matched=n_matched,
         n_objects=int(n),
         n_subtiles=int(k_all),
@@ -652,6 +839,7 @@ def run_field_calibration(
         tuple(cfg.calibration.field_shear_g),
         bin_edges=cfg.calibration.field_bin_edges,
         blend_radius_arcsec=cfg.calibration.field_blend_radius_arcsec,
+        mer_snr_cuts=cfg.calibration.field_mer_snr_cuts,
     )
     seconds["measure"] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
@@ -697,6 +885,79 @@ def field_calibration_table(res: FieldCalibrationResult):
             *(fmt(b[k], b[f"{k}_err"]) for k in ("m1", "m2", "c1", "c2")),
         )
     return head, bins
+
+
+def field_calibration_selection_tables(res: FieldCalibrationResult) -> list:
+    """rich Tables of the MER preselection boundary: m, c and the paired dm, dc per post-hoc MER S/N cut, and
+    the census of rows and FPFS weight per MER S/N bin (empty when the catalogs had no MER S/N)."""
+    from rich.table import Table
+
+    def fmt(v, e=None):
+        if v is None or not math.isfinite(v):
+            return "-"
+        return f"{v:+.2e} ± {e:.1e}" if e is not None and math.isfinite(e) else f"{v:+.2e}"
+
+    out = []
+    if res.mer_cuts:
+        t = Table(title="MER detection S/N cut applied post hoc: m, c and the paired dm = m(cut) - m(no cut)")
+        for col in (
+            "selection",
+            "MER S/N >=",
+            "N",
+            "rows cut",
+            "w cut",
+            "m1",
+            "m2",
+            "dm1",
+            "dm2",
+            "dc1",
+            "dc2",
+        ):
+            t.add_column(col, justify="left" if col == "selection" else "right")
+        for r in res.mer_cuts:
+            t.add_row(
+                r["selection"],
+                f"{r['mer_snr_min']:g}",
+                str(r["n_objects"]),
+                str(r["n_rows_removed"]),
+                f"{r['weight_fraction_removed']:.1e}",
+                *(fmt(r[k], r[f"{k}_err"]) for k in ("m1", "m2", "dm1", "dm2", "dc1", "dc2")),
+            )
+        out.append(t)
+    if res.detection:
+        t = Table(
+            title="Detection boundary: objects listed in some fields only; dm = m(all) - m(listed in every field)"
+        )
+        cols = ("selection", "objects", "weighted rows", "weight share", "max w", "median MER S/N")
+        for col in (*cols, "dm1", "dm2", "dc1", "dc2"):
+            t.add_column(col, justify="left" if col == "selection" else "right")
+        for d in res.detection:
+            med = d["median_mer_snr_of_those"]
+            t.add_row(
+                d["selection"],
+                str(d["n_objects_listed_in_some_fields_only"]),
+                str(d["n_weighted_rows_of_those"]),
+                f"{d['weight_fraction_of_those']:.1e}",
+                f"{d['max_weight_of_those']:.2f}",
+                f"{med:.1f}" if med is not None and math.isfinite(med) else "-",
+                *(fmt(d[k], d[f"{k}_err"]) for k in ("dm1", "dm2", "dc1", "dc2")),
+            )
+        out.append(t)
+    if res.mer_snr_census:
+        t = Table(title="FPFS selection weight per MER detection S/N bin (all fields' rows)")
+        for col in ("MER S/N", "rows", "weighted rows", "mean weight", "weight share"):
+            t.add_column(col, justify="right")
+        for b in res.mer_snr_census:
+            hi = "inf" if b["hi"] is None else f"{b['hi']:g}"
+            t.add_row(
+                f"[{b['lo']:g}, {hi})",
+                str(b["n_rows"]),
+                str(b["n_weighted"]),
+                f"{b['mean_weight']:.3f}" if math.isfinite(b["mean_weight"]) else "-",
+                f"{b['weight_fraction']:.1e}",
+            )
+        out.append(t)
+    return out
 
 
 def field_calibration_figure_png(res: FieldCalibrationResult, m_target: float = 2e-3) -> bytes:
