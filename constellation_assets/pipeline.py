@@ -110,17 +110,20 @@ def infer_many(
     groups = _tile_groups(uris)
     workers = max(1, min(workers or cfg.compute.workers, len(groups) or 1))
     results = []
+
+    def collect(done, failed) -> None:
+        if failed and on_error is None:
+            raise failed[0][1]
+        for uri, exc in failed:
+            on_error(uri, exc)
+        for res in done:
+            results.append(res)
+            if on_done:
+                on_done(res)
+
     if workers == 1:
         for group in groups:
-            done, failed = infer_tile_manifests(cfg, group, device=device, batch_size=batch_size)
-            if failed and on_error is None:
-                raise failed[0][1]
-            for uri, exc in failed:
-                on_error(uri, exc)
-            for res in done:
-                results.append(res)
-                if on_done:
-                    on_done(res)
+            collect(*infer_tile_manifests(cfg, group, device=device, batch_size=batch_size))
         write_stage_record(cfg, "infer", infer_record_extra(results))
         return results
     threads = max(1, (cfg.compute.torch_threads or mp.cpu_count()) // workers)
@@ -132,14 +135,7 @@ def infer_many(
                 done, failed = fut.result()
             except Exception as exc:  # the worker process itself failed: every sub-tile of its tile
                 failed, done = [(u, exc) for u in futs[fut]], []
-            if failed and on_error is None:
-                raise failed[0][1]
-            for uri, exc in failed:
-                on_error(uri, exc)
-            for res in done:
-                results.append(res)
-                if on_done:
-                    on_done(res)
+            collect(done, failed)
     results.sort(key=lambda r: r.manifest_uri)
     write_stage_record(cfg, "infer", infer_record_extra(results))  # last, after every sub-tile result
     return results

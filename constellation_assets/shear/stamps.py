@@ -1082,8 +1082,6 @@ def iter_manifest_stamps(
 
     ``storage_options``: fsspec options, or a function of the URI giving them (``cfg.storage_options``).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     entries = list(manifest.get("quadrants") or [])
 
     def load(entry: Mapping[str, Any]) -> QuadrantImages:
@@ -1101,61 +1099,34 @@ def iter_manifest_stamps(
             QUADRANT_CACHE.put(key, quad)
         return quad
 
-    # Quadrants on object storage: the next one is fetched (network I/O, decoding, WCS) in a background
-    # thread while this one is cut and measured (reads stay strictly one after the other, at most one
-    # quadrant ahead). Local files are read in line: page-cache reads are CPU-bound copies, and a second
-    # thread only competes with the estimator for the same cores.
-    from constellation_assets.io.uri import is_s3
-
-    ahead = any(is_s3(str(e.get("sci_path", ""))) for e in entries)
-    pool_cm = ThreadPoolExecutor(1, "quadrant-prefetch") if ahead else contextlib.nullcontext()
-    with pool_cm as pool:
-        nxt = pool.submit(load, entries[0]) if ahead and entries else None
-        for i, entry in enumerate(entries):
-            if ahead:
-                quad = nxt.result()
-                nxt = pool.submit(load, entries[i + 1]) if i + 1 < len(entries) else None
-            else:
-                quad = load(entry)
-            stamps = quadrant_stamps(
-                quad,
-                sources,
-                stamp_size,
-                center_radius_pix=center_radius_pix,
-                max_masked_fraction=max_masked_fraction,
-            )
-            del quad
-            if len(stamps):
-                yield stamps
+    for _, quad, exc in _loaded_in_order(entries, load):
+        if exc is not None:
+            raise exc
+        stamps = quadrant_stamps(
+            quad,
+            sources,
+            stamp_size,
+            center_radius_pix=center_radius_pix,
+            max_masked_fraction=max_masked_fraction,
+        )
+        del quad
+        if len(stamps):
+            yield stamps
 
 
-def iter_quadrant_images(
-    entries: list[Mapping[str, Any]],
-    stamp_size: int,
-    storage_options: Callable[[str], dict | None] | dict | None = None,
+def _loaded_in_order(
+    entries: list[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], QuadrantImages]
 ) -> Iterator[tuple[int, QuadrantImages | None, Exception | None]]:
-    """Read each quadrant entry once, in order: yields ``(i, quadrant, None)`` or ``(i, None, error)``.
+    """``(i, load(entries[i]), None)`` or ``(i, None, error)`` for each entry, in order.
 
-    For a tile-level measurement (:func:`constellation_assets.shear.infer.measure_tile`): the quadrants
-    bypass :data:`QUADRANT_CACHE` (each is read exactly once per call and released by the caller, so at
-    most the current quadrant and, on s3://, the one fetched ahead are in memory). The WCS and the native
-    PSF grid are prepared in the reading thread, as in :func:`iter_manifest_stamps`. A quadrant that
-    cannot be read is reported with its error and the others are still read.
+    Quadrants on object storage: the next one is fetched (network I/O, decoding, WCS) in a background
+    thread while this one is cut and measured (reads stay strictly one after the other, at most one
+    quadrant ahead). Local files are read in line: page-cache reads are CPU-bound copies, and a second
+    thread only competes with the estimator for the same cores.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from constellation_assets.io.uri import is_s3
-
-    psf_hdus: dict = {}  # PSF HDUs shared by the dithers of an observation: read once
-
-    def load(entry: Mapping[str, Any]) -> QuadrantImages:
-        opts = (
-            storage_options(str(entry.get("sci_path", ""))) if callable(storage_options) else storage_options
-        )
-        quad = read_quadrant_images(entry, opts, psf_hdus=psf_hdus)
-        quad.get_wcs()
-        quad.psf.native(int(stamp_size))
-        return quad
 
     ahead = any(is_s3(str(e.get("sci_path", ""))) for e in entries)
     pool_cm = ThreadPoolExecutor(1, "quadrant-prefetch") if ahead else contextlib.nullcontext()
@@ -1169,11 +1140,39 @@ def iter_quadrant_images(
                     quad = fut.result()
                 else:
                     quad = load(entry)
-            except Exception as exc:  # the caller fails the sub-tiles that need this quadrant
+            except Exception as exc:
                 yield i, None, exc
                 continue
             yield i, quad, None
             del quad
+
+
+def iter_quadrant_images(
+    entries: list[Mapping[str, Any]],
+    stamp_size: int,
+    storage_options: Callable[[str], dict | None] | dict | None = None,
+) -> Iterator[tuple[int, QuadrantImages | None, Exception | None]]:
+    """Read each quadrant entry once, in order: yields ``(i, quadrant, None)`` or ``(i, None, error)``.
+
+    For a tile-level measurement (:func:`constellation_assets.shear.infer.measure_tile`): the quadrants
+    bypass :data:`QUADRANT_CACHE` (each is read exactly once per call and released by the caller, so at
+    most the current quadrant and, on s3://, the one fetched ahead are in memory). The WCS and the native
+    PSF grid are prepared in the reading thread, as in :func:`iter_manifest_stamps`. A quadrant that
+    cannot be read is reported with its error (the caller fails the sub-tiles that need it) and the others
+    are still read.
+    """
+    psf_hdus: dict = {}  # PSF HDUs shared by the dithers of an observation: read once
+
+    def load(entry: Mapping[str, Any]) -> QuadrantImages:
+        opts = (
+            storage_options(str(entry.get("sci_path", ""))) if callable(storage_options) else storage_options
+        )
+        quad = read_quadrant_images(entry, opts, psf_hdus=psf_hdus)
+        quad.get_wcs()
+        quad.psf.native(int(stamp_size))
+        return quad
+
+    return _loaded_in_order(entries, load)
 
 
 # --------------------------------------------------------------------------------------------------
