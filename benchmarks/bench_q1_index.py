@@ -14,7 +14,7 @@ requests and listings (what costs time on S3: one round trip each) and the wall 
   ``--full-index`` or ``--far`` <= 10: ~870 requests per exposure);
 - pointing pre-filter (``overlap_box``): every observation listed, a few header requests per exposure;
 - association table (``data.tile_association_uri``): one table read, only the tile's observations listed;
-  then with the quadrant index cache (``{root}/cache/quadrant_index``, shared by all tiles and runs) cold and
+  then with the quadrant index cache (``{output.root_uri}/q1_index`` in the pipeline, shared by all tiles and runs) cold and
   warm: a warm tile reads one cached Parquet per exposure instead of walking its headers.
 """
 

@@ -261,3 +261,24 @@ def test_tile_association_table_formats_and_errors(tmp_path):
     # a rewritten table is read again
     pq.write_table(pa.table({"tileid": [5], "obsid": [99]}), pq_path)
     assert read_tile_association(str(pq_path)) == {5: [99]}
+
+
+def test_synthetic_field_writes_the_tile_association_prepare_reads(prepared, tmp_path):
+    """With data.tile_association_uri set, the synthetic field writes the tile -> observation table (from its
+    quadrant index, as IRSA's for Q1) and prepare finds the same quadrants through it."""
+    from constellation_assets.io.q1 import read_tile_association
+
+    cfg, res, root = prepared
+    assoc = tmp_path / "tileid_association_q1.csv"
+    data = {
+        "vis_base_uri": cfg.data.vis_base_uri,
+        "catalog_base_uri": cfg.data.catalog_base_uri,
+        "tile_association_uri": str(assoc),
+    }
+    cfg2 = small_config(root, data=data, output={"root_uri": str(tmp_path / "out")})
+    summary = simulate_field(cfg2)  # the field exists: tiles skipped, the table written
+    assert all(t.skipped for t in summary.tiles) and assoc.exists()
+    quads = pq.read_table(res.quadrants_uri)
+    assert read_tile_association(str(assoc)) == {TILE: sorted(set(quads.column("obs_id").to_pylist()))}
+    got = prepare_tile(cfg2, TILE)
+    assert got.n_quadrants == res.n_quadrants

@@ -264,6 +264,27 @@ def tile_observations(tile_id: int, association_uri: str, storage_options: dict 
     return obs
 
 
+def tile_association_from_index(index: pa.Table, boxes: Mapping[int, Any]) -> dict[int, list[int]]:
+    """Tile id -> ids of the observations with a quadrant overlapping the tile's box (``{tile_id: SkyBox}``).
+
+    The association IRSA publishes for Q1, derived from a quadrant index (e.g. for data without one).
+    """
+    out = {}
+    for tile_id, box in boxes.items():
+        obs = quadrants_overlapping(index, box).column("obs_id").to_pylist()
+        out[int(tile_id)] = sorted({int(o) for o in obs})
+    return out
+
+
+def write_tile_association(
+    uri: str, assoc: Mapping[int, Iterable[int]], storage_options: dict | None = None
+) -> str:
+    """Write ``{tile_id: observation ids}`` as the CSV :func:`read_tile_association` reads (atomically)."""
+    lines = ["tileid,obsid"] + [f"{int(t)},{int(o)}" for t in sorted(assoc) for o in sorted(assoc[t])]
+    atomic_write_bytes(uri, ("\n".join(lines) + "\n").encode(), storage_options)
+    return uri
+
+
 def _latest(candidates: list[tuple[str, str]], what: str) -> str:
     """Pick the newest (timestamp, uri) of ONE product: several timestamps are reprocessing versions."""
     candidates = sorted(candidates)

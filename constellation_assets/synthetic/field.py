@@ -352,6 +352,41 @@ def _add_mer_mosaics(cfg, tile_id: int, prev: dict, exposures: list[Exposure]) -
     return files
 
 
+def _write_tile_association(cfg, skipped: bool) -> None:
+    """The tile -> observation table of the field at ``data.tile_association_uri``, as IRSA's for Q1.
+
+    Derived from the quadrant index of the written files (the index cache that prepare then reuses), so a
+    tile's observations are exactly those with a quadrant overlapping its extended area.
+    """
+    from constellation_assets.io.q1 import (
+        build_quadrant_index,
+        discover_vis_exposures,
+        tile_association_from_index,
+        write_tile_association,
+    )
+    from constellation_assets.io.uri import uri_exists
+    from constellation_assets.prepare import quadrant_index_cache_uri
+    from constellation_assets.sky.tiles import mer_tile
+
+    uri = cfg.data.tile_association_uri
+    so = cfg.storage_options(uri)
+    if skipped and uri_exists(uri, so):
+        return
+    vis_so = cfg.storage_options(cfg.data.vis_base_uri)
+    index = build_quadrant_index(
+        discover_vis_exposures(cfg.data.vis_base_uri, storage_options=vis_so),
+        cache_uri=quadrant_index_cache_uri(cfg),
+        storage_options=vis_so,
+        cache_storage_options=cfg.storage_options(cfg.output.root_uri),
+    )
+    tc = cfg.tiling
+    boxes = {
+        t: mer_tile(t, tc.tile_core_arcmin, tc.tile_extended_arcmin).extended for t in cfg.field.tile_ids
+    }
+    write_tile_association(uri, tile_association_from_index(index, boxes), so)
+    log.info("tile association of %d tiles written to %s", len(boxes), uri)
+
+
 def simulate_field(cfg, force: bool = False, progress: bool = False) -> FieldSummary:
     """Write the synthetic field of ``cfg.field`` in the Q1 layout under ``cfg.data`` (idempotent).
 
@@ -380,6 +415,8 @@ def simulate_field(cfg, force: bool = False, progress: bool = False) -> FieldSum
     else:
         for tile_id, exps in by_tile.items():
             tiles.append(simulate_tile(cfg, tile_id, exps, force=force))
+    if cfg.data.tile_association_uri:
+        _write_tile_association(cfg, skipped=all(t.skipped for t in tiles))
     shear = {
         "shear_g1": f.shear_g1,
         "shear_g2": f.shear_g2,
