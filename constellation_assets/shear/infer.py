@@ -318,34 +318,52 @@ class _BatchMeasurer:
         chunk = self._take(n)
         images = np.concatenate([c.images for c in chunk])
         psf = np.concatenate([c.psf for c in chunk])
+        noise = np.concatenate([c.noise_sigma for c in chunk])
+        offsets = np.concatenate([c.offsets_pix for c in chunk])
         jac = np.concatenate([c.jacobian for c in chunk])
         frame = st.sky_frame_transform(jac)
-        pixel_scale = float(np.median(frame["scale_arcsec"]))
+        # The weight kernel's pixel scale: each quadrant's own (the stamps' kernel_scale_arcsec), so that a
+        # stamp's moments do not depend on the batch it falls in; stamps without one take the batch median.
+        scale = np.concatenate(
+            [
+                np.full(len(c), np.nan) if c.kernel_scale_arcsec is None else c.kernel_scale_arcsec
+                for c in chunk
+            ]
+        )
+        scale = np.where(np.isfinite(scale), scale, float(np.median(frame["scale_arcsec"])))
         # Moments only: ratios, selection and responses are formed once per source after the
         # exposures are combined (stamps.combine_exposure_moments).
         kw = {k: v for k, v in self.est_kwargs.items() if k in ("sigma_arcsec", "precision", "psf_floor")}
-        res = fpfs.measure_stamps(
-            images,
-            psf,
-            pixel_scale_arcsec=pixel_scale,
-            noise_sigma=np.concatenate([c.noise_sigma for c in chunk]),
-            offsets_pix=np.concatenate([c.offsets_pix for c in chunk]),
-            device=self.device,
-            batch_size=self.batch_size,
-            return_moments=True,
-            return_covariance=True,
-            **kw,
-        )
+        mom = np.empty((n, _N_MOMENTS))
+        cov = np.empty((n, _N_MOMENTS, _N_MOMENTS))
+        flags = np.empty(n, np.int64)
+        values = np.unique(scale)
+        for value in values:
+            sel = slice(None) if len(values) == 1 else np.flatnonzero(scale == value)  # one quadrant: no copy
+            res = fpfs.measure_stamps(
+                images[sel],
+                psf[sel],
+                pixel_scale_arcsec=float(value),
+                noise_sigma=noise[sel],
+                offsets_pix=offsets[sel],
+                device=self.device,
+                batch_size=self.batch_size,
+                return_moments=True,
+                return_covariance=True,
+                **kw,
+            )
+            mom[sel] = np.stack([np.asarray(res[k], np.float64) for k in fpfs.MOMENT_NAMES], axis=1)
+            cov[sel] = np.asarray(res["cov"], np.float64)
+            flags[sel] = np.asarray(res["flags"], np.int64)
         del images, psf
-        mom = np.stack([np.asarray(res[k], np.float64) for k in fpfs.MOMENT_NAMES], axis=1)
-        mom, cov = st.moments_to_sky_frame(mom, np.asarray(res["cov"], np.float64), frame)
+        mom, cov = st.moments_to_sky_frame(mom, cov, frame)
         self.parts.append(
             {
                 "source_index": np.concatenate([c.source_index for c in chunk]),
                 "usable": np.ones(n, bool),
                 "moments": mom,
                 "cov": cov,
-                "flags": np.asarray(res["flags"], np.int64),
+                "flags": flags,
             }
         )
         self.n_stamps += n

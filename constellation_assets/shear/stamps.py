@@ -689,6 +689,10 @@ class ExposureStamps:
     #: (n,) sum of each source's PSF model: the flux fraction inside the model's box (Q1 ~0.93-0.97; the
     #: estimator normalises the PSF, so truncation is known only from this). None: not computed.
     psf_flux_in_box: np.ndarray | None = None
+    #: (n,) pixel scale (arcsec) the estimator's weight kernel is built with: the quadrant's scale at its
+    #: centre, the same for all its stamps, so a stamp's moments do not depend on which stamps share its
+    #: batch (sub-tile or tile runs, any batch size). None: the batch's median scale.
+    kernel_scale_arcsec: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source_index)
@@ -726,7 +730,7 @@ def quadrant_stamps(
         return ExposureStamps(
             quad.key, quad.exposure, idx, np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.float32),
             np.zeros(0), np.zeros((0, 2)), x, y, np.zeros((0, 2, 2)), np.zeros(0), np.zeros(0, np.int32),
-            np.zeros(0),
+            np.zeros(0), np.zeros(0),
         )  # fmt: skip
     rows, cols, offsets = stamp_grid(x, y, size)
 
@@ -772,6 +776,8 @@ def quadrant_stamps(
     del unfilled
     psf = quad.psf.at(x, y, size)
     jac = local_jacobian(wcs, x, y)
+    centre = local_jacobian(wcs, np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0]))[0]
+    kernel_scale = float(np.sqrt(abs(np.linalg.det(centre))))
     return ExposureStamps(
         key=quad.key,
         exposure=quad.exposure,
@@ -786,6 +792,7 @@ def quadrant_stamps(
         masked_fraction=masked_fraction,
         reject=reject,
         psf_flux_in_box=psf.sum(axis=(1, 2), dtype=np.float64),
+        kernel_scale_arcsec=np.full(n, kernel_scale),
     )
 
 
