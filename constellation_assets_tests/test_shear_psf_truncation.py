@@ -8,7 +8,7 @@ import galsim
 import numpy as np
 import pytest
 
-from constellation_assets.shear import measure_stamps
+from constellation_assets.shear import fpfs, measure_stamps
 from constellation_assets.shear.calibration import run_calibration, truncate_psf
 from constellation_assets.shear.fpfs import PSF_BORDER_FRACTION_WARN, extend_psf_wings, psf_support_half_size
 
@@ -55,10 +55,15 @@ def test_truncated_psf_is_reported(caplog):
     stamp = gal.drawImage(nx=48, ny=48, scale=0.1, use_true_center=False).array[None]
     full = measure_stamps(stamp, img, 0.1)
     assert full["psf_border_frac"][0] == 0.0  # PSF fills the stamp: nothing to extend or report
+    fpfs._TRUNCATION_WARNED.clear()  # reported once per process and box size: start afresh
     with caplog.at_level(logging.WARNING, logger="constellation_assets.shear.fpfs"):
         cut15 = measure_stamps(stamp, truncate_psf(img, 15), 0.1)
     assert cut15["psf_border_frac"][0] > PSF_BORDER_FRACTION_WARN
     assert "PSF model truncated" in caplog.text and "15x15" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="constellation_assets.shear.fpfs"):
+        again = measure_stamps(stamp, truncate_psf(img, 15), 0.1)  # the next batch of the same run
+    assert again["psf_border_frac"][0] == cut15["psf_border_frac"][0] and "truncated" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="constellation_assets.shear.fpfs"):
         cut31 = measure_stamps(stamp, truncate_psf(img, 31), 0.1)

@@ -326,6 +326,9 @@ def _prepare_psf_batch(
 
 #: A PSF stamp whose outermost pixel frame holds more than this fraction of its flux is truncated.
 PSF_BORDER_FRACTION_WARN = 1e-3
+
+#: (box size, wings extended) of the truncated PSF models already reported at WARNING in this process.
+_TRUNCATION_WARNED: set[tuple[int, bool]] = set()
 #: Width of the outer ring of a truncated PSF model on which its power-law wing is fitted (pixels).
 WING_RING_PIX = 4
 
@@ -729,8 +732,13 @@ def measure_stamps(
     result_t["psf_border_frac"] = border
     if truncated:
         worst = float(border.max()) if n else 0.0
+        key = (2 * support + 1, bool(extend))
         if worst > PSF_BORDER_FRACTION_WARN:
-            log.warning(
+            # once per process and box size at WARNING (every batch of a run has the same PSF product), then DEBUG
+            level = logging.DEBUG if key in _TRUNCATION_WARNED else logging.WARNING
+            _TRUNCATION_WARNED.add(key)
+            log.log(
+                level,
                 "PSF model truncated: its %dx%d support box carries up to %.2e of its flux in the outermost "
                 "pixel frame (> %.0e); %s",
                 2 * support + 1,
