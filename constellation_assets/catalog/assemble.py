@@ -593,47 +593,9 @@ def assemble_tiles(
                 + (f" ({len(incomplete) - 1} more tile(s) incomplete)" if len(incomplete) > 1 else "")
                 + "; run the shear stage for them first"
             )
-    return commit_tiles(
-        catalog,
-        {t: (v[0], v[1]) for t, v in loaded.items()},
-        run_id,
-        config_hash,
-        code_version,
-        namespace=namespace,
-        max_attempts=max_attempts,
-        backoff_s=backoff_s,
-        n_margin_dropped={t: v[2] for t, v in loaded.items()},
-        missing_subtiles={t: v[3] for t, v in loaded.items()},
-        start=start,
-    )
-
-
-def commit_tiles(
-    catalog: Catalog,
-    tiles: Mapping[int, tuple[pa.Table, pa.Table]],
-    run_id: str,
-    config_hash: str,
-    code_version: str,
-    *,
-    namespace: str = DEFAULT_NAMESPACE,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    backoff_s: float = DEFAULT_BACKOFF_S,
-    n_margin_dropped: Mapping[int, int] | None = None,
-    missing_subtiles: Mapping[int, list[tuple[int, int]]] | None = None,
-    start: float | None = None,
-) -> list[AssembleResult]:
-    """Commit tiles' rows ``{tile_id: (core sources, sub-tile rows)}`` (from :func:`tile_tables`).
-
-    The commit half of :func:`assemble_tiles`: one ``shear.sources`` transaction, then one
-    ``shear.subtiles`` transaction for the whole batch, each an idempotent replacement of the batch
-    tiles' rows.
-    """
-    start = time.perf_counter() if start is None else start
-    if not tiles:
-        raise AssemblyError("no tiles given to commit")
     ensure_tables(catalog, namespace)
     assembly_id = uuid.uuid4().hex
-    tile_ids = sorted(int(t) for t in tiles)
+    tile_ids = list(loaded)
     base_props = {
         PROP_RUN_ID: str(run_id),
         PROP_CONFIG_HASH: str(config_hash),
@@ -641,8 +603,8 @@ def commit_tiles(
         PROP_ASSEMBLY_ID: assembly_id,
         **_tile_summary_properties(tile_ids),
     }
-    sources = {t: tiles[t][0] for t in tile_ids}
-    subtiles = {t: tiles[t][1] for t in tile_ids}
+    sources = {t: v[0] for t, v in loaded.items()}
+    subtiles = {t: v[1] for t, v in loaded.items()}
     src_snapshot, src_attempts = overwrite_tiles(
         catalog,
         table_identifier(namespace, SOURCES_TABLE),
@@ -666,13 +628,13 @@ def commit_tiles(
             run_id=str(run_id),
             assembly_id=assembly_id,
             n_sources=sources[t].num_rows,
-            n_margin_dropped=(n_margin_dropped or {}).get(t, 0),
+            n_margin_dropped=loaded[t][2],
             n_subtiles=subtiles[t].num_rows,
             sources_snapshot_id=src_snapshot,
             subtiles_snapshot_id=sub_snapshot,
             commit_attempts=src_attempts + sub_attempts,
             elapsed_s=elapsed,
-            missing_subtiles=list((missing_subtiles or {}).get(t, [])),
+            missing_subtiles=loaded[t][3],
             batch_size=len(tile_ids),
         )
         for t in tile_ids

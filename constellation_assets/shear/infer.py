@@ -337,13 +337,14 @@ class _BatchMeasurer:
         mom = np.empty((n, _N_MOMENTS))
         cov = np.empty((n, _N_MOMENTS, _N_MOMENTS))
         flags = np.empty(n, np.int64)
-        values = np.unique(scale)
-        for value in values:
-            sel = slice(None) if len(values) == 1 else np.flatnonzero(scale == value)  # one quadrant: no copy
+        # A quadrant's stamps are contiguous in the batch: one estimator call per run of equal scale, on views.
+        edges = [0, *(np.flatnonzero(scale[1:] != scale[:-1]) + 1).tolist(), n]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = slice(lo, hi)
             res = fpfs.measure_stamps(
                 images[sel],
                 psf[sel],
-                pixel_scale_arcsec=float(value),
+                pixel_scale_arcsec=float(scale[lo]),
                 noise_sigma=noise[sel],
                 offsets_pix=offsets[sel],
                 device=self.device,
