@@ -1,0 +1,138 @@
+"""Peak detection with its shear response (`shear/detect.py`): against the stamp estimator, finite
+differences of GalSim-sheared images, and the noise covariance it assumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from constellation_assets.shear import detect, fpfs
+
+galsim = pytest.importorskip("galsim")
+
+PIX = 0.1
+N = 96
+
+
+@pytest.fixture(scope="module")
+def psf():
+    obj = galsim.Moffat(beta=2.5, fwhm=0.17)
+    return obj, obj.drawImage(nx=31, ny=31, scale=PIX).array
+
+
+def _render(psf_obj, g1=0.0, g2=0.0, offset=(0.3, -0.2), flux=1.0, n=N):
+    """A Sersic galaxy at ``offset`` (pixels) from pixel (n//2, n//2), the whole image sheared about that pixel."""
+    a = np.array([[1 + g1, g2], [g2, 1 - g1]])
+    off = a @ np.asarray(offset, dtype=float)
+    gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1)
+    if g1 or g2:
+        gal = gal.shear(g1=g1, g2=g2)
+    img = galsim.Convolve(gal.withFlux(flux), psf_obj).drawImage(
+        nx=n, ny=n, scale=PIX, offset=tuple(off), use_true_center=False
+    )
+    return img.array
+
+
+def test_peak_offsets_are_a_symmetric_disk():
+    offs = detect.peak_offsets(4)
+    assert len(offs) == 48
+    assert not np.any((offs == 0).all(axis=1))
+    as_set = {tuple(o) for o in offs}
+    assert all((-x, -y) in as_set and (-y, x) in as_set for x, y in as_set)  # 180 and 90 degrees
+    with pytest.raises(ValueError, match="peak_radius_pix"):
+        detect.peak_offsets(0)
+
+
+def test_noiseless_galaxy_is_one_detection_measured_like_a_stamp(psf):
+    psf_obj, psf_img = psf
+    img = _render(psf_obj)
+    res = detect.detect_peaks(img, psf_img, PIX, 0.0)
+    assert len(res["x"]) == 1
+    assert (res["x"][0], res["y"][0]) == (N // 2, N // 2)
+    assert res["weight"][0] == 1.0
+    # The stamp estimator at the same centre (offset 0) on the same image, full PSF on the same grid.
+    psf_full = psf_obj.drawImage(nx=N, ny=N, scale=PIX, use_true_center=False).array
+    st = fpfs.measure_stamps(img[None], psf_full, PIX, 0.0, offsets_pix=np.zeros((1, 2)), precision="float64")
+    for k in ("e1", "e2", "r11", "r22", "r12"):
+        assert res[k][0] == pytest.approx(st[k][0], rel=2e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize(
+    "offset, noise_sigma",
+    [
+        ((0.3, -0.2), 0.0),  # shape response only (weight 1)
+        ((0.47, 0.1), 5e-3),  # flat peak: the peak step is in its ramp (w_det ~ 0.02)
+        ((0.47, 0.1), 8.5e-3),  # ... and the S/N weight too (snr ~ 11.7)
+    ],
+)
+def test_response_matches_finite_differences_of_sheared_images(psf, offset, noise_sigma):
+    """R_ab of a noiseless image (noise term off) = d phi_a / d g_b of images rendered with GalSim
+    shears +-eps about the detection pixel, detection weight and S/N weight included."""
+    psf_obj, psf_img = psf
+    kw = dict(noise_sigma=noise_sigma, snr_min=10.0, noise_bias_correction=False)
+    base = detect.detect_peaks(_render(psf_obj, offset=offset), psf_img, PIX, **kw)
+    i0 = int(np.argmax(base["weight"]))
+    cx, cy = base["x"][i0], base["y"][i0]
+    if noise_sigma > 0:
+        assert 0.0 < base["w_det"][i0] < 0.5  # the detection term is exercised
+    eps = 1e-4
+    for b in (0, 1):
+        phis = []
+        for sign in (1.0, -1.0):
+            g = [0.0, 0.0]
+            g[b] = sign * eps
+            r = detect.detect_peaks(_render(psf_obj, *g, offset=offset), psf_img, PIX, **kw)
+            j = np.nonzero((r["x"] == cx) & (r["y"] == cy))[0][0]
+            phis.append(np.array([r["phi1"][j], r["phi2"][j]]))
+        fd = (phis[0] - phis[1]) / (2 * eps)
+        an = np.array([base[f"r1{b + 1}"][i0], base[f"r2{b + 1}"][i0]])
+        # The estimator's own discretisation (noiseless m ~ -2e-4 to -5e-4) bounds the agreement.
+        np.testing.assert_allclose(fd, an, rtol=0, atol=1.5e-3 * np.abs(an).max())
+
+
+def test_noise_correlation_matches_pure_noise_images(psf):
+    """The analytic covariances of moments at two pixels (what the noise term and the peak step's scale
+    use) equal their scatter over pure-noise images."""
+    import torch
+
+    _, psf_img = psf
+    rng = np.random.default_rng(5)
+    n, sig = 48, 2.0
+    pairs = [("m00", "m00", (0, 0)), ("m00", "m00", (2, 1)), ("m2c", "m00", (3, 0)), ("dx", "m00", (2, 0)),
+             ("a1", "m2c", (0, 1)), ("m2s", "m2s", (1, 1))]  # fmt: skip
+    samples = {p: [] for p in pairs}
+    for _ in range(600):
+        mom = detect.moment_images(rng.normal(0.0, sig, (n, n)), psf_img, PIX)
+        for a, b, (dx, dy) in pairs:
+            # Cov(M_a(p + D), M_b(p)) at p = (10, 10) and one more pixel per image (independent enough).
+            for py, px in ((10, 10), (30, 30)):
+                samples[(a, b, (dx, dy))].append((mom[a][py + dy, px + dx], mom[b][py, px]))
+    _, inv_p = detect._moment_images(
+        torch.zeros((n, n), dtype=torch.float64), torch.as_tensor(psf_img), 0.35 / PIX, 1e-4
+    )
+    cov = detect.NoiseCorrelation((n, n), inv_p, 0.35 / PIX, sig**2)
+    for a, b, (dx, dy) in pairs:
+        xs = np.array(samples[(a, b, (dx, dy))])
+        emp = np.cov(xs.T)[0, 1]
+        scale = np.sqrt(np.var(xs[:, 0]) * np.var(xs[:, 1]))
+        ana = float(cov(a, b)[dy % n, dx % n])
+        assert abs(emp - ana) < 0.12 * scale, (a, b, dx, dy, emp, ana)
+    # A flat image has no strict maxima.
+    assert len(detect.detect_peaks(np.full((n, n), 1e-3), psf_img, PIX, sig, snr_min=0.0)["x"]) == 0
+
+
+def test_bad_inputs_name_the_problem(psf):
+    _, psf_img = psf
+    img = np.zeros((64, 64))
+    with pytest.raises(ValueError, match="2-d"):
+        detect.detect_peaks(img[None], psf_img, PIX, 1.0)
+    bad = img.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        detect.detect_peaks(bad, psf_img, PIX, 1.0)
+    with pytest.raises(ValueError, match="PSF sum"):
+        detect.detect_peaks(img, np.zeros_like(psf_img), PIX, 1.0)
+    with pytest.raises(ValueError, match="larger than the image"):
+        detect.detect_peaks(np.zeros((16, 16)), psf_img, PIX, 1.0)
+    with pytest.raises(ValueError, match="peak_nu_min"):
+        detect.detect_peaks(img, psf_img, PIX, 1.0, peak_nu_min=-1.0)
