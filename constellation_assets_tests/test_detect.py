@@ -20,10 +20,12 @@ def psf():
     return obj, obj.drawImage(nx=31, ny=31, scale=PIX).array
 
 
-def _render(psf_obj, g1=0.0, g2=0.0, offset=(0.3, -0.2), flux=1.0, n=N):
-    """A Sersic galaxy at ``offset`` (pixels) from pixel (n//2, n//2), the whole image sheared about that pixel."""
+def _render(psf_obj, g1=0.0, g2=0.0, offset=(0.3, -0.2), flux=1.0, n=N, about=(0, 0)):
+    """A Sersic galaxy at ``offset`` (pixels) from pixel (n//2, n//2), the whole image sheared about the
+    pixel ``about`` (offset from (n//2, n//2) too)."""
     a = np.array([[1 + g1, g2], [g2, 1 - g1]])
-    off = a @ np.asarray(offset, dtype=float)
+    c = np.asarray(about, dtype=float)
+    off = c + a @ (np.asarray(offset, dtype=float) - c)
     gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1)
     if g1 or g2:
         gal = gal.shear(g1=g1, g2=g2)
@@ -37,6 +39,7 @@ def test_peak_offsets_are_a_symmetric_disk():
     offs = detect.peak_offsets(4)
     assert len(offs) == 48
     assert not np.any((offs == 0).all(axis=1))
+    assert len(detect.peak_offsets(4, 2.0)) == 40  # the 8 nearest pixels left out
     as_set = {tuple(o) for o in offs}
     assert all((-x, -y) in as_set and (-y, x) in as_set for x, y in as_set)  # 180 and 90 degrees
     with pytest.raises(ValueError, match="peak_radius_pix"):
@@ -46,10 +49,14 @@ def test_peak_offsets_are_a_symmetric_disk():
 def test_noiseless_galaxy_is_one_detection_measured_like_a_stamp(psf):
     psf_obj, psf_img = psf
     img = _render(psf_obj)
-    res = detect.detect_peaks(img, psf_img, PIX, 0.0)
-    assert len(res["x"]) == 1
+    res = detect.detect_peaks(img, psf_img, PIX, 0.0, peak_inner_pix=0.0)
+    assert len(res["x"]) == 1  # the strict maximum
     assert (res["x"][0], res["y"][0]) == (N // 2, N // 2)
     assert res["weight"][0] == 1.0
+    # With the nearest pixels left out of the comparison the peak is a plateau around the same pixel.
+    plateau = detect.detect_peaks(img, psf_img, PIX, 0.0)
+    assert 1 <= len(plateau["x"]) <= 4
+    assert np.all(np.abs(plateau["x"] - N // 2) <= 1) and np.all(np.abs(plateau["y"] - N // 2) <= 1)
     # The stamp estimator at the same centre (offset 0) on the same image, full PSF on the same grid.
     psf_full = psf_obj.drawImage(nx=N, ny=N, scale=PIX, use_true_center=False).array
     st = fpfs.measure_stamps(img[None], psf_full, PIX, 0.0, offsets_pix=np.zeros((1, 2)), precision="float64")
@@ -61,8 +68,8 @@ def test_noiseless_galaxy_is_one_detection_measured_like_a_stamp(psf):
     "offset, noise_sigma",
     [
         ((0.3, -0.2), 0.0),  # shape response only (weight 1)
-        ((0.47, 0.1), 5e-3),  # flat peak: the peak step is in its ramp (w_det ~ 0.02)
-        ((0.47, 0.1), 8.5e-3),  # ... and the S/N weight too (snr ~ 11.7)
+        ((0.47, 0.1), 5e-3),  # plateau pixels with the peak step in its ramp
+        ((0.3, -0.2), 8.5e-3),  # ... and the S/N weight too (snr ~ 11.6)
     ],
 )
 def test_response_matches_finite_differences_of_sheared_images(psf, offset, noise_sigma):
@@ -71,17 +78,24 @@ def test_response_matches_finite_differences_of_sheared_images(psf, offset, nois
     psf_obj, psf_img = psf
     kw = dict(noise_sigma=noise_sigma, snr_min=10.0, noise_bias_correction=False)
     base = detect.detect_peaks(_render(psf_obj, offset=offset), psf_img, PIX, **kw)
-    i0 = int(np.argmax(base["weight"]))
-    cx, cy = base["x"][i0], base["y"][i0]
+    assert len(base["x"]) >= 2
+    # Every detection, the images sheared about its own pixel.
+    for i0 in range(len(base["x"])):
+        _check_detection(psf_obj, psf_img, offset, base, i0, kw)
     if noise_sigma > 0:
-        assert 0.0 < base["w_det"][i0] < 0.5  # the detection term is exercised
+        assert np.any((base["w_det"] > 0.05) & (base["w_det"] < 0.9))  # the detection term is exercised
+
+
+def _check_detection(psf_obj, psf_img, offset, base, i0, kw):
+    cx, cy = base["x"][i0], base["y"][i0]
+    about = (cx - N // 2, cy - N // 2)
     eps = 1e-4
     for b in (0, 1):
         phis = []
         for sign in (1.0, -1.0):
             g = [0.0, 0.0]
             g[b] = sign * eps
-            r = detect.detect_peaks(_render(psf_obj, *g, offset=offset), psf_img, PIX, **kw)
+            r = detect.detect_peaks(_render(psf_obj, *g, offset=offset, about=about), psf_img, PIX, **kw)
             j = np.nonzero((r["x"] == cx) & (r["y"] == cy))[0][0]
             phis.append(np.array([r["phi1"][j], r["phi2"][j]]))
         fd = (phis[0] - phis[1]) / (2 * eps)

@@ -62,15 +62,21 @@ __all__ = ["NoiseCorrelation", "detect_peaks", "ensemble_shear", "moment_images"
 PEAK_OMEGA_DEFAULT = 1.0
 #: Radius (pixels) of the neighbourhood a detection must exceed.
 PEAK_RADIUS_PIX_DEFAULT = 4
+#: ... from this distance on: the nearest pixels are left out, so that a source centred between pixels is
+#: not a near-tie of two pixels (weight ~0 on both) but a plateau of pixels that each carry weight ~1.
+PEAK_INNER_PIX_DEFAULT = 2.0
 
 
-def peak_offsets(radius_pix: int) -> np.ndarray:
-    """Integer offsets ``(dx, dy)`` with ``0 < |d| <= radius_pix`` (the neighbourhood of a detection)."""
+def peak_offsets(radius_pix: int, inner_pix: float = 0.0) -> np.ndarray:
+    """Integer offsets ``(dx, dy)`` with ``max(inner_pix, 1) <= |d| <= radius_pix`` (a detection's neighbourhood)."""
     r = int(radius_pix)
     if r < 1:
         raise ValueError(f"peak_radius_pix={radius_pix} must be >= 1")
+    if not 0 <= inner_pix <= r:
+        raise ValueError(f"peak_inner_pix={inner_pix} must be in [0, peak_radius_pix={r}]")
     dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    keep = (dx * dx + dy * dy <= r * r) & ((dx != 0) | (dy != 0))
+    d2 = dx * dx + dy * dy
+    keep = (d2 <= r * r) & (d2 >= max(inner_pix, 1.0) ** 2)
     return np.stack([dx[keep], dy[keep]], axis=1).astype(np.int64)
 
 
@@ -184,6 +190,7 @@ def detect_peaks(
     snr_min: float = 10.0,
     selection_bin_width: float = fpfs.FpfsSettings.selection_bin_width,
     peak_radius_pix: int = PEAK_RADIUS_PIX_DEFAULT,
+    peak_inner_pix: float = PEAK_INNER_PIX_DEFAULT,
     peak_omega: float = PEAK_OMEGA_DEFAULT,
     peak_nu_min: float = 0.0,
     border_pix: int | None = None,
@@ -225,7 +232,7 @@ def detect_peaks(
         raise ValueError("image has non-finite pixels: fill or mask them before detection")
     ny, nx = img.shape
     s = float(sigma_arcsec) / float(pixel_scale_arcsec)
-    offs = peak_offsets(peak_radius_pix)
+    offs = peak_offsets(peak_radius_pix, peak_inner_pix)
     n_nb = len(offs)
     if border_pix is None:
         border_pix = int(peak_radius_pix) + int(math.ceil(3.0 * s))
