@@ -239,19 +239,62 @@ def detect_peaks(
 
     mom, inv_p = _moment_images(img, psf_t, s, psf_floor)
     var = float(noise_sigma) ** 2
-    noisy = var > 0
-    cov_image = NoiseCorrelation((ny, nx), inv_p, s, var)
+    cov_fn = None
+    if var > 0:
+        cov_image = NoiseCorrelation((ny, nx), inv_p, s, var)
 
+        def cov_fn(a: str, b: str, dxy: np.ndarray) -> torch.Tensor:
+            img_ab = cov_image(a, b)
+            return img_ab[torch.as_tensor(dxy[:, 1] % ny), torch.as_tensor(dxy[:, 0] % nx)]
+
+    valid = torch.zeros((ny, nx), dtype=torch.bool)
+    bd = int(border_pix)
+    valid[bd : ny - bd, bd : nx - bd] = True
+    return _detect_core(
+        mom,
+        cov_fn,
+        valid,
+        offs,
+        c_ratio=c_ratio,
+        snr_min=snr_min,
+        selection_bin_width=selection_bin_width,
+        peak_omega=peak_omega,
+        peak_nu_min=peak_nu_min,
+        noise_bias_correction=noise_bias_correction,
+    )
+
+
+def _detect_core(
+    mom: dict[str, torch.Tensor],
+    cov_fn,
+    valid: torch.Tensor,
+    offs: np.ndarray,
+    *,
+    c_ratio: float,
+    snr_min: float,
+    selection_bin_width: float,
+    peak_omega: float,
+    peak_nu_min: float,
+    noise_bias_correction: bool,
+) -> dict[str, np.ndarray]:
+    """Detections and their responses from moment images on one grid (see the module docstring).
+
+    ``mom`` holds (H, W) images of every kernel of :func:`_kernels` in the grid's frame (gradients per grid
+    pixel); ``cov_fn(a, b, D)`` returns ``Cov(M_a(p + D), M_b(p))`` for integer grid offsets ``D`` (m, 2)
+    ``(dx, dy)`` (None: noiseless); ``valid`` marks the grid pixels that may be detections (their whole
+    neighbourhood must hold valid moments).
+    """
     f_img = mom["m00"]
-    sigma_f = math.sqrt(float(cov_image("m00", "m00")[0, 0])) if noisy else 0.0
-    snr_img = f_img / sigma_f if noisy else torch.full_like(f_img, math.inf)
+    ny, nx = f_img.shape
+    n_nb = len(offs)
+    noisy = cov_fn is not None
+    zero = np.zeros((1, 2), dtype=np.int64)
+    sigma_f = math.sqrt(float(cov_fn("m00", "m00", zero)[0])) if noisy else 0.0
 
-    # Candidates: strict maxima of F within the radius, above the S/N floor, away from the border.
-    cand = torch.zeros((ny, nx), dtype=torch.bool)
-    b = int(border_pix)
-    cand[b : ny - b, b : nx - b] = True
+    # Candidates: strict maxima of F over the neighbourhood, above the S/N floor.
+    cand = valid.clone()
     if snr_min > 0 and noisy:
-        cand &= snr_img > snr_min
+        cand &= f_img > snr_min * sigma_f
     for dx, dy in offs:
         cand &= f_img > torch.roll(f_img, shifts=(-int(dy), -int(dx)), dims=(0, 1))
     cy, cx = torch.nonzero(cand, as_tuple=True)
@@ -274,12 +317,8 @@ def detect_peaks(
 
     # Noise scales (constants of the noise and PSF only: no shear response).
     if noisy:
-        c00 = cov_image("m00", "m00")
-        dvar = torch.tensor(
-            [2.0 * (float(c00[0, 0]) - float(c00[int(dy) % ny, int(dx) % nx])) for dx, dy in offs],
-            dtype=torch.float64,
-        )
-        sigma_v = dvar.clamp_min(1e-300).sqrt()
+        c00 = cov_fn("m00", "m00", np.asarray(offs, dtype=np.int64)).to(torch.float64)
+        sigma_v = (2.0 * (sigma_f**2 - c00)).clamp_min(1e-300).sqrt()
     else:
         sigma_v = torch.ones(n_nb, dtype=torch.float64)
     c_const = c_ratio * sigma_f
@@ -310,7 +349,7 @@ def detect_peaks(
     jac = vmap(jacrev(phi))(y)  # (n, 2, d)
     resp = torch.einsum("nai,bni->nab", jac, ly)  # (n, 2 (a), 2 (b))
     if noisy and noise_bias_correction:
-        lc = _lc_matrices(cov_image, offs, ny, nx)  # (2, d, d)
+        lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
         hess = vmap(hessian(phi))(y)  # (n, 2, d, d)
         resp = resp - torch.einsum("naij,bij->nab", hess, lc)
 
@@ -340,11 +379,11 @@ def detect_peaks(
     return out
 
 
-def _lc_matrices(cov_image, offs: np.ndarray, ny: int, nx: int) -> torch.Tensor:
-    """``Cov((L_b y)_i, y_j)`` (2, d, d) for the variables of :func:`detect_peaks` (module docstring)."""
+def _lc_matrices(cov_fn, offs: np.ndarray) -> torch.Tensor:
+    """``Cov((L_b y)_i, y_j)`` (2, d, d) for the variables of :func:`_detect_core` (module docstring)."""
     n_nb = len(offs)
     d = 3 + n_nb
-    pos = np.concatenate([np.zeros((3, 2), dtype=np.int64), offs], axis=0)  # (d, 2) pixel offsets (dx, dy)
+    pos = np.concatenate([np.zeros((3, 2), dtype=np.int64), np.asarray(offs, dtype=np.int64)], axis=0)
     var_names = ["m00", "m2c", "m2s"] + ["m00"] * n_nb
     # (L_b y)_i as sums of coefficient x moment at pos[i].
     terms: list[list[list[tuple[float, str]]]] = [[], []]
@@ -354,19 +393,17 @@ def _lc_matrices(cov_image, offs: np.ndarray, ny: int, nx: int) -> torch.Tensor:
         dx, dy = float(dx), float(dy)
         terms[0].append([(1.0, "m2c"), (-dx, "dx"), (dy, "dy")])
         terms[1].append([(1.0, "m2s"), (-dy, "dx"), (-dx, "dy")])
+    diff = (pos[:, None, :] - pos[None, :, :]).reshape(-1, 2)  # pos_i - pos_j, row-major in (i, j)
+    names = sorted({nm for t in terms for row in t for _, nm in row})
     lc = torch.zeros((2, d, d), dtype=torch.float64)
-    diff = pos[:, None, :] - pos[None, :, :]  # (d, d, 2): pos_i - pos_j
-    rows = torch.as_tensor(diff[..., 1] % ny)
-    cols = torch.as_tensor(diff[..., 0] % nx)
-    for b in range(2):
-        for j_name in set(var_names):
-            jmask = torch.tensor([nm == j_name for nm in var_names])
+    for j_name in ("m00", "m2c", "m2s"):
+        jmask = torch.tensor([nm == j_name for nm in var_names])
+        table = {a: cov_fn(a, j_name, diff).to(torch.float64).reshape(d, d) for a in names}
+        for b in range(2):
             for i in range(d):
                 acc = torch.zeros(d, dtype=torch.float64)
                 for coef, a_name in terms[b][i]:
-                    if coef == 0.0:
-                        continue
-                    acc = acc + coef * cov_image(a_name, j_name)[rows[i], cols[i]]
+                    acc = acc + coef * table[a_name][i]
                 lc[b, i] = torch.where(jmask, acc, lc[b, i])
     return lc
 
