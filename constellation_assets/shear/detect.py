@@ -233,7 +233,6 @@ def detect_peaks(
     ny, nx = img.shape
     s = float(sigma_arcsec) / float(pixel_scale_arcsec)
     offs = peak_offsets(peak_radius_pix, peak_inner_pix)
-    n_nb = len(offs)
     if border_pix is None:
         border_pix = int(peak_radius_pix) + int(math.ceil(3.0 * s))
 
