@@ -3,6 +3,8 @@ differences of GalSim-sheared images, and the noise covariance it assumes."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,108 @@ def test_bad_inputs_name_the_problem(psf):
         detect.detect_peaks(np.zeros((16, 16)), psf_img, PIX, 1.0)
     with pytest.raises(ValueError, match="peak_nu_min"):
         detect.detect_peaks(img, psf_img, PIX, 1.0, peak_nu_min=-1.0)
+
+
+def _scene_image(psf_obj, rng_seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng_seed)
+    img = np.zeros((n, n))
+    for _ in range(6):
+        gal = galsim.Sersic(n=1.0, half_light_radius=0.3).shear(
+            g1=rng.uniform(-0.3, 0.3), g2=rng.uniform(-0.3, 0.3)
+        )
+        off = tuple(rng.uniform(-25, 25, 2))
+        img += galsim.Convolve(gal.withFlux(60), psf_obj).drawImage(nx=n, ny=n, scale=PIX, offset=off).array
+    return img + rng.normal(0.0, 1.0, (n, n))
+
+
+def _same_detections(ref, res):
+    kr = {(x, y): i for i, (x, y) in enumerate(zip(ref["x"], ref["y"]))}
+    kt = {(x, y): i for i, (x, y) in enumerate(zip(res["x"], res["y"]))}
+    assert set(kr) == set(kt) and len(kr) > 5
+    for k in ("weight", "phi1", "phi2", "r11", "r12", "r21", "r22"):
+        a = np.array([ref[k][kr[c]] for c in sorted(kr)])
+        b = np.array([res[k][kt[c]] for c in sorted(kr)])
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-10 * max(1.0, np.abs(a).max()), err_msg=k)
+
+
+def test_exposure_frames_rotations_and_flips_reproduce_the_grid_image(psf):
+    """An exposure rotated by 90 degrees or mirrored (exact on the pixel grid) gives the detections,
+    weights, ellipticities and noise-corrected responses of the grid-aligned image: the frame maps of the
+    moments, gradients and noise covariances are right."""
+    psf_obj, psf_img = psf
+    n = 96
+    img = _scene_image(psf_obj, 4, n)
+    ref = detect.detect_peaks(img, psf_img, PIX, 1.0, snr_min=5.0)
+    ident = detect.GridExposure(img, psf_img, 1.0, np.diag([PIX, PIX]), (0.0, 0.0))
+    rot = detect.GridExposure(
+        np.rot90(img), np.rot90(psf_img), 1.0, np.array([[0, -PIX], [PIX, 0]]), (0.0, n - 1.0)
+    )
+    flip = detect.GridExposure(
+        img[:, ::-1], psf_img[:, ::-1], 1.0, np.array([[-PIX, 0], [0, PIX]]), (n - 1.0, 0.0)
+    )
+    for exp in (ident, rot, flip):
+        _same_detections(ref, detect.detect_exposures([exp], (n, n), PIX, snr_min=5.0))
+    with pytest.raises(ValueError, match="noise_sigma"):
+        detect.detect_exposures(
+            [ident, detect.GridExposure(img, psf_img, 0.0, ident.jacobian, (0.0, 0.0))], (n, n)
+        )
+
+
+def _exposure(psf_obj, jac, dither, g, gal_pos, n=80, grid_centre=(32, 32), flux=1.0):
+    """A noiseless exposure (GalSim, local Jacobian WCS) of a galaxy at ``gal_pos`` (arcsec from grid
+    pixel ``grid_centre``), the scene sheared by ``g`` about that grid pixel."""
+    wcs = galsim.JacobianWCS(jac[0, 0], jac[0, 1], jac[1, 0], jac[1, 1])
+    a = np.array([[1 + g[0], g[1]], [g[1], 1 - g[0]]])
+    pos = a @ np.asarray(gal_pos, dtype=float)
+    gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1).withFlux(flux)
+    gal = gal.shear(g1=g[0], g2=g[1]).shift(*pos)
+    img = (
+        galsim.Convolve(gal, psf_obj)
+        .drawImage(nx=n, ny=n, wcs=wcs, offset=dither, use_true_center=False)
+        .array
+    )
+    psf_img = psf_obj.drawImage(nx=31, ny=31, wcs=wcs).array
+    p0 = np.array([n // 2 + dither[0], n // 2 + dither[1]]) - np.linalg.inv(jac) @ (
+        PIX * np.asarray(grid_centre)
+    )
+    return img, psf_img, p0
+
+
+def test_dithered_rotated_exposures_response_matches_finite_differences(psf):
+    """Two exposures, one rotated by 30 degrees with a slightly different pixel scale, both dithered by a
+    fraction of a pixel: the combined detection's responses (peak and S/N weights in their ramps) equal
+    finite differences of GalSim images sheared about the detection's grid pixel."""
+    psf_obj, _ = psf
+    c, sn = math.cos(math.radians(30)), math.sin(math.radians(30))
+    jacs = [np.diag([PIX, PIX]), 1.02 * PIX * np.array([[c, -sn], [sn, c]])]
+    dithers = [(0.31, -0.17), (-0.42, 0.23)]
+    gal_pos = (0.02, -0.03)
+    kw = dict(snr_min=10.0, noise_bias_correction=False)
+    sig = 6e-3
+
+    def run(g, about):
+        exps = []
+        for jac, dth in zip(jacs, dithers):
+            img, psf_img, p0 = _exposure(psf_obj, jac, dth, g, np.asarray(gal_pos) - PIX * np.asarray(about))
+            # grid pixel (0, 0) sits at p0 when the scene is centred on grid pixel `about` + (32, 32) ...
+            p0 = p0 - np.linalg.inv(jac) @ (PIX * np.asarray(about))
+            exps.append(detect.GridExposure(img, psf_img, sig, jac, tuple(p0)))
+        return detect.detect_exposures(exps, (64, 64), PIX, **kw)
+
+    base = run((0.0, 0.0), (0, 0))
+    assert len(base["x"]) >= 1
+    assert np.any((base["w_det"] > 0.02) & (base["w_det"] < 0.98)) or np.any(base["weight"] < 0.98)
+    eps = 1e-4
+    for i0 in range(len(base["x"])):
+        about = (int(base["x"][i0]) - 32, int(base["y"][i0]) - 32)
+        for b in (0, 1):
+            phis = []
+            for sign in (1.0, -1.0):
+                g = [0.0, 0.0]
+                g[b] = sign * eps
+                r = run(tuple(g), about)
+                j = np.nonzero((r["x"] == base["x"][i0]) & (r["y"] == base["y"][i0]))[0][0]
+                phis.append(np.array([r["phi1"][j], r["phi2"][j]]))
+            fd = (phis[0] - phis[1]) / (2 * eps)
+            an = np.array([base[f"r1{b + 1}"][i0], base[f"r2{b + 1}"][i0]])
+            np.testing.assert_allclose(fd, an, rtol=0, atol=1.5e-3 * np.abs(an).max() + 1e-12)

@@ -48,6 +48,7 @@ Frames as in :mod:`fpfs`: ``e1 > 0`` elongated along x (columns), ``e2 > 0`` alo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -56,7 +57,15 @@ import torch
 
 from constellation_assets.shear import fpfs
 
-__all__ = ["NoiseCorrelation", "detect_peaks", "ensemble_shear", "moment_images", "peak_offsets"]
+__all__ = [
+    "GridExposure",
+    "NoiseCorrelation",
+    "detect_exposures",
+    "detect_peaks",
+    "ensemble_shear",
+    "moment_images",
+    "peak_offsets",
+]
 
 #: Detections are C2-smooth in the neighbour differences: the step rises over this many noise sigmas.
 PEAK_OMEGA_DEFAULT = 1.0
@@ -128,9 +137,14 @@ def _centred_psf(psf: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
 
 
 def _moment_images(
-    img: torch.Tensor, psf_t: torch.Tensor, s: float, psf_floor: float
+    img: torch.Tensor, psf_t: torch.Tensor, s: float, psf_floor: float, upsample: int = 1
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Moment images ``M_a(p)`` (each (H, W) float64) of every kernel of :func:`_kernels`, and ``1/P``."""
+    """Moment images ``M_a(p)`` of every kernel of :func:`_kernels`, and ``1/P``.
+
+    With ``upsample = u > 1`` the images are sampled every ``1/u`` pixel ((u H, u W), pixel ``P`` at
+    position ``P / u``): the spectra are zero-padded (they are band-limited by the Gaussian weight, whose
+    Nyquist row and column are zero), so the samples are exact.
+    """
     ny, nx = img.shape
     psf_sum = float(psf_t.sum())
     if not math.isfinite(psf_sum) or psf_sum <= 0:
@@ -141,7 +155,17 @@ def _moment_images(
     f = torch.fft.rfft2(img) * inv_p
     kern = _kernels(ny, nx, s)
     npix = ny * nx
-    return {k: npix * torch.fft.irfft2(w * f, s=(ny, nx)) for k, w in kern.items()}, inv_p
+    u = int(upsample)
+    if u == 1:
+        return {k: npix * torch.fft.irfft2(w * f, s=(ny, nx)) for k, w in kern.items()}, inv_p
+    rows = torch.arange(ny)
+    fine_rows = torch.where(rows < (ny + 1) // 2, rows, rows + (u - 1) * ny)
+    out = {}
+    for k, w in kern.items():
+        pad = torch.zeros((u * ny, u * nx // 2 + 1), dtype=f.dtype)
+        pad[fine_rows, : nx // 2 + 1] = w * f
+        out[k] = (u * u * npix) * torch.fft.irfft2(pad, s=(u * ny, u * nx))
+    return out, inv_p
 
 
 def moment_images(
@@ -218,8 +242,8 @@ def detect_peaks(
     ``w_det`` (``T``), ``snr``, ``e1, e2``, ``phi1, phi2`` (``w e``) and ``r11, r12, r21, r22``
     (``d phi_a / d g_b``, noise term removed). Ensemble: :func:`ensemble_shear`.
     """
-    img = torch.as_tensor(np.asarray(image, dtype=np.float64))
-    psf_t = torch.as_tensor(np.asarray(psf, dtype=np.float64))
+    img = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float64))
+    psf_t = torch.as_tensor(np.ascontiguousarray(psf, dtype=np.float64))
     if img.ndim != 2 or psf_t.ndim != 2:
         raise ValueError(
             f"image and psf must be 2-d arrays, got shapes {tuple(img.shape)}, {tuple(psf_t.shape)}"
@@ -410,3 +434,189 @@ def _lc_matrices(cov_fn, offs: np.ndarray) -> torch.Tensor:
 def ensemble_shear(res: dict[str, np.ndarray]) -> tuple[float, float]:
     """``(g1, g2) = (sum phi1 / sum r11, sum phi2 / sum r22)`` of one :func:`detect_peaks` result."""
     return float(np.sum(res["phi1"]) / np.sum(res["r11"])), float(np.sum(res["phi2"]) / np.sum(res["r22"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several exposures: moments interpolated onto a common grid, mapped to its frame, combined.
+
+
+@dataclasses.dataclass(frozen=True)
+class GridExposure:
+    """One exposure of a region, placed on the detection grid.
+
+    ``jacobian`` is ``d(u, v) / d(x, y)`` (arcsec per pixel; columns ``d/dx``, ``d/dy``) from the exposure's
+    pixels to the grid frame ``(u, v)``, whose pixel ``(i, j)`` sits at ``(u, v) = (i, j) h``;
+    ``origin_pix`` is the exposure pixel position ``(x, y)`` of grid pixel ``(0, 0)``.
+    """
+
+    image: np.ndarray
+    psf: np.ndarray
+    noise_sigma: float
+    jacobian: np.ndarray
+    origin_pix: tuple[float, float]
+
+
+def _keys_weights(t: torch.Tensor) -> torch.Tensor:
+    """Keys (a = -1/2) cubic weights (..., 4) for taps at -1, 0, 1, 2 and fraction ``t`` (exact for
+    polynomials of degree <= 2, so the interpolated moments keep their shear responses to third order)."""
+    d = (torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=torch.float64) - t[..., None]).abs()
+    near = (1.5 * d - 2.5) * d * d + 1.0
+    far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+    return torch.where(d <= 1.0, near, torch.where(d < 2.0, far, torch.zeros_like(d)))
+
+
+def _interp(img: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Keys-cubic values of ``img`` at fractional pixel positions (cyclic indices)."""
+    ny, nx = img.shape
+    x0, y0 = torch.floor(px), torch.floor(py)
+    wx, wy = _keys_weights(px - x0), _keys_weights(py - y0)
+    taps = torch.arange(-1, 3)
+    cols = (x0.long()[..., None] + taps) % nx
+    rows = (y0.long()[..., None] + taps) % ny
+    vals = img[rows[..., :, None], cols[..., None, :]]  # (..., 4, 4)
+    return (vals * wy[..., :, None] * wx[..., None, :]).sum(dim=(-2, -1))
+
+
+_MOMENTS8 = ("m00", "m2c", "m2s", "a1", "a2", "b12", "dx", "dy")
+
+
+def _frame_matrix(jac: np.ndarray, grid_scale: float) -> np.ndarray:
+    """(8, 8) map of pixel-frame moments (order :data:`_MOMENTS8`) to the grid frame.
+
+    The FPFS moments follow :func:`stamps.sky_frame_moment_transform` (parity, first-order distortion,
+    rotation); the gradient is the chain rule ``grad_grid F = h J^-T grad_pix F`` (exact).
+    """
+    from constellation_assets.shear import stamps
+
+    frame = stamps.sky_frame_transform(np.asarray(jac, dtype=np.float64)[None])
+    t = np.zeros((8, 8))
+    t[:6, :6] = stamps.sky_frame_moment_transform(frame)[0]
+    t[6:, 6:] = grid_scale * np.linalg.inv(np.asarray(jac, dtype=np.float64)).T
+    return t
+
+
+def detect_exposures(
+    exposures: list[GridExposure],
+    grid_shape: tuple[int, int],
+    grid_scale_arcsec: float = 0.1,
+    *,
+    sigma_arcsec: float = fpfs.FpfsSettings.sigma_arcsec,
+    c_ratio: float = fpfs.FpfsSettings.c_ratio,
+    snr_min: float = 10.0,
+    selection_bin_width: float = fpfs.FpfsSettings.selection_bin_width,
+    peak_radius_pix: int = PEAK_RADIUS_PIX_DEFAULT,
+    peak_inner_pix: float = PEAK_INNER_PIX_DEFAULT,
+    peak_omega: float = PEAK_OMEGA_DEFAULT,
+    peak_nu_min: float = 0.0,
+    psf_floor: float = fpfs.FpfsSettings.psf_floor,
+    noise_bias_correction: bool = True,
+    upsample: int = 4,
+) -> dict[str, np.ndarray]:
+    """:func:`detect_peaks` on several exposures of one region, combined at the moment level.
+
+    Each exposure's moment images (its own PSF, pixel scale and kernel scale ``sigma_arcsec / scale``),
+    sampled every ``1 / upsample`` pixel (exact: zero-padded spectra), are interpolated at the grid pixels
+    (Keys cubic), mapped to the grid frame (:func:`_frame_matrix`) and averaged with the
+    inverse-variance weights ``a_e = 1 / Var(M00_e)`` (noise and PSF only); the noise covariance of the
+    average is ``sum a_e^2 Cov_e / (sum a_e)^2`` with each exposure's stationary correlation taken at the
+    grid offsets mapped into its pixels. Detections are grid pixels (``x``, ``y`` = grid column, row)
+    whose neighbourhood every exposure covers away from its edges (the transforms are cyclic).
+
+    The responses are those of the exact moments at the interpolated positions; the interpolation's
+    departure from them is third order in the sample spacing: relative to the responses it is ~3e-2 at
+    ``upsample=1``, 3e-3 at 2 and 6e-4 at 4 (the default; the level of the estimator's own
+    discretisation) for an exposure rotated by 30 degrees and dithered
+    (``test_detect.py::test_dithered_rotated_exposures_response_matches_finite_differences``).
+    """
+    if not exposures:
+        raise ValueError("detect_exposures needs at least one exposure")
+    gy, gx = int(grid_shape[0]), int(grid_shape[1])
+    h = float(grid_scale_arcsec)
+    offs = peak_offsets(peak_radius_pix, peak_inner_pix)
+    noisy = [float(e.noise_sigma) > 0 for e in exposures]
+    if any(noisy) and not all(noisy):
+        raise ValueError("detect_exposures: either every exposure has noise_sigma > 0 or none has")
+    jj, ii = torch.meshgrid(
+        torch.arange(gy, dtype=torch.float64), torch.arange(gx, dtype=torch.float64), indexing="ij"
+    )
+    per_exp = []
+    for k, e in enumerate(exposures):
+        img = torch.as_tensor(np.ascontiguousarray(e.image, dtype=np.float64))
+        psf_t = torch.as_tensor(np.ascontiguousarray(e.psf, dtype=np.float64))
+        if img.ndim != 2 or psf_t.ndim != 2 or not torch.isfinite(img).all():
+            raise ValueError(f"exposure {k}: image and psf must be finite 2-d arrays")
+        jac = np.asarray(e.jacobian, dtype=np.float64)
+        scale = math.sqrt(abs(float(np.linalg.det(jac))))
+        s = float(sigma_arcsec) / scale
+        mom, inv_p = _moment_images(img, psf_t, s, psf_floor, upsample)
+        npix = float(img.shape[0] * img.shape[1])
+        jinv = np.linalg.inv(jac) * h
+        px = float(e.origin_pix[0]) + jinv[0, 0] * ii + jinv[0, 1] * jj
+        py = float(e.origin_pix[1]) + jinv[1, 0] * ii + jinv[1, 1] * jj
+        margin = int(math.ceil(3.0 * s)) + 2
+        ny, nx = img.shape
+        valid = (px >= margin) & (px <= nx - 1 - margin) & (py >= margin) & (py <= ny - 1 - margin)
+        u = float(upsample)
+        pix_vals = torch.stack([_interp(mom[nm], u * px, u * py) / npix for nm in _MOMENTS8], dim=-1)
+        t = torch.as_tensor(_frame_matrix(jac, h))
+        grid_vals = pix_vals @ t.T
+        corr = NoiseCorrelation((ny, nx), inv_p, s, float(e.noise_sigma) ** 2 / npix**2) if noisy[k] else None
+        var00 = float(t[0] @ _pixel_cov0(corr) @ t[0]) if corr is not None else 1.0
+        per_exp.append(dict(vals=grid_vals, valid=valid, t=t, corr=corr, jinv=jinv, a=1.0 / var00))
+    a_sum = sum(p["a"] for p in per_exp)
+    comb = sum(p["a"] * p["vals"] for p in per_exp) / a_sum
+    mom_c = {nm: comb[..., i] for i, nm in enumerate(_MOMENTS8)}
+    valid_c = torch.ones((gy, gx), dtype=torch.bool)
+    for p in per_exp:
+        valid_c &= p["valid"]
+    # Detections need their whole neighbourhood valid.
+    r = int(peak_radius_pix)
+    eroded = valid_c.clone()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            eroded &= torch.roll(valid_c, shifts=(-dy, -dx), dims=(0, 1))
+    eroded[:r, :] = False
+    eroded[-r:, :] = False
+    eroded[:, :r] = False
+    eroded[:, -r:] = False
+
+    cov_fn = None
+    if all(noisy):
+
+        def cov_fn(a: str, b: str, dxy: np.ndarray) -> torch.Tensor:
+            ia, ib = _MOMENTS8.index(a), _MOMENTS8.index(b)
+            d = torch.as_tensor(np.asarray(dxy, dtype=np.float64))
+            total = torch.zeros(len(d), dtype=torch.float64)
+            for p in per_exp:
+                jinv = torch.as_tensor(p["jinv"])
+                dpx = d @ jinv.T  # grid offsets -> pixel offsets (dx, dy)
+                ta, tb = p["t"][ia], p["t"][ib]
+                acc = torch.zeros(len(d), dtype=torch.float64)
+                for i2 in torch.nonzero(ta).flatten().tolist():
+                    for j2 in torch.nonzero(tb).flatten().tolist():
+                        img_ab = p["corr"](_MOMENTS8[i2], _MOMENTS8[j2])
+                        acc = acc + ta[i2] * tb[j2] * _interp(img_ab, dpx[:, 0], dpx[:, 1])
+                total = total + p["a"] ** 2 * acc
+            return total / a_sum**2
+
+    return _detect_core(
+        mom_c,
+        cov_fn,
+        eroded,
+        offs,
+        c_ratio=c_ratio,
+        snr_min=snr_min,
+        selection_bin_width=selection_bin_width,
+        peak_omega=peak_omega,
+        peak_nu_min=peak_nu_min,
+        noise_bias_correction=noise_bias_correction,
+    )
+
+
+def _pixel_cov0(corr: NoiseCorrelation) -> torch.Tensor:
+    """Zero-offset noise covariance (8, 8) of the pixel-frame moments :data:`_MOMENTS8`."""
+    out = torch.zeros((8, 8), dtype=torch.float64)
+    for i, a in enumerate(_MOMENTS8):
+        for j, b in enumerate(_MOMENTS8):
+            out[i, j] = corr(a, b)[0, 0]
+    return out
