@@ -167,8 +167,8 @@ def _scene_image(psf_obj, rng_seed: int, n: int) -> np.ndarray:
 
 
 def _same_detections(ref, res):
-    kr = {(x, y): i for i, (x, y) in enumerate(zip(ref["x"], ref["y"]))}
-    kt = {(x, y): i for i, (x, y) in enumerate(zip(res["x"], res["y"]))}
+    kr = {(x, y): i for i, (x, y) in enumerate(zip(ref["x"], ref["y"], strict=True))}
+    kt = {(x, y): i for i, (x, y) in enumerate(zip(res["x"], res["y"], strict=True))}
     assert set(kr) == set(kt) and len(kr) > 5
     for k in ("weight", "phi1", "phi2", "r11", "r12", "r21", "r22"):
         a = np.array([ref[k][kr[c]] for c in sorted(kr)])
@@ -233,9 +233,9 @@ def test_dithered_rotated_exposures_response_matches_finite_differences(psf):
 
     def run(g, about):
         exps = []
-        for jac, dth in zip(jacs, dithers):
+        for jac, dth in zip(jacs, dithers, strict=True):
             img, psf_img, p0 = _exposure(psf_obj, jac, dth, g, np.asarray(gal_pos) - PIX * np.asarray(about))
-            # grid pixel (0, 0) sits at p0 when the scene is centred on grid pixel `about` + (32, 32) ...
+            # the shear centre is grid pixel (32, 32) + about: grid pixel (0, 0) moves with it
             p0 = p0 - np.linalg.inv(jac) @ (PIX * np.asarray(about))
             exps.append(detect.GridExposure(img, psf_img, sig, jac, tuple(p0)))
         return detect.detect_exposures(exps, (64, 64), PIX, **kw)
