@@ -199,12 +199,16 @@ def test_exposure_frames_rotations_and_flips_reproduce_the_grid_image(psf):
         )
 
 
-def _exposure(psf_obj, jac, dither, g, gal_pos, n=80, grid_centre=(32, 32), flux=1.0):
+def _exposure(psf_obj, jac, dither, g, gal_pos, about=(0, 0), n=80, grid_centre=(32, 32), flux=1.0):
     """A noiseless exposure (GalSim, local Jacobian WCS) of a galaxy at ``gal_pos`` (arcsec from grid
-    pixel ``grid_centre``), the scene sheared by ``g`` about that grid pixel."""
+    pixel ``grid_centre``), the scene sheared by ``g`` about grid pixel ``grid_centre + about``.
+
+    Returns the image, the PSF image in the exposure's pixels and the pixel position of grid pixel (0, 0).
+    """
     wcs = galsim.JacobianWCS(jac[0, 0], jac[0, 1], jac[1, 0], jac[1, 1])
     a = np.array([[1 + g[0], g[1]], [g[1], 1 - g[0]]])
-    pos = a @ np.asarray(gal_pos, dtype=float)
+    centre = PIX * np.asarray(about, dtype=float)
+    pos = centre + a @ (np.asarray(gal_pos, dtype=float) - centre)
     gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1).withFlux(flux)
     gal = gal.shear(g1=g[0], g2=g[1]).shift(*pos)
     img = (
@@ -219,13 +223,14 @@ def _exposure(psf_obj, jac, dither, g, gal_pos, n=80, grid_centre=(32, 32), flux
     return img, psf_img, p0
 
 
-def test_dithered_rotated_exposures_response_matches_finite_differences(psf):
-    """Two exposures, one rotated by 30 degrees with a slightly different pixel scale, both dithered by a
+@pytest.mark.parametrize("angle_deg, parity", [(30.0, 1.0), (-65.0, -1.0)])
+def test_dithered_rotated_exposures_response_matches_finite_differences(psf, angle_deg, parity):
+    """Two exposures, one rotated (and mirrored) with a slightly different pixel scale, both dithered by a
     fraction of a pixel: the combined detection's responses (peak and S/N weights in their ramps) equal
     finite differences of GalSim images sheared about the detection's grid pixel."""
     psf_obj, _ = psf
-    c, sn = math.cos(math.radians(30)), math.sin(math.radians(30))
-    jacs = [np.diag([PIX, PIX]), 1.02 * PIX * np.array([[c, -sn], [sn, c]])]
+    c, sn = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    jacs = [np.diag([PIX, PIX]), 1.02 * PIX * np.array([[c, -sn], [sn, c]]) @ np.diag([parity, 1.0])]
     dithers = [(0.31, -0.17), (-0.42, 0.23)]
     gal_pos = (0.02, -0.03)
     kw = dict(snr_min=10.0, noise_bias_correction=False)
@@ -234,9 +239,7 @@ def test_dithered_rotated_exposures_response_matches_finite_differences(psf):
     def run(g, about):
         exps = []
         for jac, dth in zip(jacs, dithers, strict=True):
-            img, psf_img, p0 = _exposure(psf_obj, jac, dth, g, np.asarray(gal_pos) - PIX * np.asarray(about))
-            # the shear centre is grid pixel (32, 32) + about: grid pixel (0, 0) moves with it
-            p0 = p0 - np.linalg.inv(jac) @ (PIX * np.asarray(about))
+            img, psf_img, p0 = _exposure(psf_obj, jac, dth, g, gal_pos, about)
             exps.append(detect.GridExposure(img, psf_img, sig, jac, tuple(p0)))
         return detect.detect_exposures(exps, (64, 64), PIX, **kw)
 
