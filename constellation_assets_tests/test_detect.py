@@ -170,7 +170,19 @@ def _same_detections(ref, res):
     kr = {(x, y): i for i, (x, y) in enumerate(zip(ref["x"], ref["y"], strict=True))}
     kt = {(x, y): i for i, (x, y) in enumerate(zip(res["x"], res["y"], strict=True))}
     assert set(kr) == set(kt) and len(kr) > 5
-    for k in ("weight", "phi1", "phi2", "r11", "r12", "r21", "r22"):
+    for k in (
+        "weight",
+        "phi1",
+        "phi2",
+        "r11",
+        "r12",
+        "r21",
+        "r22",
+        "dphi1_dx",
+        "dphi1_dy",
+        "dphi2_dx",
+        "dphi2_dy",
+    ):
         a = np.array([ref[k][kr[c]] for c in sorted(kr)])
         b = np.array([res[k][kt[c]] for c in sorted(kr)])
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-10 * max(1.0, np.abs(a).max()), err_msg=k)
@@ -260,3 +272,34 @@ def test_dithered_rotated_exposures_response_matches_finite_differences(psf, ang
             fd = (phis[0] - phis[1]) / (2 * eps)
             an = np.array([base[f"r1{b + 1}"][i0], base[f"r2{b + 1}"][i0]])
             np.testing.assert_allclose(fd, an, rtol=0, atol=1.5e-3 * np.abs(an).max() + 1e-12)
+
+
+def test_response_about_the_galaxy_centre_matches_a_galaxy_centred_shear(psf):
+    """GalSim shears a profile about its own centre, which for every plateau pixel is a shear about the
+    pixel plus a move of the scene: ``response_about`` adds that move (the position gradient of phi) and
+    then equals finite differences of the summed phi; the pixel-centred responses alone do not."""
+    psf_obj, psf_img = psf
+    gal = galsim.Sersic(n=1.17, half_light_radius=0.26).shear(g1=-0.3, g2=-0.1)
+    off = np.array([-0.31, 0.19])
+    flux = 16.6 / np.sqrt((galsim.Convolve(gal, psf_obj).drawImage(scale=PIX, nx=64, ny=64).array ** 2).sum())
+    kw = dict(snr_min=10.0, noise_bias_correction=False)
+
+    def image(g1, g2):
+        obj = galsim.Convolve(gal.shear(g1=g1, g2=g2).withFlux(flux), psf_obj)
+        return obj.drawImage(nx=N, ny=N, scale=PIX, offset=tuple(off)).array
+
+    base = detect.detect_peaks(image(0.0, 0.0), psf_img, PIX, 1.0, **kw)
+    assert np.any((base["w_det"] > 0.05) & (base["w_det"] < 0.95))
+    about = detect.response_about(base, (N - 1) / 2 + off[0], (N - 1) / 2 + off[1])
+    eps = 1e-4
+    for b in (0, 1):
+        g = np.zeros(2)
+        g[b] = eps
+        rp = detect.detect_peaks(image(*g), psf_img, PIX, 1.0, **kw)
+        rm = detect.detect_peaks(image(*-g), psf_img, PIX, 1.0, **kw)
+        for a in (1, 2):
+            fd = (rp[f"phi{a}"].sum() - rm[f"phi{a}"].sum()) / (2 * eps)
+            r_about = about[f"r{a}{b + 1}"].sum()
+            assert r_about == pytest.approx(fd, abs=2e-3 * abs(base[f"r{b + 1}{b + 1}"].sum()))
+            if a == b + 1:
+                assert abs(base[f"r{a}{b + 1}"].sum() - fd) > 0.05 * abs(fd)  # the move matters here

@@ -273,7 +273,7 @@ def detect_peaks(
     if border_pix is None:
         border_pix = int(peak_radius_pix) + int(math.ceil(3.0 * s))
 
-    mom, inv_p = _moment_images(img, psf_t, s, psf_floor)
+    mom, inv_p = _moment_images(img, psf_t, s, psf_floor, names=_GRID_MOMENTS + _GRADIENTS2)
     var = float(noise_sigma) ** 2
     cov_fn = None
     if var > 0:
@@ -384,7 +384,9 @@ def _detect_core(
         "y": cy.numpy().astype(np.int64),
     }
     if n == 0:
-        for k in ("weight", "w_det", "snr", "e1", "e2", "phi1", "phi2", "r11", "r12", "r21", "r22"):
+        for k in ("weight", "w_det", "snr", "e1", "e2", "phi1", "phi2", "r11", "r12", "r21", "r22") + tuple(
+            f"dphi{a}_d{c}" for a in (1, 2) for c in "xy"
+        ):
             out[k] = np.zeros(0)
         return out
     from torch.func import hessian, jacrev, vmap
@@ -392,6 +394,14 @@ def _detect_core(
     vals = vmap(phi)(y)  # (n, 2)
     jac = vmap(jacrev(phi))(y)  # (n, 2, d)
     resp = torch.einsum("nai,bni->nab", jac, ly)  # (n, 2 (a), 2 (b))
+    # Gradient of phi with respect to the detection's position (every y moved with it): what a shear
+    # about another point adds (:func:`response_about`).
+    grad_y = torch.empty((2, n, 3 + n_nb), dtype=torch.float64)
+    for k, (gname_x, gname_y) in enumerate(_GRADIENT_NAMES):
+        grad_y[0, :, k], grad_y[1, :, k] = at(gname_x), at(gname_y)
+    for j, (dx, dy) in enumerate(offs):
+        grad_y[0, :, 3 + j], grad_y[1, :, 3 + j] = at("dx", int(dx), int(dy)), at("dy", int(dx), int(dy))
+    gphi = torch.einsum("nai,kni->nak", jac, grad_y)  # (n, 2 (a), 2 (x, y))
     if noisy and noise_bias_correction:
         lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
         hess = vmap(hessian(phi))(y)  # (n, 2, d, d)
@@ -419,7 +429,31 @@ def _detect_core(
         r12=resp[:, 0, 1].detach().numpy(),
         r21=resp[:, 1, 0].detach().numpy(),
         r22=resp[:, 1, 1].detach().numpy(),
+        dphi1_dx=gphi[:, 0, 0].detach().numpy(),
+        dphi1_dy=gphi[:, 0, 1].detach().numpy(),
+        dphi2_dx=gphi[:, 1, 0].detach().numpy(),
+        dphi2_dy=gphi[:, 1, 1].detach().numpy(),
     )
+    return out
+
+
+def response_about(res: dict[str, np.ndarray], x0: float, y0: float) -> dict[str, np.ndarray]:
+    """Responses ``r11, r12, r21, r22`` of each detection to a shear about the grid point ``(x0, y0)``.
+
+    :func:`detect_peaks` differentiates every detection for a shear about its own pixel; a shear about
+    another point ``O`` also moves the scene by ``g S (p - O)`` relative to the pixel ``p``, which adds
+    ``-(S_b (p - O)) . grad_p phi_a``. Over a statistically homogeneous sky (or uniformly random
+    sub-pixel positions) that term averages to zero, so both are unbiased responses; in image
+    simulations with a known shear centre the response about it follows each scene's own shear, so the
+    +-g pairs cancel far better (an exact control variate, for simulations only).
+    """
+    dx = res["x"].astype(np.float64) - float(x0)
+    dy = res["y"].astype(np.float64) - float(y0)
+    out = {}
+    for a in (1, 2):
+        gx, gy = res[f"dphi{a}_dx"], res[f"dphi{a}_dy"]
+        out[f"r{a}1"] = res[f"r{a}1"] - (dx * gx - dy * gy)
+        out[f"r{a}2"] = res[f"r{a}2"] - (dy * gx + dx * gy)
     return out
 
 
@@ -606,9 +640,12 @@ def detect_exposures(
         # -sum_p c_p (S_b (p - q)) . grad M(p) beyond the interpolated kernel responses (pixel frame),
         # mapped to the grid's moments (T) and shears (the spin-2 block R of T: g'_pix = R^T g_grid).
         pix_corr = torch.zeros(gy, gx, 3, 2, dtype=torch.float64)  # (m00, m2c, m2s) x (g'1, g'2)
+        grad2 = torch.zeros(gy, gx, 2, 2, dtype=torch.float64)  # (m2c, m2s) x (d/dx, d/dy), pixel frame
         for ia, (gx_name, gy_name) in enumerate(_GRADIENT_NAMES):
-            _, exx, eyx = _interp(mom[gx_name], u * px, u * py, tap_moments=True)
-            _, exy, eyy = _interp(mom[gy_name], u * px, u * py, tap_moments=True)
+            vx, exx, eyx = _interp(mom[gx_name], u * px, u * py, tap_moments=True)
+            vy, exy, eyy = _interp(mom[gy_name], u * px, u * py, tap_moments=True)
+            if ia > 0:
+                grad2[..., ia - 1, 0], grad2[..., ia - 1, 1] = vx / npix, vy / npix
             # E_ab = sum c (p - q)_a d_b M (fine-pixel offsets / u -> pixels); per unit of npix.
             scale_e = 1.0 / (u * npix)
             pix_corr[..., ia, 0] = -(exx - eyy) * scale_e
@@ -617,15 +654,29 @@ def detect_exposures(
         grid_corr = torch.einsum(
             "ai,yxib,cb->yxac", t[:3, :3], pix_corr, rot
         )  # (gy, gx, 3 moments, 2 shears)
+        # Grid-frame gradients of the grid-frame m2c, m2s (rotation of the pair, chain rule of the position).
+        grid_grad2 = torch.einsum("ab,yxbk,lk->yxal", rot, grad2, t[6:, 6:])
         corr = NoiseCorrelation((ny, nx), inv_p, s, float(e.noise_sigma) ** 2 / npix**2) if noisy[k] else None
         var00 = float(t[0] @ _pixel_cov0(corr) @ t[0]) if corr is not None else 1.0
         per_exp.append(
-            dict(vals=grid_vals, resp=grid_corr, valid=valid, t=t, corr=corr, jinv=jinv, a=1.0 / var00)
+            dict(
+                vals=grid_vals,
+                resp=grid_corr,
+                grad2=grid_grad2,
+                valid=valid,
+                t=t,
+                corr=corr,
+                jinv=jinv,
+                a=1.0 / var00,
+            )
         )
     a_sum = sum(p["a"] for p in per_exp)
     comb = sum(p["a"] * p["vals"] for p in per_exp) / a_sum
     mom_c = {nm: comb[..., i] for i, nm in enumerate(_MOMENTS8)}
     resp_c = sum(p["a"] * p["resp"] for p in per_exp) / a_sum
+    grad2_c = sum(p["a"] * p["grad2"] for p in per_exp) / a_sum
+    for i, name in enumerate(("m2c", "m2s")):
+        mom_c[f"dx_{name}"], mom_c[f"dy_{name}"] = grad2_c[..., i, 0], grad2_c[..., i, 1]
     extra = {(nm, b): resp_c[..., i, b] for i, nm in enumerate(("m00", "m2c", "m2s")) for b in range(2)}
     valid_c = torch.ones((gy, gx), dtype=torch.bool)
     for p in per_exp:
