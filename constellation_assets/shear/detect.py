@@ -17,11 +17,13 @@ image ``f = I(k) / P(k)`` (0 where ``|P| <= psf_floor``) gives, at every pixel `
 inverse FFT per moment); ``F(p) = M00(p)`` is the smoothed deconvolved image. A pixel ``c`` is a detection
 with weight
 
-    w(c) = T(c) u(snr(c)),   T(c) = prod_{0 < |d| <= r} t((F(c) - F(c + d)) / sigma_v(d)),
+    w(c) = T(c) u(snr(c)),   T(c) = prod_{r_in <= |d| <= r} t((F(c) - F(c + d)) / sigma_v(d)),
 
 where ``t`` is the C2 quintic step from 0 at ``nu_min`` to 1 at ``nu_min + omega`` (``nu_min = 0``: only
-strict local maxima of ``F`` within the radius ``r`` = ``peak_radius_pix`` count), ``sigma_v(d)`` the
-noise of ``F(c) - F(c + d)``, and ``u`` the FPFS S/N weight of :func:`fpfs.selection_weight`
+pixels above every pixel of the annulus count), ``r`` = ``peak_radius_pix``, ``r_in`` =
+``peak_inner_pix`` (default 2: the 8 nearest pixels are left out, so a source centred between pixels is
+a plateau of 1-4 pixels with weight ~1 each, not a near-tie of two pixels with weight ~0; the estimator
+sums over all of them), ``sigma_v(d)`` the noise of ``F(c) - F(c + d)``, and ``u`` the FPFS S/N weight of :func:`fpfs.selection_weight`
 (``snr = M00(c) / sigma(M00)``). The ellipticity is measured at ``c`` itself (an integer pixel: no centroid
 is estimated), ``e_1 = -M2c(c) / (M00(c) + C)``, and the ensemble shear is
 ``g_a = sum_c w e_a / sum_c R_aa`` over all detections.
@@ -40,8 +42,14 @@ the image, and so is its derivative under a shear about ``c``: with ``S_1 = diag
 and the noise term ``E[grad Phi . L_b n]`` of the measured response is removed exactly for Gaussian noise
 (Stein's lemma), ``R_ab -= sum_ij Cov((L_b y)_i, y_j) d_i d_j Phi_a``, with the covariances of moments at
 two pixels from the stationary correlation ``Cov(M_a(p + D), M_b(p)) = sigma_n^2 N sum_k w_a conj(w_b)
-|1/P|^2 exp(i k.D)``. A shear about any other point differs by a translation, which a fixed pixel grid
-averages out over the population.
+|1/P|^2 exp(i k.D)``. On a noiseless image that term must be left out (``noise_bias_correction=False``):
+it is the expectation over noise, large for detections in the peak step's ramp.
+
+A shear about any other point ``O`` differs by a move of the scene by ``g S (p - O)``, which a fixed pixel
+grid averages out over the population (uniform sub-pixel positions: ``int (S d) . grad Phi d^2d =
+-tr(S) int Phi = 0``); :func:`response_about` gives the response about ``O`` (each detection's position
+gradient of ``Phi`` is returned), which in simulations with a known shear centre is an exact control
+variate of the +-g pairs. Several exposures of one region: :func:`detect_exposures`.
 
 Frames as in :mod:`fpfs`: ``e1 > 0`` elongated along x (columns), ``e2 > 0`` along x = y.
 """
