@@ -85,7 +85,7 @@ def test_response_matches_finite_differences_of_sheared_images(psf, offset, nois
     for i0 in range(len(base["x"])):
         _check_detection(psf_obj, psf_img, offset, base, i0, kw)
     if noise_sigma > 0:
-        assert np.any((base["w_det"] > 0.05) & (base["w_det"] < 0.9))  # the detection term is exercised
+        assert np.any((base["w_det"] > 1e-3) & (base["w_det"] < 0.97))  # the detection term is exercised
 
 
 def _check_detection(psf_obj, psf_img, offset, base, i0, kw):
@@ -300,6 +300,7 @@ def test_response_about_the_galaxy_centre_matches_a_galaxy_centred_shear(psf):
         for a in (1, 2):
             fd = (rp[f"phi{a}"].sum() - rm[f"phi{a}"].sum()) / (2 * eps)
             r_about = about[f"r{a}{b + 1}"].sum()
-            assert r_about == pytest.approx(fd, abs=2e-3 * abs(base[f"r{b + 1}{b + 1}"].sum()))
+            tol = 2e-3 * abs(base[f"r{b + 1}{b + 1}"].sum())
+            assert r_about == pytest.approx(fd, abs=tol)
             if a == b + 1:
-                assert abs(base[f"r{a}{b + 1}"].sum() - fd) > 0.05 * abs(fd)  # the move matters here
+                assert abs(base[f"r{a}{b + 1}"].sum() - fd) > 5 * tol  # the move matters here

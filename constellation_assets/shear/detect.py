@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 #: Detections are C2-smooth in the neighbour differences: the step rises over this many noise sigmas.
-PEAK_OMEGA_DEFAULT = 1.0
+PEAK_OMEGA_DEFAULT = 3.0
 #: Radius (pixels) of the neighbourhood a detection must exceed.
 PEAK_RADIUS_PIX_DEFAULT = 4
 #: ... from this distance on: the nearest pixels are left out, so that a source centred between pixels is
