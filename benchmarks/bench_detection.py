@@ -45,12 +45,14 @@ Even realisations are sheared by ``(g, 0)``, odd ones by ``(0, g)``, ``g = 0.02`
 
 Estimator: per realisation ``r`` sheared along ``a``, ``num_r = sum_{+g images} phi_a - sum_{-g images}
 phi_a`` and ``den_r = sum_{all images} R_aa``; ``m_a = sum num / sum den / g - 1``; ``c_a = sum_{all
-images} phi_a / sum_{all images} R_aa`` over all realisations (a method that commutes with 90-degree pixel
-rotations, as ``truth`` and ``catalog`` do, gives c = 0 exactly: c tests that symmetry).  Errors:
-delete-one-block jackknife over realisations.  Detections are kept when their 64 x 64 stamp fits in the
-image (32 px from the border; ``detect_peaks(border_pix=32)``); the truth catalog keeps the galaxies whose
-unsheared position is 37 px from the border, the same galaxies in all images.  ``N/img`` is the mean
-number of catalog entries per image, ``Nw/img`` their summed weight.
+images} phi_a / sum_{all images} R_aa`` over all realisations.  With the round PSF, c is zero by
+construction for a method that commutes with 90-degree pixel rotations (all three do, to float32
+rounding): c tests that symmetry, not a PSF leakage.  Errors: delete-one-block jackknife over
+realisations.  Detections are kept when their 64 x 64 stamp fits in the image, in a region symmetric
+about the centre pixel (the rotation centre): 32-33 px from the border (``detect_peaks(border_pix=32)``
+then its first row and column dropped).  The truth catalog keeps the galaxies whose unsheared position is
+37 px from the border, the same galaxies in all images.  ``N/img`` is the mean number of catalog entries
+per image, ``Nw/img`` their summed weight.
 
 Everything is deterministic from ``--seed``; ``--scale`` multiplies the number of realisations.
 """
@@ -77,6 +79,7 @@ from constellation_assets.shear.calibration import (
 )
 from constellation_assets.shear.ensemble import jackknife_blocks
 from constellation_assets.shear.fpfs import measure_stamps
+from constellation_assets.synthetic.population import blend_group_centres
 
 SCENES = ("isolated", "pairs", "field")
 METHODS = ("detect", "truth", "catalog")
@@ -103,7 +106,8 @@ PAIR_SPACING_PIX = 60
 PAIR_SEP_ARCSEC = (0.5, 1.5)
 PAIR_FLUX_RATIO = (0.2, 1.0)
 FIELD_DENSITY_ARCMIN2 = 80.0
-#: Positions are sheared about the centre of their friends-of-friends group (this linking length).
+#: Positions are sheared about the centre of their friends-of-friends group (this linking length), as the
+#: field calibration's ``scene_shear_group_arcsec``.
 GROUP_LINK_ARCSEC = 3.0
 SCENE_MARGIN_PIX = 48  # grid scenes: galaxies this far inside the edge (room for shear and stamps)
 # Measurement (the estimator's defaults for the shear catalog).
@@ -213,26 +217,13 @@ def scene_galaxies(
             dx, dy = rng.uniform(-half - 0.5, size - half - 0.5, size=2)
             gals.append(Galaxy(dx, dy, _draw_galaxy(_POP, rng), snr=_draw_snr(_POP, rng)))
     if shear_about == "group" and gals:
-        xy = np.array([[gl.dx, gl.dy] for gl in gals])
-        labels = fof_groups(xy, GROUP_LINK_ARCSEC / PIXEL_SCALE)
-        for lab in np.unique(labels):
-            members = np.nonzero(labels == lab)[0]
-            ax, ay = xy[members].mean(axis=0)
-            for i in members:
-                gals[i].ax, gals[i].ay = float(ax), float(ay)
+        # Unweighted group centres; the helper works in degrees (positions here in pixels).
+        deg = PIXEL_SCALE / 3600.0
+        xy = np.array([[gl.dx, gl.dy] for gl in gals]) * deg
+        ax, ay = blend_group_centres(xy[:, 0], xy[:, 1], np.ones(len(gals)), GROUP_LINK_ARCSEC)
+        for gal, x, y in zip(gals, ax / deg, ay / deg, strict=True):
+            gal.ax, gal.ay = float(x), float(y)
     return gals
-
-
-def fof_groups(xy: np.ndarray, link: float) -> np.ndarray:
-    """Friends-of-friends group label of each point (N, 2): points closer than ``link`` are friends."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
-    n = len(xy)
-    pairs = cKDTree(xy).query_pairs(link, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 def _shear_matrix(g1: float, g2: float) -> np.ndarray:
@@ -462,7 +453,11 @@ def measure_detect(image: np.ndarray, psf_img: np.ndarray, noise_sigma: float) -
         peak_radius_pix=4,
         border_pix=BORDER,
     )
-    return {k: np.asarray(res[k], dtype=np.float64) for k in ("weight", "phi1", "phi2", "r11", "r22")}
+    # detect_peaks keeps pixels [BORDER, size - BORDER); drop the first row and column too, so the kept
+    # region is symmetric about the centre pixel, the rotation centre of the rot90 images (else c != 0
+    # from detections on that one row).
+    keep = (res["x"] > BORDER) & (res["y"] > BORDER)
+    return {k: np.asarray(res[k], dtype=np.float64)[keep] for k in ("weight", "phi1", "phi2", "r11", "r22")}
 
 
 def measure_method(method: str, real: Realisation, j: int, psf_img: np.ndarray, noise_sigma: float):
