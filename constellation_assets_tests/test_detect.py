@@ -3,6 +3,8 @@ differences of GalSim-sheared images, and the noise covariance it assumes."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -20,10 +22,12 @@ def psf():
     return obj, obj.drawImage(nx=31, ny=31, scale=PIX).array
 
 
-def _render(psf_obj, g1=0.0, g2=0.0, offset=(0.3, -0.2), flux=1.0, n=N):
-    """A Sersic galaxy at ``offset`` (pixels) from pixel (n//2, n//2), the whole image sheared about that pixel."""
+def _render(psf_obj, g1=0.0, g2=0.0, offset=(0.3, -0.2), flux=1.0, n=N, about=(0, 0)):
+    """A Sersic galaxy at ``offset`` (pixels) from pixel (n//2, n//2), the whole image sheared about the
+    pixel ``about`` (offset from (n//2, n//2) too)."""
     a = np.array([[1 + g1, g2], [g2, 1 - g1]])
-    off = a @ np.asarray(offset, dtype=float)
+    c = np.asarray(about, dtype=float)
+    off = c + a @ (np.asarray(offset, dtype=float) - c)
     gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1)
     if g1 or g2:
         gal = gal.shear(g1=g1, g2=g2)
@@ -37,6 +41,7 @@ def test_peak_offsets_are_a_symmetric_disk():
     offs = detect.peak_offsets(4)
     assert len(offs) == 48
     assert not np.any((offs == 0).all(axis=1))
+    assert len(detect.peak_offsets(4, 2.0)) == 40  # the 8 nearest pixels left out
     as_set = {tuple(o) for o in offs}
     assert all((-x, -y) in as_set and (-y, x) in as_set for x, y in as_set)  # 180 and 90 degrees
     with pytest.raises(ValueError, match="peak_radius_pix"):
@@ -46,10 +51,14 @@ def test_peak_offsets_are_a_symmetric_disk():
 def test_noiseless_galaxy_is_one_detection_measured_like_a_stamp(psf):
     psf_obj, psf_img = psf
     img = _render(psf_obj)
-    res = detect.detect_peaks(img, psf_img, PIX, 0.0)
-    assert len(res["x"]) == 1
+    res = detect.detect_peaks(img, psf_img, PIX, 0.0, peak_inner_pix=0.0)
+    assert len(res["x"]) == 1  # the strict maximum
     assert (res["x"][0], res["y"][0]) == (N // 2, N // 2)
     assert res["weight"][0] == 1.0
+    # With the nearest pixels left out of the comparison the peak is a plateau around the same pixel.
+    plateau = detect.detect_peaks(img, psf_img, PIX, 0.0)
+    assert 1 <= len(plateau["x"]) <= 4
+    assert np.all(np.abs(plateau["x"] - N // 2) <= 1) and np.all(np.abs(plateau["y"] - N // 2) <= 1)
     # The stamp estimator at the same centre (offset 0) on the same image, full PSF on the same grid.
     psf_full = psf_obj.drawImage(nx=N, ny=N, scale=PIX, use_true_center=False).array
     st = fpfs.measure_stamps(img[None], psf_full, PIX, 0.0, offsets_pix=np.zeros((1, 2)), precision="float64")
@@ -61,8 +70,8 @@ def test_noiseless_galaxy_is_one_detection_measured_like_a_stamp(psf):
     "offset, noise_sigma",
     [
         ((0.3, -0.2), 0.0),  # shape response only (weight 1)
-        ((0.47, 0.1), 5e-3),  # flat peak: the peak step is in its ramp (w_det ~ 0.02)
-        ((0.47, 0.1), 8.5e-3),  # ... and the S/N weight too (snr ~ 11.7)
+        ((0.47, 0.1), 5e-3),  # plateau pixels with the peak step in its ramp
+        ((0.3, -0.2), 8.5e-3),  # ... and the S/N weight too (snr ~ 11.6)
     ],
 )
 def test_response_matches_finite_differences_of_sheared_images(psf, offset, noise_sigma):
@@ -71,17 +80,24 @@ def test_response_matches_finite_differences_of_sheared_images(psf, offset, nois
     psf_obj, psf_img = psf
     kw = dict(noise_sigma=noise_sigma, snr_min=10.0, noise_bias_correction=False)
     base = detect.detect_peaks(_render(psf_obj, offset=offset), psf_img, PIX, **kw)
-    i0 = int(np.argmax(base["weight"]))
-    cx, cy = base["x"][i0], base["y"][i0]
+    assert len(base["x"]) >= 2
+    # Every detection, the images sheared about its own pixel.
+    for i0 in range(len(base["x"])):
+        _check_detection(psf_obj, psf_img, offset, base, i0, kw)
     if noise_sigma > 0:
-        assert 0.0 < base["w_det"][i0] < 0.5  # the detection term is exercised
+        assert np.any((base["w_det"] > 0.05) & (base["w_det"] < 0.9))  # the detection term is exercised
+
+
+def _check_detection(psf_obj, psf_img, offset, base, i0, kw):
+    cx, cy = base["x"][i0], base["y"][i0]
+    about = (cx - N // 2, cy - N // 2)
     eps = 1e-4
     for b in (0, 1):
         phis = []
         for sign in (1.0, -1.0):
             g = [0.0, 0.0]
             g[b] = sign * eps
-            r = detect.detect_peaks(_render(psf_obj, *g, offset=offset), psf_img, PIX, **kw)
+            r = detect.detect_peaks(_render(psf_obj, *g, offset=offset, about=about), psf_img, PIX, **kw)
             j = np.nonzero((r["x"] == cx) & (r["y"] == cy))[0][0]
             phis.append(np.array([r["phi1"][j], r["phi2"][j]]))
         fd = (phis[0] - phis[1]) / (2 * eps)
@@ -136,3 +152,154 @@ def test_bad_inputs_name_the_problem(psf):
         detect.detect_peaks(np.zeros((16, 16)), psf_img, PIX, 1.0)
     with pytest.raises(ValueError, match="peak_nu_min"):
         detect.detect_peaks(img, psf_img, PIX, 1.0, peak_nu_min=-1.0)
+
+
+def _scene_image(psf_obj, rng_seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng_seed)
+    img = np.zeros((n, n))
+    for _ in range(6):
+        gal = galsim.Sersic(n=1.0, half_light_radius=0.3).shear(
+            g1=rng.uniform(-0.3, 0.3), g2=rng.uniform(-0.3, 0.3)
+        )
+        off = tuple(rng.uniform(-25, 25, 2))
+        img += galsim.Convolve(gal.withFlux(60), psf_obj).drawImage(nx=n, ny=n, scale=PIX, offset=off).array
+    return img + rng.normal(0.0, 1.0, (n, n))
+
+
+def _same_detections(ref, res):
+    kr = {(x, y): i for i, (x, y) in enumerate(zip(ref["x"], ref["y"], strict=True))}
+    kt = {(x, y): i for i, (x, y) in enumerate(zip(res["x"], res["y"], strict=True))}
+    assert set(kr) == set(kt) and len(kr) > 5
+    for k in (
+        "weight",
+        "phi1",
+        "phi2",
+        "r11",
+        "r12",
+        "r21",
+        "r22",
+        "dphi1_dx",
+        "dphi1_dy",
+        "dphi2_dx",
+        "dphi2_dy",
+    ):
+        a = np.array([ref[k][kr[c]] for c in sorted(kr)])
+        b = np.array([res[k][kt[c]] for c in sorted(kr)])
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-10 * max(1.0, np.abs(a).max()), err_msg=k)
+
+
+def test_exposure_frames_rotations_and_flips_reproduce_the_grid_image(psf):
+    """An exposure rotated by 90 degrees or mirrored (exact on the pixel grid) gives the detections,
+    weights, ellipticities and noise-corrected responses of the grid-aligned image: the frame maps of the
+    moments, gradients and noise covariances are right."""
+    psf_obj, psf_img = psf
+    n = 96
+    img = _scene_image(psf_obj, 4, n)
+    ref = detect.detect_peaks(img, psf_img, PIX, 1.0, snr_min=5.0)
+    ident = detect.GridExposure(img, psf_img, 1.0, np.diag([PIX, PIX]), (0.0, 0.0))
+    rot = detect.GridExposure(
+        np.rot90(img), np.rot90(psf_img), 1.0, np.array([[0, -PIX], [PIX, 0]]), (0.0, n - 1.0)
+    )
+    flip = detect.GridExposure(
+        img[:, ::-1], psf_img[:, ::-1], 1.0, np.array([[-PIX, 0], [0, PIX]]), (n - 1.0, 0.0)
+    )
+    for exp in (ident, rot, flip):
+        _same_detections(ref, detect.detect_exposures([exp], (n, n), PIX, snr_min=5.0))
+    with pytest.raises(ValueError, match="noise_sigma"):
+        detect.detect_exposures(
+            [ident, detect.GridExposure(img, psf_img, 0.0, ident.jacobian, (0.0, 0.0))], (n, n)
+        )
+
+
+def _exposure(psf_obj, jac, dither, g, gal_pos, about=(0, 0), n=80, grid_centre=(32, 32), flux=1.0):
+    """A noiseless exposure (GalSim, local Jacobian WCS) of a galaxy at ``gal_pos`` (arcsec from grid
+    pixel ``grid_centre``), the scene sheared by ``g`` about grid pixel ``grid_centre + about``.
+
+    Returns the image, the PSF image in the exposure's pixels and the pixel position of grid pixel (0, 0).
+    """
+    wcs = galsim.JacobianWCS(jac[0, 0], jac[0, 1], jac[1, 0], jac[1, 1])
+    a = np.array([[1 + g[0], g[1]], [g[1], 1 - g[0]]])
+    centre = PIX * np.asarray(about, dtype=float)
+    pos = centre + a @ (np.asarray(gal_pos, dtype=float) - centre)
+    gal = galsim.Sersic(n=1.2, half_light_radius=0.25).shear(g1=0.15, g2=-0.1).withFlux(flux)
+    gal = gal.shear(g1=g[0], g2=g[1]).shift(*pos)
+    img = (
+        galsim.Convolve(gal, psf_obj)
+        .drawImage(nx=n, ny=n, wcs=wcs, offset=dither, use_true_center=False)
+        .array
+    )
+    psf_img = psf_obj.drawImage(nx=31, ny=31, wcs=wcs).array
+    p0 = np.array([n // 2 + dither[0], n // 2 + dither[1]]) - np.linalg.inv(jac) @ (
+        PIX * np.asarray(grid_centre)
+    )
+    return img, psf_img, p0
+
+
+@pytest.mark.parametrize("angle_deg, parity", [(30.0, 1.0), (-65.0, -1.0)])
+def test_dithered_rotated_exposures_response_matches_finite_differences(psf, angle_deg, parity):
+    """Two exposures, one rotated (and mirrored) with a slightly different pixel scale, both dithered by a
+    fraction of a pixel: the combined detection's responses (peak and S/N weights in their ramps) equal
+    finite differences of GalSim images sheared about the detection's grid pixel."""
+    psf_obj, _ = psf
+    c, sn = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    jacs = [np.diag([PIX, PIX]), 1.02 * PIX * np.array([[c, -sn], [sn, c]]) @ np.diag([parity, 1.0])]
+    dithers = [(0.31, -0.17), (-0.42, 0.23)]
+    gal_pos = (0.02, -0.03)
+    kw = dict(snr_min=10.0, noise_bias_correction=False)
+    sig = 6e-3
+
+    def run(g, about):
+        exps = []
+        for jac, dth in zip(jacs, dithers, strict=True):
+            img, psf_img, p0 = _exposure(psf_obj, jac, dth, g, gal_pos, about)
+            exps.append(detect.GridExposure(img, psf_img, sig, jac, tuple(p0)))
+        return detect.detect_exposures(exps, (64, 64), PIX, **kw)
+
+    base = run((0.0, 0.0), (0, 0))
+    assert len(base["x"]) >= 1
+    assert np.any((base["w_det"] > 0.02) & (base["w_det"] < 0.98)) or np.any(base["weight"] < 0.98)
+    eps = 1e-4
+    for i0 in range(len(base["x"])):
+        about = (int(base["x"][i0]) - 32, int(base["y"][i0]) - 32)
+        for b in (0, 1):
+            phis = []
+            for sign in (1.0, -1.0):
+                g = [0.0, 0.0]
+                g[b] = sign * eps
+                r = run(tuple(g), about)
+                j = np.nonzero((r["x"] == base["x"][i0]) & (r["y"] == base["y"][i0]))[0][0]
+                phis.append(np.array([r["phi1"][j], r["phi2"][j]]))
+            fd = (phis[0] - phis[1]) / (2 * eps)
+            an = np.array([base[f"r1{b + 1}"][i0], base[f"r2{b + 1}"][i0]])
+            np.testing.assert_allclose(fd, an, rtol=0, atol=1.5e-3 * np.abs(an).max() + 1e-12)
+
+
+def test_response_about_the_galaxy_centre_matches_a_galaxy_centred_shear(psf):
+    """GalSim shears a profile about its own centre, which for every plateau pixel is a shear about the
+    pixel plus a move of the scene: ``response_about`` adds that move (the position gradient of phi) and
+    then equals finite differences of the summed phi; the pixel-centred responses alone do not."""
+    psf_obj, psf_img = psf
+    gal = galsim.Sersic(n=1.17, half_light_radius=0.26).shear(g1=-0.3, g2=-0.1)
+    off = np.array([-0.31, 0.19])
+    flux = 16.6 / np.sqrt((galsim.Convolve(gal, psf_obj).drawImage(scale=PIX, nx=64, ny=64).array ** 2).sum())
+    kw = dict(snr_min=10.0, noise_bias_correction=False)
+
+    def image(g1, g2):
+        obj = galsim.Convolve(gal.shear(g1=g1, g2=g2).withFlux(flux), psf_obj)
+        return obj.drawImage(nx=N, ny=N, scale=PIX, offset=tuple(off)).array
+
+    base = detect.detect_peaks(image(0.0, 0.0), psf_img, PIX, 1.0, **kw)
+    assert np.any((base["w_det"] > 0.05) & (base["w_det"] < 0.95))
+    about = detect.response_about(base, (N - 1) / 2 + off[0], (N - 1) / 2 + off[1])
+    eps = 1e-4
+    for b in (0, 1):
+        g = np.zeros(2)
+        g[b] = eps
+        rp = detect.detect_peaks(image(*g), psf_img, PIX, 1.0, **kw)
+        rm = detect.detect_peaks(image(*-g), psf_img, PIX, 1.0, **kw)
+        for a in (1, 2):
+            fd = (rp[f"phi{a}"].sum() - rm[f"phi{a}"].sum()) / (2 * eps)
+            r_about = about[f"r{a}{b + 1}"].sum()
+            assert r_about == pytest.approx(fd, abs=2e-3 * abs(base[f"r{b + 1}{b + 1}"].sum()))
+            if a == b + 1:
+                assert abs(base[f"r{a}{b + 1}"].sum() - fd) > 0.05 * abs(fd)  # the move matters here
