@@ -4,7 +4,7 @@
         [--size 384] [--workers 1] [--same-noise-only] [--shear-about group|image] [--json OUT.json]
 
 Defaults: 100 realisations per scene, ~340 s on one core of the shared 2-core machine (detect_peaks is
-~70 % of it), sigma_m ~2e-3 for ``truth`` on ``isolated``; ``detect`` is 10-40x noisier (see below).
+~75 % of it), sigma_m ~2e-3 for ``truth`` on ``isolated``; ``detect`` is 5-10x noisier.
 
 Methods (all on the same noisy scene images, FPFS sigma 0.35", C = 4 sigma(M00), smooth S/N >= 10 weight
 of width 2, noise-bias corrected responses):
@@ -183,7 +183,7 @@ def scene_galaxies(
     the distance to the image centre (up to ~3 px) moves each galaxy across the pixel grid and the
     shared noise between its +g and -g images, whose differences then no longer cancel: m is several
     times noisier with ``"image"`` (for ``detect_peaks``, whose peak weight changes within a fraction
-    of a pixel, ~5x on isolated galaxies).
+    of a pixel, ~5x on isolated galaxies with the first version, without the peak annulus).
     """
     if kind not in SCENES:
         raise ValueError(f"scene {kind!r} is not one of {SCENES}")
@@ -677,8 +677,8 @@ def run(
     return results
 
 
-#: Default realisations per scene (eight images each): sigma_m ~ 2e-3 for ``truth`` on ``isolated``, ~2e-2
-#: (isolated) to ~0.1 (pairs, field) for ``detect``.
+#: Default realisations per scene (eight images each): sigma_m ~ 2e-3 for ``truth`` on ``isolated``, ~1e-2
+#: (isolated) to ~4e-2 (pairs, field) for ``detect``.
 DEFAULT_REALISATIONS = {"isolated": 100, "pairs": 100, "field": 100}
 
 
