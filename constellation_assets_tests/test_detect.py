@@ -205,6 +205,8 @@ def test_exposure_frames_rotations_and_flips_reproduce_the_grid_image(psf):
     )
     for exp in (ident, rot, flip):
         _same_detections(ref, detect.detect_exposures([exp], (n, n), PIX, snr_min=5.0))
+    with pytest.raises(ValueError, match="peak_omega"):
+        detect.detect_exposures([ident], (n, n), peak_omega=0.0)
     with pytest.raises(ValueError, match="noise_sigma"):
         detect.detect_exposures(
             [ident, detect.GridExposure(img, psf_img, 0.0, ident.jacobian, (0.0, 0.0))], (n, n)

@@ -97,6 +97,13 @@ def peak_offsets(radius_pix: int, inner_pix: float = 0.0) -> np.ndarray:
     return np.stack([dx[keep], dy[keep]], axis=1).astype(np.int64)
 
 
+def _check_peak_settings(peak_omega: float, peak_nu_min: float) -> None:
+    if peak_nu_min < 0:
+        raise ValueError(f"peak_nu_min={peak_nu_min} must be >= 0 (only strict maxima are visited)")
+    if peak_omega <= 0:
+        raise ValueError(f"peak_omega={peak_omega} must be > 0")
+
+
 def _step(t: torch.Tensor) -> torch.Tensor:
     """Quintic smooth step ``t^3 (10 - 15 t + 6 t^2)`` on [0, 1] (C2)."""
     t = t.clamp(0.0, 1.0)
@@ -269,10 +276,7 @@ def detect_peaks(
         raise ValueError(
             f"image and psf must be 2-d arrays, got shapes {tuple(img.shape)}, {tuple(psf_t.shape)}"
         )
-    if peak_nu_min < 0:
-        raise ValueError(f"peak_nu_min={peak_nu_min} must be >= 0 (only strict maxima are visited)")
-    if peak_omega <= 0:
-        raise ValueError(f"peak_omega={peak_omega} must be > 0")
+    _check_peak_settings(peak_omega, peak_nu_min)
     if not torch.isfinite(img).all():
         raise ValueError("image has non-finite pixels: fill or mask them before detection")
     ny, nx = img.shape
@@ -614,6 +618,7 @@ def detect_exposures(
     """
     if not exposures:
         raise ValueError("detect_exposures needs at least one exposure")
+    _check_peak_settings(peak_omega, peak_nu_min)
     gy, gx = int(grid_shape[0]), int(grid_shape[1])
     h = float(grid_scale_arcsec)
     offs = peak_offsets(peak_radius_pix, peak_inner_pix)
