@@ -227,7 +227,7 @@ def scene_galaxies(
             dx, dy = rng.uniform(-half - 0.5, size - half - 0.5, size=2)
             gals.append(Galaxy(dx, dy, _draw_galaxy(_POP, rng), snr=_draw_snr(_POP, rng)))
     if shear_about == "group" and gals:
-        # Unweighted group centres; the helper works in degrees (positions here in pixels).
+        # Unweighted group centres; blend_group_centres works in degrees (positions here in pixels).
         deg = PIXEL_SCALE / 3600.0
         xy = np.array([[gl.dx, gl.dy] for gl in gals]) * deg
         ax, ay = blend_group_centres(xy[:, 0], xy[:, 1], np.ones(len(gals)), GROUP_LINK_ARCSEC)

@@ -53,7 +53,7 @@ def _manifests(tmp_path: Path) -> list[str]:
             col=col % 4,
             core_mask=core,
         )
-        # unique OBJECT_IDs per sub-tile (the helper numbers every sub-tile from the same base)
+        # unique OBJECT_IDs per sub-tile (write_manifest numbers every sub-tile from the same base)
         cat = m.parent / "sources.parquet"
         t = pq.read_table(cat)
         ids = pc.add(t["OBJECT_ID"], pa.scalar(col * 1000, pa.int64()))
