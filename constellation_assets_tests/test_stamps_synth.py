@@ -1,4 +1,4 @@
-"""Small synthetic Q1-layout quadrants for the stamp/infer/worker tests (helpers, no tests).
+"""Small synthetic Q1-layout quadrants for the stamp/infer/worker tests (fixtures and writers, no tests).
 
 One exposure = one DET file (``{ccd}.{quad}.SCI/.RMS/.FLG``), one BKG file and one PSF file (9 x 9 grid of
 21 x 21 effective-PSF stamps oversampled x3) holding a single quadrant, with a TAN WCS of any
