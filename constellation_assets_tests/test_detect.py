@@ -133,6 +133,14 @@ def test_noise_correlation_matches_pure_noise_images(psf):
         scale = np.sqrt(np.var(xs[:, 0]) * np.var(xs[:, 1]))
         ana = float(cov(a, b)[dy % n, dx % n])
         assert abs(emp - ana) < 0.12 * scale, (a, b, dx, dy, emp, ana)
+    # The noise model is kept per (PSF, shape, kernel, noise level): a second image reuses it, same results.
+    img = rng.normal(0.0, sig, (n, n))
+    detect._NOISE_MODELS.clear()
+    first = detect.detect_peaks(img, psf_img, PIX, sig, snr_min=2.0)
+    again = detect.detect_peaks(img, psf_img, PIX, sig, snr_min=2.0)
+    assert len(detect._NOISE_MODELS) == 1 and len(first["x"]) > 0
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
     # A flat image has no strict maxima.
     assert len(detect.detect_peaks(np.full((n, n), 1e-3), psf_img, PIX, sig, snr_min=0.0)["x"]) == 0
 

@@ -57,6 +57,7 @@ Frames as in :mod:`fpfs`: ``e1 > 0`` elongated along x (columns), ``e2 > 0`` alo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any
 
@@ -95,6 +96,11 @@ def peak_offsets(radius_pix: int, inner_pix: float = 0.0) -> np.ndarray:
     d2 = dx * dx + dy * dy
     keep = (d2 <= r * r) & (d2 >= max(inner_pix, 1.0) ** 2)
     return np.stack([dx[keep], dy[keep]], axis=1).astype(np.int64)
+
+
+#: Noise models of recent (PSF, image shape, kernel, noise level) combinations (:func:`detect_peaks`).
+_NOISE_MODELS: dict[tuple, NoiseCorrelation] = {}
+_NOISE_MODELS_MAX = 8
 
 
 def _check_peak_settings(peak_omega: float, peak_nu_min: float) -> None:
@@ -223,6 +229,8 @@ class NoiseCorrelation:
         self._scale = float(noise_var) * float(self.ny * self.nx) ** 2
         self._kern = _kernels(self.ny, self.nx, s)
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        #: ``Cov((L y)_i, y_j)`` matrices of :func:`_detect_core` per neighbourhood.
+        self.lc_cache: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, a: str, b: str) -> torch.Tensor:
         if (a, b) not in self._cache:
@@ -288,8 +296,17 @@ def detect_peaks(
     mom, inv_p = _moment_images(img, psf_t, s, psf_floor, names=_GRID_MOMENTS + _GRADIENTS2)
     var = float(noise_sigma) ** 2
     cov_fn = None
+    lc_cache = None
     if var > 0:
-        cov_image = NoiseCorrelation((ny, nx), inv_p, s, var)
+        # The noise model depends on the PSF, the image shape, the kernel and the noise level only: kept
+        # for the next image with the same ones (a survey block, a simulation's scenes).
+        key = (hashlib.sha1(psf_t.numpy().tobytes()).hexdigest(), psf_t.shape, ny, nx, s, psf_floor, var)
+        cached = _NOISE_MODELS.pop(key, None)
+        cov_image = cached if cached is not None else NoiseCorrelation((ny, nx), inv_p, s, var)
+        _NOISE_MODELS[key] = cov_image
+        while len(_NOISE_MODELS) > _NOISE_MODELS_MAX:
+            _NOISE_MODELS.pop(next(iter(_NOISE_MODELS)))
+        lc_cache = cov_image.lc_cache
 
         def cov_fn(a: str, b: str, dxy: np.ndarray) -> torch.Tensor:
             img_ab = cov_image(a, b)
@@ -303,6 +320,7 @@ def detect_peaks(
         cov_fn,
         valid,
         offs,
+        lc_cache=lc_cache,
         c_ratio=c_ratio,
         snr_min=snr_min,
         selection_bin_width=selection_bin_width,
@@ -325,6 +343,7 @@ def _detect_core(
     peak_nu_min: float,
     noise_bias_correction: bool,
     resp_extra: dict[tuple[str, int], torch.Tensor] | None = None,
+    lc_cache: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Detections and their responses from moment images on one grid (see the module docstring).
 
@@ -415,7 +434,12 @@ def _detect_core(
         grad_y[0, :, 3 + j], grad_y[1, :, 3 + j] = at("dx", int(dx), int(dy)), at("dy", int(dx), int(dy))
     gphi = torch.einsum("nai,kni->nak", jac, grad_y)  # (n, 2 (a), 2 (x, y))
     if noisy and noise_bias_correction:
-        lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
+        lc_key = np.asarray(offs).tobytes()
+        lc = lc_cache.get(lc_key) if lc_cache is not None else None
+        if lc is None:
+            lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
+            if lc_cache is not None:
+                lc_cache[lc_key] = lc
         hess = vmap(hessian(phi))(y)  # (n, 2, d, d)
         resp = resp - torch.einsum("naij,bij->nab", hess, lc)
 
