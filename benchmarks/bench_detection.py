@@ -86,7 +86,7 @@ from constellation_assets.shear.calibration import (
     _draw_snr,
     rot90_about_centre,
 )
-from constellation_assets.shear.ensemble import jackknife_blocks
+from constellation_assets.shear.ensemble import ratio_jackknife
 from constellation_assets.shear.fpfs import measure_stamps
 from constellation_assets.synthetic.population import blend_group_centres
 
@@ -526,27 +526,14 @@ def image_sums(
     return out
 
 
-def _ratio_jackknife(num: np.ndarray, den: np.ndarray, n_blocks: int = 100) -> tuple[float, float]:
-    n = len(num)
-    if n == 0 or den.sum() == 0:
-        return math.nan, math.nan
-    est = num.sum() / den.sum()
-    if n < 2:
-        return float(est), math.nan
-    blocks = jackknife_blocks(n, n_blocks)
-    nb = int(blocks.max()) + 1
-    vals = np.array([num[blocks != b].sum() / den[blocks != b].sum() for b in range(nb)])
-    return float(est), float(math.sqrt((nb - 1) / nb * ((vals - vals.mean()) ** 2).sum()))
-
-
 def bias_from_sums(sums: np.ndarray, signs: np.ndarray, components: np.ndarray, g: float) -> dict[str, float]:
     """m and c (with jackknife errors) from per-realisation sums (R, n_images, 6) of :func:`image_sums`."""
     out: dict[str, float] = {}
     for a in (0, 1):
         phi, resp = sums[:, :, a], sums[:, :, 2 + a]
         own = components == a
-        m, m_err = _ratio_jackknife((phi * signs).sum(axis=1)[own], resp.sum(axis=1)[own])
-        c, c_err = _ratio_jackknife(phi.sum(axis=1), resp.sum(axis=1))
+        m, m_err = ratio_jackknife((phi * signs).sum(axis=1)[own], resp.sum(axis=1)[own])
+        c, c_err = ratio_jackknife(phi.sum(axis=1), resp.sum(axis=1))
         out[f"m{a + 1}"] = m / g - 1.0 if math.isfinite(m) else math.nan
         out[f"m{a + 1}_err"] = m_err / g
         out[f"c{a + 1}"] = c

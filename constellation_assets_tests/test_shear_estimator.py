@@ -247,3 +247,19 @@ def test_ensemble_shear_ratio_and_jackknife():
     assert abs(g1 - 0.03) < 4 * g1_err and abs(g2 + 0.01) < 4 * g2_err
     cat["weight"][:] = 0.0
     assert all(np.isnan(v) for v in ensemble_shear(cat))
+
+
+def test_ratio_jackknife_equals_deleting_each_block():
+    import math
+
+    from constellation_assets.shear.ensemble import jackknife_blocks, ratio_jackknife
+
+    rng = np.random.default_rng(3)
+    num, den = rng.normal(1.0, 0.5, 237), rng.uniform(0.5, 1.5, 237)
+    est, err = ratio_jackknife(num, den, 20)
+    labels = jackknife_blocks(237, 20)
+    vals = np.array([num[labels != b].sum() / den[labels != b].sum() for b in range(20)])
+    assert est == pytest.approx(num.sum() / den.sum(), rel=1e-12)
+    assert err == pytest.approx(math.sqrt(19 / 20 * ((vals - vals.mean()) ** 2).sum()), rel=1e-10)
+    assert all(math.isnan(v) for v in ratio_jackknife(np.zeros(0), np.zeros(0)))
+    assert math.isnan(ratio_jackknife(np.ones(1), np.ones(1))[1])

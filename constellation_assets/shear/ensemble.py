@@ -15,6 +15,26 @@ def jackknife_blocks(n: int, n_blocks: int) -> np.ndarray:
     return (np.arange(n) * n_blocks) // max(n, 1)
 
 
+def ratio_jackknife(num: np.ndarray, den: np.ndarray, n_blocks: int = 100) -> tuple[float, float]:
+    """``sum(num) / sum(den)`` and its delete-one-block jackknife error over contiguous blocks of items.
+
+    NaNs when there is nothing to divide (no items or ``sum(den) == 0``); the error is NaN for one item.
+    """
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    if len(num) == 0 or den.sum() == 0:
+        return math.nan, math.nan
+    est = float(num.sum() / den.sum())
+    if len(num) < 2:
+        return est, math.nan
+    labels = jackknife_blocks(len(num), n_blocks)
+    nb = int(labels.max()) + 1
+    num_b = np.bincount(labels, weights=num, minlength=nb)
+    den_b = np.bincount(labels, weights=den, minlength=nb)
+    deleted = (num.sum() - num_b) / (den.sum() - den_b)
+    return est, math.sqrt((nb - 1) / nb * ((deleted - deleted.mean()) ** 2).sum())
+
+
 #: A sub-tile's ensemble shear needs at least this many measured sources: with one source the jackknife
 #: error is undefined, so the shear is reported as NaN (unmeasured) rather than with a NaN error.
 MIN_SOURCES_FOR_SHEAR = 2
@@ -37,15 +57,5 @@ def ensemble_shear(cat: Mapping[str, Any], n_blocks: int = 100) -> tuple[float, 
         if len(e) == 0 or r.sum() <= 0:
             out.append((math.nan, math.nan))
             continue
-        g = e.sum() / r.sum()
-        if len(e) < 2:
-            out.append((float(g), math.nan))
-            continue
-        labels = jackknife_blocks(len(e), n_blocks)
-        nb = int(labels.max()) + 1
-        e_b = np.bincount(labels, weights=e, minlength=nb)
-        r_b = np.bincount(labels, weights=r, minlength=nb)
-        g_del = (e.sum() - e_b) / (r.sum() - r_b)
-        err = math.sqrt((nb - 1) / nb * ((g_del - g_del.mean()) ** 2).sum())
-        out.append((float(g), err))
+        out.append(ratio_jackknife(e, r, n_blocks))
     return out[0][0], out[1][0], out[0][1], out[1][1]
