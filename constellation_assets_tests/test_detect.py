@@ -314,3 +314,49 @@ def test_response_about_the_galaxy_centre_matches_a_galaxy_centred_shear(psf):
             assert r_about == pytest.approx(fd, abs=tol)
             if a == b + 1:
                 assert abs(base[f"r{a}{b + 1}"].sum() - fd) > 5 * tol  # the move matters here
+
+
+def test_masked_exposure_is_left_out_where_its_mask_reaches(psf):
+    """Two exposures of one scene, the second with a masked disc: pixels whose neighbourhood the mask's
+    reach touches are detected on the first exposure alone (exactly its single-exposure result there),
+    the others on both; an all-False mask changes nothing; masked pixels may hold NaN."""
+    psf_obj, psf_img = psf
+    n = 96
+    img1 = _scene_image(psf_obj, 4, n)
+    img2 = img1 + np.random.default_rng(9).normal(0.0, 1.0, (n, n))  # same scene, more noise
+    jac = np.diag([PIX, PIX])
+    kw = dict(snr_min=5.0)
+    e1 = detect.GridExposure(img1, psf_img, 1.0, jac, (0.0, 0.0))
+    e2 = detect.GridExposure(img2, psf_img, math.sqrt(2.0), jac, (0.0, 0.0))
+    both = detect.detect_exposures([e1, e2], (n, n), PIX, **kw)
+    only1 = detect.detect_exposures([e1], (n, n), PIX, **kw)
+    assert set(both["n_exposures"].tolist()) == {2}
+    no_mask = detect.GridExposure(img2, psf_img, math.sqrt(2.0), jac, (0.0, 0.0), mask=np.zeros((n, n), bool))
+    same = detect.detect_exposures([e1, no_mask], (n, n), PIX, **kw)
+    for k in ("x", "y", "weight", "phi1", "r11", "r22"):
+        np.testing.assert_array_equal(same[k], both[k])
+
+    # Mask a disc over the brightest detection in exposure 2 (NaN under the mask: never read).
+    i0 = int(np.argmax(both["snr"]))
+    yy, xx = np.mgrid[:n, :n]
+    disc = (xx - both["x"][i0]) ** 2 + (yy - both["y"][i0]) ** 2 <= 3.0**2
+    bad = img2.copy()
+    bad[disc] = np.nan
+    e2m = detect.GridExposure(bad, psf_img, math.sqrt(2.0), jac, (0.0, 0.0), mask=disc)
+    res = detect.detect_exposures([e1, e2m], (n, n), PIX, **kw)
+    one = res["n_exposures"] == 1
+    assert one.any() and (~one).any()
+    assert np.all(res["exposure_set"][one] == 1)
+    s = 3.5  # sigma_arcsec / PIX
+    reach = 2.0 * s + 2.0 + 3.0 + math.sqrt(2.0) * 4  # kernel + taps + disc radius + neighbourhood
+    dist = np.hypot(res["x"] - both["x"][i0], res["y"] - both["y"][i0])
+    assert np.all(dist[one] <= reach) and np.all(dist[~one] > 2.0 * s + 2.0)
+    key1 = {(x, y): i for i, (x, y) in enumerate(zip(only1["x"], only1["y"], strict=True))}
+    for i in np.nonzero(one)[0]:
+        j = key1[(res["x"][i], res["y"][i])]
+        for k in ("weight", "phi1", "phi2", "r11", "r12", "r21", "r22"):
+            np.testing.assert_allclose(res[k][i], only1[k][j], rtol=1e-10, atol=1e-14, err_msg=k)
+    with pytest.raises(ValueError, match="mask shape"):
+        detect.detect_exposures(
+            [detect.GridExposure(img1, psf_img, 1.0, jac, (0.0, 0.0), mask=np.zeros((3, 3), bool))], (n, n)
+        )

@@ -529,6 +529,8 @@ class GridExposure:
     noise_sigma: float
     jacobian: np.ndarray
     origin_pix: tuple[float, float]
+    #: (ny, nx) bool, True where a pixel is masked (its value is not used: it is set to 0). None: no mask.
+    mask: np.ndarray | None = None
 
 
 def _keys_weights(t: torch.Tensor) -> torch.Tensor:
@@ -600,6 +602,7 @@ def detect_exposures(
     peak_nu_min: float = 0.0,
     psf_floor: float = fpfs.FpfsSettings.psf_floor,
     noise_bias_correction: bool = True,
+    mask_radius_sigma: float = 2.0,
 ) -> dict[str, np.ndarray]:
     """:func:`detect_peaks` on several exposures of one region, combined at the moment level.
 
@@ -607,8 +610,13 @@ def detect_exposures(
     are interpolated at the grid pixels (Keys cubic), mapped to the grid frame (:func:`_frame_matrix`) and averaged with the
     inverse-variance weights ``a_e = 1 / Var(M00_e)`` (noise and PSF only); the noise covariance of the
     average is ``sum a_e^2 Cov_e / (sum a_e)^2`` with each exposure's stationary correlation taken at the
-    grid offsets mapped into its pixels. Detections are grid pixels (``x``, ``y`` = grid column, row)
-    whose neighbourhood every exposure covers away from its edges (the transforms are cyclic).
+    grid offsets mapped into its pixels. Detections are grid pixels (``x``, ``y`` = grid column, row);
+    each uses the exposures whose moments are valid over its whole neighbourhood: away from the exposure's
+    edges (the transforms are cyclic) and with no masked pixel within ``mask_radius_sigma`` kernel sigmas
+    (+ 2 pixels of interpolation taps) of the point. Masked pixels are set to 0, never interpolated; the
+    exposure sets depend on the detector, not on the sky, so they carry no shear response. Pixels with the
+    same set are combined and detected together (``n_exposures``, ``exposure_set`` (bit k: exposure k) per
+    detection); pixels no exposure covers are not detections.
 
     Responses: an interpolated moment ``v(q) = sum_p c_p(q) M(p)`` is a linear functional of the image
     like the moments themselves, and its exact derivative under a shear about ``P_c`` is
@@ -637,8 +645,21 @@ def detect_exposures(
     for k, e in enumerate(exposures):
         img = torch.as_tensor(np.ascontiguousarray(e.image, dtype=np.float64))
         psf_t = torch.as_tensor(np.ascontiguousarray(e.psf, dtype=np.float64))
+        masked = None
+        if e.mask is not None:
+            masked = np.asarray(e.mask, dtype=bool)
+            if masked.shape != tuple(img.shape):
+                raise ValueError(
+                    f"exposure {k}: mask shape {masked.shape} differs from the image's {tuple(img.shape)}"
+                )
+            if masked.any():
+                img = img.masked_fill(torch.as_tensor(masked), 0.0)
+            else:
+                masked = None
         if img.ndim != 2 or psf_t.ndim != 2 or not torch.isfinite(img).all():
-            raise ValueError(f"exposure {k}: image and psf must be finite 2-d arrays")
+            raise ValueError(
+                f"exposure {k}: image and psf must be finite 2-d arrays (non-finite pixels: mask them)"
+            )
         jac = np.asarray(e.jacobian, dtype=np.float64)
         scale = math.sqrt(abs(float(np.linalg.det(jac))))
         s = float(sigma_arcsec) / scale
@@ -650,6 +671,12 @@ def detect_exposures(
         margin = int(math.ceil(3.0 * s)) + 2
         ny, nx = img.shape
         valid = (px >= margin) & (px <= nx - 1 - margin) & (py >= margin) & (py <= ny - 1 - margin)
+        if masked is not None:
+            radius = mask_radius_sigma * s + 2.0  # + the interpolation's taps
+            near = torch.as_tensor(_dilate_disc(masked, radius))
+            ix = torch.round(px).long().clamp(0, nx - 1)
+            iy = torch.round(py).long().clamp(0, ny - 1)
+            valid &= ~near[iy, ix]
         # Gradient images with the taps' offsets (for the interpolation terms of the responses below),
         # the other moments by value only; everything per unit of npix.
         interp = {nm: _interp(mom[nm], px, py) / npix for nm in _GRID_MOMENTS if nm not in ("dx", "dy")}
@@ -689,36 +716,93 @@ def detect_exposures(
                 a=1.0 / var00,
             )
         )
-    a_sum = sum(p["a"] for p in per_exp)
-    comb = sum(p["a"] * p["vals"] for p in per_exp) / a_sum
+
+    # Each candidate pixel uses the exposures whose moments are valid over its whole neighbourhood (edges,
+    # masks): pixels are grouped by that exposure set, and each group is combined and detected on its own,
+    # so a detection's moments, neighbours and noise model all come from the same exposures.
+    r = int(peak_radius_pix)
+    set_bits = torch.zeros((gy, gx), dtype=torch.int64)
+    for k, p in enumerate(per_exp):
+        eroded = p["valid"].clone()
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                eroded &= torch.roll(p["valid"], shifts=(-dy, -dx), dims=(0, 1))
+        eroded[:r, :] = False
+        eroded[-r:, :] = False
+        eroded[:, :r] = False
+        eroded[:, -r:] = False
+        set_bits |= eroded.long() << k
+    parts = []
+    for bits in torch.unique(set_bits[set_bits > 0]).tolist():
+        members = [p for k, p in enumerate(per_exp) if (bits >> k) & 1]
+        mom_c, cov_fn, extra = _combined_moments(members, noisy=all(noisy))
+        res = _detect_core(
+            mom_c,
+            cov_fn,
+            set_bits == bits,
+            offs,
+            resp_extra=extra,
+            c_ratio=c_ratio,
+            snr_min=snr_min,
+            selection_bin_width=selection_bin_width,
+            peak_omega=peak_omega,
+            peak_nu_min=peak_nu_min,
+            noise_bias_correction=noise_bias_correction,
+        )
+        res["n_exposures"] = np.full(len(res["x"]), len(members), dtype=np.int64)
+        res["exposure_set"] = np.full(len(res["x"]), bits, dtype=np.int64)
+        parts.append(res)
+    if not parts:
+        mom_c, cov_fn, extra = _combined_moments(per_exp, noisy=all(noisy))
+        empty = _detect_core(
+            mom_c,
+            cov_fn,
+            torch.zeros((gy, gx), dtype=torch.bool),
+            offs,
+            resp_extra=extra,
+            c_ratio=c_ratio,
+            snr_min=snr_min,
+            selection_bin_width=selection_bin_width,
+            peak_omega=peak_omega,
+            peak_nu_min=peak_nu_min,
+            noise_bias_correction=noise_bias_correction,
+        )
+        empty["n_exposures"] = np.zeros(0, dtype=np.int64)
+        empty["exposure_set"] = np.zeros(0, dtype=np.int64)
+        return empty
+    out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    order = np.lexsort((out["x"], out["y"]))
+    return {key: v[order] for key, v in out.items()}
+
+
+def _dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` grown by a disc of ``radius`` pixels (True where a masked pixel lies within ``radius``)."""
+    from scipy import ndimage
+
+    rr = int(math.floor(radius))
+    yy, xx = np.mgrid[-rr : rr + 1, -rr : rr + 1]
+    return ndimage.binary_dilation(mask, structure=(xx * xx + yy * yy) <= radius * radius)
+
+
+def _combined_moments(members: list[dict], noisy: bool):
+    """Inverse-variance combination of the exposures ``members`` on the grid: ``(moments, cov_fn, resp_extra)``
+    arguments of :func:`_detect_core` (``cov_fn`` None without noise)."""
+    a_sum = sum(p["a"] for p in members)
+    comb = sum(p["a"] * p["vals"] for p in members) / a_sum
     mom_c = {nm: comb[..., i] for i, nm in enumerate(_GRID_MOMENTS)}
-    resp_c = sum(p["a"] * p["resp"] for p in per_exp) / a_sum
-    grad2_c = sum(p["a"] * p["grad2"] for p in per_exp) / a_sum
+    resp_c = sum(p["a"] * p["resp"] for p in members) / a_sum
+    grad2_c = sum(p["a"] * p["grad2"] for p in members) / a_sum
     for i, name in enumerate(("m2c", "m2s")):
         mom_c[f"dx_{name}"], mom_c[f"dy_{name}"] = grad2_c[..., i, 0], grad2_c[..., i, 1]
     extra = {(nm, b): resp_c[..., i, b] for i, nm in enumerate(("m00", "m2c", "m2s")) for b in range(2)}
-    valid_c = torch.ones((gy, gx), dtype=torch.bool)
-    for p in per_exp:
-        valid_c &= p["valid"]
-    # Detections need their whole neighbourhood valid.
-    r = int(peak_radius_pix)
-    eroded = valid_c.clone()
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            eroded &= torch.roll(valid_c, shifts=(-dy, -dx), dims=(0, 1))
-    eroded[:r, :] = False
-    eroded[-r:, :] = False
-    eroded[:, :r] = False
-    eroded[:, -r:] = False
-
     cov_fn = None
-    if all(noisy):
+    if noisy:
 
         def cov_fn(a: str, b: str, dxy: np.ndarray) -> torch.Tensor:
             ia, ib = _GRID_MOMENTS.index(a), _GRID_MOMENTS.index(b)
             d = torch.as_tensor(np.asarray(dxy, dtype=np.float64))
             total = torch.zeros(len(d), dtype=torch.float64)
-            for p in per_exp:
+            for p in members:
                 jinv = torch.as_tensor(p["jinv"])
                 dpx = d @ jinv.T  # grid offsets -> pixel offsets (dx, dy)
                 ta, tb = p["t"][ia], p["t"][ib]
@@ -730,19 +814,7 @@ def detect_exposures(
                 total = total + p["a"] ** 2 * acc
             return total / a_sum**2
 
-    return _detect_core(
-        mom_c,
-        cov_fn,
-        eroded,
-        offs,
-        resp_extra=extra,
-        c_ratio=c_ratio,
-        snr_min=snr_min,
-        selection_bin_width=selection_bin_width,
-        peak_omega=peak_omega,
-        peak_nu_min=peak_nu_min,
-        noise_bias_correction=noise_bias_correction,
-    )
+    return mom_c, cov_fn, extra
 
 
 def _pixel_cov0(corr: NoiseCorrelation) -> torch.Tensor:
