@@ -360,3 +360,17 @@ def test_masked_exposure_is_left_out_where_its_mask_reaches(psf):
         detect.detect_exposures(
             [detect.GridExposure(img1, psf_img, 1.0, jac, (0.0, 0.0), mask=np.zeros((3, 3), bool))], (n, n)
         )
+
+
+def test_noise_model_on_a_small_grid_equals_the_image_grid(psf):
+    """The noise correlations computed on a 48-pixel grid (``noise_grid_pix``) give the noise-corrected
+    responses of the full-image computation: the correlations are local."""
+    psf_obj, psf_img = psf
+    n = 96
+    img = _scene_image(psf_obj, 5, n)
+    exp = detect.GridExposure(img, psf_img, 1.0, np.diag([PIX, PIX]), (0.0, 0.0))
+    ref = detect.detect_exposures([exp], (n, n), PIX, snr_min=5.0)
+    small = detect.detect_exposures([exp], (n, n), PIX, snr_min=5.0, noise_grid_pix=48)
+    np.testing.assert_array_equal(small["x"], ref["x"])
+    for k in ("weight", "phi1", "r11", "r12", "r21", "r22"):
+        np.testing.assert_allclose(small[k], ref[k], rtol=1e-6, atol=1e-9 * np.abs(ref[k]).max(), err_msg=k)

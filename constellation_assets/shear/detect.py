@@ -165,6 +165,13 @@ def _centred_psf(psf: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
     return out
 
 
+def _inverse_psf(psf_t: torch.Tensor, ny: int, nx: int, psf_floor: float) -> torch.Tensor:
+    """``1/P`` on the rfft half plane of an (ny, nx) grid (0 where ``|P| <= psf_floor``); ``psf_t`` of unit sum."""
+    p_f = torch.fft.rfft2(_centred_psf(psf_t, ny, nx))
+    ok = p_f.abs() > psf_floor
+    return torch.where(ok, 1.0 / torch.where(ok, p_f, torch.ones_like(p_f)), torch.zeros_like(p_f))
+
+
 def _moment_images(
     img: torch.Tensor,
     psf_t: torch.Tensor,
@@ -177,9 +184,7 @@ def _moment_images(
     psf_sum = float(psf_t.sum())
     if not math.isfinite(psf_sum) or psf_sum <= 0:
         raise ValueError(f"PSF sum {psf_sum} is not positive: the PSF model is unusable")
-    p_f = torch.fft.rfft2(_centred_psf(psf_t / psf_sum, ny, nx))
-    ok = p_f.abs() > psf_floor
-    inv_p = torch.where(ok, 1.0 / torch.where(ok, p_f, torch.ones_like(p_f)), torch.zeros_like(p_f))
+    inv_p = _inverse_psf(psf_t / psf_sum, ny, nx, psf_floor)
     f = torch.fft.rfft2(img) * inv_p
     npix = ny * nx
     kern = _kernels(ny, nx, s)
@@ -603,6 +608,7 @@ def detect_exposures(
     psf_floor: float = fpfs.FpfsSettings.psf_floor,
     noise_bias_correction: bool = True,
     mask_radius_sigma: float = 2.0,
+    noise_grid_pix: int | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`detect_peaks` on several exposures of one region, combined at the moment level.
 
@@ -628,6 +634,12 @@ def detect_exposures(
     without the tap terms (3e-3 / 6e-4 with moment images sampled at 1/2 / 1/4 pixel instead)
     (``test_detect.py::test_dithered_rotated_exposures_response_matches_finite_differences``). The tap
     terms' noise covariance is left out of the noise correction (it is second order in the spacing).
+
+    ``noise_grid_pix``: the noise correlations (a function of the PSF, kernel and noise level only, needed at
+    offsets of a few pixels) are computed on a grid of this size instead of the exposure's image (its
+    periodic images are negligible beyond a few kernel sigmas): ~20x cheaper for survey blocks, results
+    equal to 7e-9 at 48 pixels, 1e-13 at 64 (9e-5 at 32) for a 0.35" kernel on 0.1" pixels
+    (``test_detect.py``). It must hold the PSF image.
     """
     if not exposures:
         raise ValueError("detect_exposures needs at least one exposure")
@@ -702,7 +714,13 @@ def detect_exposures(
         )  # (gy, gx, 3 moments, 2 shears)
         # Grid-frame gradients of the grid-frame m2c, m2s (rotation of the pair, chain rule of the position).
         grid_grad2 = torch.einsum("ab,yxbk,lk->yxal", rot, grad2, t[6:, 6:])
-        corr = NoiseCorrelation((ny, nx), inv_p, s, float(e.noise_sigma) ** 2 / npix**2) if noisy[k] else None
+        corr = None
+        if noisy[k] and noise_grid_pix:
+            g = int(noise_grid_pix)
+            inv_pg = _inverse_psf(psf_t / float(psf_t.sum()), g, g, psf_floor)
+            corr = NoiseCorrelation((g, g), inv_pg, s, float(e.noise_sigma) ** 2 / float(g * g) ** 2)
+        elif noisy[k]:
+            corr = NoiseCorrelation((ny, nx), inv_p, s, float(e.noise_sigma) ** 2 / npix**2)
         var00 = float(t[0] @ _pixel_cov0(corr) @ t[0]) if corr is not None else 1.0
         per_exp.append(
             dict(
