@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_detection.py [--scale 1.0] [--only isolated,truth] [--seed 0]
         [--size 384] [--workers 1] [--same-noise-only] [--shear-about group|image] [--json OUT.json]
 
-Defaults: 100 realisations per scene, ~340 s on one core of the shared 2-core machine (detect_peaks is
-~75 % of it), sigma_m ~2e-3 for ``truth`` on ``isolated``; ``detect`` is 5-10x noisier.
+Defaults: 100 realisations per scene, ~160 s on one core of the shared 2-core machine (``--scale 0.05``:
+8 s, detect_peaks ~40 % of it), sigma_m ~2e-3 for ``truth`` on ``isolated``; ``detect`` is 5-10x noisier.
 
 Methods (all on the same noisy scene images, FPFS sigma 0.35", C = 4 sigma(M00), smooth S/N >= 10 weight
 of width 2, noise-bias corrected responses):

@@ -374,3 +374,90 @@ def test_noise_model_on_a_small_grid_equals_the_image_grid(psf):
     np.testing.assert_array_equal(small["x"], ref["x"])
     for k in ("weight", "phi1", "r11", "r12", "r21", "r22"):
         np.testing.assert_allclose(small[k], ref[k], rtol=1e-6, atol=1e-9 * np.abs(ref[k]).max(), err_msg=k)
+
+
+def _noisy_scene(psf_obj, jac, dither, noise_seed, n=96, grid_centre=(48, 48)):
+    """Six galaxies (S/N ~ 10-50) drawn on an exposure with the local Jacobian ``jac`` and the
+    sub-pixel ``dither``, white noise of unit variance; returns the image, PSF image and the exposure pixel
+    position of grid pixel (0, 0) (:class:`detect.GridExposure`)."""
+    rng = np.random.default_rng(5)
+    wcs = galsim.JacobianWCS(*np.asarray(jac, dtype=float).ravel())
+    img = np.zeros((n, n))
+    for flux in (105.0, 112.0, 115.0, 250.0, 300.0, 400.0):
+        gal = galsim.Sersic(n=1.0, half_light_radius=rng.uniform(0.2, 0.35))
+        gal = gal.shear(g1=rng.uniform(-0.3, 0.3), g2=rng.uniform(-0.3, 0.3)).withFlux(flux)
+        obj = galsim.Convolve(gal.shift(*rng.uniform(-2.0, 2.0, 2)), psf_obj)
+        img += obj.drawImage(nx=n, ny=n, wcs=wcs, offset=dither, use_true_center=False).array
+    img += np.random.default_rng(noise_seed).normal(0.0, 1.0, (n, n))
+    psf_img = psf_obj.drawImage(nx=31, ny=31, wcs=wcs).array
+    p0 = np.array([n // 2 + dither[0], n // 2 + dither[1]]) - np.linalg.inv(jac) @ (
+        PIX * np.asarray(grid_centre)
+    )
+    return img, psf_img, tuple(p0)
+
+
+def _same_as_autograd(monkeypatch, run):
+    """``run()`` with the closed-form derivatives of phi and with automatic differentiation: the same
+    detections, weights, phi and responses to 1e-12 of each quantity's largest value."""
+    res = run()
+    with monkeypatch.context() as m:
+        m.setattr(detect, "_phi_derivatives", detect._phi_derivatives_autograd)
+        ref = run()
+    np.testing.assert_array_equal(res["x"], ref["x"])
+    np.testing.assert_array_equal(res["y"], ref["y"])
+    for k in (
+        "weight",
+        "w_det",
+        "phi1",
+        "phi2",
+        "r11",
+        "r12",
+        "r21",
+        "r22",
+        "dphi1_dx",
+        "dphi1_dy",
+        "dphi2_dx",
+        "dphi2_dy",
+    ):
+        np.testing.assert_allclose(res[k], ref[k], rtol=0, atol=1e-12 * np.abs(ref[k]).max(), err_msg=k)
+    return res
+
+
+@pytest.mark.parametrize(
+    "noise_sigma, kw",
+    [
+        (1.0, dict()),
+        (1.0, dict(peak_nu_min=0.5)),  # some peak steps exactly 0 (T = 0)
+        (1.0, dict(noise_bias_correction=False)),
+        (1.0, dict(snr_min=0.0, peak_inner_pix=0.0)),  # no S/N weight (every noise peak), 48 neighbours
+        (0.0, dict()),  # noiseless: weight 1
+    ],
+)
+def test_closed_form_derivatives_match_automatic_differentiation(psf, monkeypatch, noise_sigma, kw):
+    psf_obj, _ = psf
+    img, psf_img, _ = _noisy_scene(psf_obj, np.diag([PIX, PIX]), (0.0, 0.0), 1)
+    res = _same_as_autograd(monkeypatch, lambda: detect.detect_peaks(img, psf_img, PIX, noise_sigma, **kw))
+    if noise_sigma > 0 and kw.get("snr_min", 10.0) > 0:
+        u = res["weight"] / np.where(res["w_det"] > 0, res["w_det"], 1.0)
+        assert np.sum((res["w_det"] > 0.05) & (res["w_det"] < 0.95)) >= 3  # the peak steps' ramps
+        assert np.sum((u > 0.05) & (u < 0.95)) >= 1  # ... and the S/N weight's
+        assert np.sum(res["weight"] > 0.95) >= 2
+        if kw.get("peak_nu_min", 0.0) > 0:
+            assert np.any(res["w_det"] == 0.0)
+
+
+def test_closed_form_derivatives_match_automatic_differentiation_on_exposures(psf, monkeypatch):
+    """Two dithered exposures, one rotated by 30 degrees with another pixel scale (noise correction of
+    the combined moments)."""
+    psf_obj, _ = psf
+    c, s = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+    exps = []
+    for jac, dither, seed in (
+        (np.diag([PIX, PIX]), (0.31, -0.17), 2),
+        (1.02 * PIX * np.array([[c, -s], [s, c]]), (-0.42, 0.23), 3),
+    ):
+        img, psf_img, p0 = _noisy_scene(psf_obj, jac, dither, seed)
+        exps.append(detect.GridExposure(img, psf_img, 1.0, jac, p0))
+    res = _same_as_autograd(monkeypatch, lambda: detect.detect_exposures(exps, (96, 96), PIX))
+    assert np.sum((res["w_det"] > 0.05) & (res["w_det"] < 0.95)) >= 3
+    assert np.sum(res["weight"] > 0.95) >= 2

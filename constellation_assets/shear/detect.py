@@ -43,7 +43,10 @@ and the noise term ``E[grad Phi . L_b n]`` of the measured response is removed e
 (Stein's lemma), ``R_ab -= sum_ij Cov((L_b y)_i, y_j) d_i d_j Phi_a``, with the covariances of moments at
 two pixels from the stationary correlation ``Cov(M_a(p + D), M_b(p)) = sigma_n^2 N sum_k w_a conj(w_b)
 |1/P|^2 exp(i k.D)``. On a noiseless image that term must be left out (``noise_bias_correction=False``):
-it is the expectation over noise, large for detections in the peak step's ramp.
+it is the expectation over noise, large for detections in the peak step's ramp. The gradient and the
+Hessian's contraction with the covariances are closed forms (``Phi`` is a product of one-variable
+functions of ``M00 - F(c + d_j)``, ``M00`` and ``M2/(M00 + C)``; :func:`_phi_derivatives`), vectorised
+over detections, with no (d, d) Hessian formed per detection.
 
 A shear about any other point ``O`` differs by a move of the scene by ``g S (p - O)``, which a fixed pixel
 grid averages out over the population (uniform sub-pixel positions: ``int (S d) . grad Phi d^2d =
@@ -114,6 +117,12 @@ def _step(t: torch.Tensor) -> torch.Tensor:
     """Quintic smooth step ``t^3 (10 - 15 t + 6 t^2)`` on [0, 1] (C2)."""
     t = t.clamp(0.0, 1.0)
     return t**3 * (10.0 + t * (-15.0 + 6.0 * t))
+
+
+def _step_derivatives(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_step` and its first two derivatives ``30 t^2 (1 - t)^2``, ``60 t (1 - t) (1 - 2 t)`` (0 off [0, 1])."""
+    t = t.clamp(0.0, 1.0)
+    return _step(t), 30.0 * t**2 * (1.0 - t) ** 2, 60.0 * t * (1.0 - t) * (1.0 - 2.0 * t)
 
 
 def _kernels(ny: int, nx: int, s: float) -> dict[str, torch.Tensor]:
@@ -358,26 +367,32 @@ def _detect_core(
     cy, cx = torch.nonzero(cand, as_tuple=True)
     n = len(cy)
 
-    def at(name: str, ddx: int = 0, ddy: int = 0) -> torch.Tensor:
-        return mom[name][(cy + ddy) % ny, (cx + ddx) % nx]
+    # The detection pixels and their neighbourhoods (n, n_nb), gathered from every image at once.
+    off_x = torch.as_tensor(np.asarray(offs[:, 0], dtype=np.float64))
+    off_y = torch.as_tensor(np.asarray(offs[:, 1], dtype=np.float64))
+    nb_rows = (cy[:, None] + torch.as_tensor(offs[:, 1])) % ny
+    nb_cols = (cx[:, None] + torch.as_tensor(offs[:, 0])) % nx
+
+    def at(name: str) -> torch.Tensor:
+        return mom[name][cy, cx]
+
+    def around(img: torch.Tensor) -> torch.Tensor:
+        return img[nb_rows, nb_cols]
 
     y = torch.empty((n, 3 + n_nb), dtype=torch.float64)
     y[:, 0], y[:, 1], y[:, 2] = at("m00"), at("m2c"), at("m2s")
+    y[:, 3:] = around(mom["m00"])
     ly = torch.empty((2, n, 3 + n_nb), dtype=torch.float64)
     ly[0, :, 0], ly[0, :, 1], ly[0, :, 2] = at("m2c"), -at("a1"), at("b12")
     ly[1, :, 0], ly[1, :, 1], ly[1, :, 2] = at("m2s"), at("b12"), -at("a2")
-    for j, (dx, dy) in enumerate(offs):
-        dx, dy = int(dx), int(dy)
-        y[:, 3 + j] = at("m00", dx, dy)
-        gx, gy = at("dx", dx, dy), at("dy", dx, dy)
-        ly[0, :, 3 + j] = at("m2c", dx, dy) - (dx * gx - dy * gy)
-        ly[1, :, 3 + j] = at("m2s", dx, dy) - (dy * gx + dx * gy)
+    grad_nb = around(mom["dx"]), around(mom["dy"])  # grad F at the neighbours
+    ly[0, :, 3:] = around(mom["m2c"]) - (off_x * grad_nb[0] - off_y * grad_nb[1])
+    ly[1, :, 3:] = around(mom["m2s"]) - (off_y * grad_nb[0] + off_x * grad_nb[1])
     if resp_extra is not None:
         for b in range(2):
             for i, name in enumerate(("m00", "m2c", "m2s")):
                 ly[b, :, i] += resp_extra[(name, b)][cy, cx]
-            for j, (dx, dy) in enumerate(offs):
-                ly[b, :, 3 + j] += resp_extra[("m00", b)][(cy + int(dy)) % ny, (cx + int(dx)) % nx]
+            ly[b, :, 3:] += around(resp_extra[("m00", b)])
 
     # Noise scales (constants of the noise and PSF only: no shear response).
     if noisy:
@@ -386,6 +401,168 @@ def _detect_core(
     else:
         sigma_v = torch.ones(n_nb, dtype=torch.float64)
     c_const = c_ratio * sigma_f
+
+    out: dict[str, np.ndarray] = {
+        "x": cx.numpy().astype(np.int64),
+        "y": cy.numpy().astype(np.int64),
+    }
+    if n == 0:
+        for k in ("weight", "w_det", "snr", "e1", "e2", "phi1", "phi2", "r11", "r12", "r21", "r22") + tuple(
+            f"dphi{a}_d{c}" for a in (1, 2) for c in "xy"
+        ):
+            out[k] = np.zeros(0)
+        return out
+    if noisy and noise_bias_correction:
+        lc_key = np.asarray(offs).tobytes()
+        lc = lc_cache.get(lc_key) if lc_cache is not None else None
+        if lc is None:
+            lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
+            if lc_cache is not None:
+                lc_cache[lc_key] = lc
+    else:
+        lc = None
+    vals, jac, noise_term, t_det, u = _phi_derivatives(
+        y,
+        sigma_v if noisy else None,
+        sigma_f,
+        c_const,
+        lc,
+        snr_min=snr_min,
+        selection_bin_width=selection_bin_width,
+        peak_omega=peak_omega,
+        peak_nu_min=peak_nu_min,
+    )
+    resp = torch.einsum("nai,bni->nab", jac, ly)  # (n, 2 (a), 2 (b))
+    if noise_term is not None:
+        resp = resp - noise_term
+    # Gradient of phi with respect to the detection's position (every y moved with it): what a shear
+    # about another point adds (:func:`response_about`).
+    grad_y = torch.empty((2, n, 3 + n_nb), dtype=torch.float64)
+    for k, (gname_x, gname_y) in enumerate(_GRADIENT_NAMES):
+        grad_y[0, :, k], grad_y[1, :, k] = at(gname_x), at(gname_y)
+    grad_y[0, :, 3:], grad_y[1, :, 3:] = grad_nb
+    gphi = torch.einsum("nai,kni->nak", jac, grad_y)  # (n, 2 (a), 2 (x, y))
+    d = y[:, 0] + c_const
+    e1, e2 = -y[:, 1] / d, -y[:, 2] / d
+    out.update(
+        weight=(t_det * u).numpy(),
+        w_det=t_det.numpy(),
+        snr=(y[:, 0] / sigma_f).numpy() if noisy else np.full(n, np.inf),
+        e1=e1.numpy(),
+        e2=e2.numpy(),
+        phi1=vals[:, 0].numpy(),
+        phi2=vals[:, 1].numpy(),
+        r11=resp[:, 0, 0].numpy(),
+        r12=resp[:, 0, 1].numpy(),
+        r21=resp[:, 1, 0].numpy(),
+        r22=resp[:, 1, 1].numpy(),
+        dphi1_dx=gphi[:, 0, 0].numpy(),
+        dphi1_dy=gphi[:, 0, 1].numpy(),
+        dphi2_dx=gphi[:, 1, 0].numpy(),
+        dphi2_dy=gphi[:, 1, 1].numpy(),
+    )
+    return out
+
+
+def _phi_derivatives(
+    y: torch.Tensor,
+    sigma_v: torch.Tensor | None,
+    sigma_f: float,
+    c_const: float,
+    lc: torch.Tensor | None,
+    *,
+    snr_min: float,
+    selection_bin_width: float,
+    peak_omega: float,
+    peak_nu_min: float,
+):
+    """``Phi_a(y) = w e_a`` of every detection (module docstring), its gradient and the noise term, closed form.
+
+    ``y`` (n, d) are the variables of :func:`_detect_core` (``M00, M2c, M2s, F(c + d_j)``), ``sigma_v``
+    (d - 3,) the noise of the neighbour differences (None: noiseless, ``w = 1``), ``lc`` (2, d, d) the
+    matrices of :func:`_lc_matrices` (None: no noise term). Returns ``phi`` (n, 2), ``grad phi`` (n, 2, d),
+    ``sum_ij d_i d_j Phi_a lc_bij`` (n, 2, 2) or None, ``T`` and ``u`` (n,).
+
+    With ``z_j = ((M00 - F_j) / sigma_v_j - nu_min) / omega`` and ``b_j = e_0 - e_{3+j}`` (``dz_j / dy =
+    b_j / (sigma_v_j omega)``), ``T = prod_j t(z_j)`` has the gradient ``T g`` and the Hessian
+    ``T (g g^T + sum_j beta_j b_j b_j^T)``, where ``g = sum_j alpha_j b_j`` and ``alpha_j``, ``beta_j`` are
+    the first two derivatives of ``log t(z_j)`` in ``M00``; a factor ``t_j = 0`` has ``t'_j = t''_j = 0``
+    (the step is flat below 0), so then ``T``, its gradient and its Hessian all vanish.  With ``w = T u``
+    and ``e_a = -y_a / (M00 + C)`` the product rule gives the rest.  The Hessian of ``Phi`` is never
+    formed: its contraction with ``lc_b`` needs ``g^T lc_b g``, the diagonal ``b_j^T lc_b b_j`` and the
+    first three rows and columns of ``lc_b`` only (O(d^2) per detection, no (d, d) array each).  Equal to
+    automatic differentiation (:func:`_phi_derivatives_autograd`) to rounding (``test_detect.py``).
+    """
+    n, d = y.shape
+    m00 = y[:, 0]
+    den = m00 + c_const
+    e = -y[:, 1:3] / den[:, None]  # (n, 2)
+    if sigma_v is None:
+        t_det = torch.ones(n, dtype=torch.float64)
+        u = torch.ones(n, dtype=torch.float64)
+        grad_w = torch.zeros((n, d), dtype=torch.float64)
+        g = None
+    else:
+        z = ((m00[:, None] - y[:, 3:]) / sigma_v - peak_nu_min) / peak_omega
+        s, s1, s2 = _step_derivatives(z)
+        pos = s > 0
+        safe = torch.where(pos, s, torch.ones_like(s))
+        kappa = 1.0 / (sigma_v * peak_omega)
+        alpha = torch.where(pos, s1 / safe, torch.zeros_like(s)) * kappa  # d log t_j / d M00
+        beta = torch.where(pos, s2 / safe, torch.zeros_like(s)) * kappa**2 - alpha**2  # d2 log t_j / d M00^2
+        t_det = torch.prod(s, dim=1)
+        u, u1, u2 = fpfs.selection_weight(m00 / sigma_f, snr_min, selection_bin_width)
+        u1, u2 = u1 / sigma_f, u2 / sigma_f**2
+        g = torch.zeros((n, d), dtype=torch.float64)  # gradient of log T
+        g[:, 0] = alpha.sum(dim=1)
+        g[:, 3:] = -alpha
+        grad_w = t_det[:, None] * u[:, None] * g
+        grad_w[:, 0] += t_det * u1
+    w = t_det * u
+    # grad e_a = -(e_a e_0 + e_a') / D with e_a' the unit vector of M2c (a = 1) or M2s (a = 2).
+    jac = e[:, :, None] * grad_w[:, None, :]
+    jac[:, :, 0] -= (w / den)[:, None] * e
+    jac[:, 0, 1] -= w / den
+    jac[:, 1, 2] -= w / den
+    vals = w[:, None] * e
+    if lc is None:
+        return vals, jac, None, t_det, u
+    sym = lc + lc.transpose(1, 2)  # (2, d, d)
+    l00 = lc[:, 0, 0]  # (2,)
+    # <Hess w, lc_b> = T [u (g^T lc_b g + sum_j beta_j b_j^T lc_b b_j) + u' g . sym_b[:, 0] + u'' lc_b00].
+    if g is None:
+        hw = torch.zeros((n, 2), dtype=torch.float64)
+    else:
+        diag = l00[:, None] - sym[:, 0, 3:] + torch.diagonal(lc, dim1=1, dim2=2)[:, 3:]  # (2, d - 3)
+        quad = torch.einsum("bni,ni->nb", torch.matmul(g, lc), g)
+        hw = t_det[:, None] * (
+            u[:, None] * (quad + beta @ diag.T) + u1[:, None] * (g @ sym[:, :, 0].T) + u2[:, None] * l00
+        )
+    # Hess Phi_a = e_a Hess w + grad w (grad e_a)^T + grad e_a (grad w)^T + w Hess e_a, with
+    # Hess e_a: [0, 0] = 2 e_a / D^2, [0, a'] = [a', 0] = 1 / D^2.
+    q = grad_w @ sym[:, :, :3]  # (2, n, 3): grad w^T sym_b, first three columns
+    cross = -(e[:, :, None] * q[:, :, 0].T[:, None, :] + q[:, :, 1:3].permute(1, 2, 0)) / den[:, None, None]
+    hess_e = (2.0 * e[:, :, None] * l00 + sym[:, 0, 1:3].T) / (den**2)[:, None, None]
+    noise_term = e[:, :, None] * hw[:, None, :] + cross + w[:, None, None] * hess_e
+    return vals, jac, noise_term, t_det, u
+
+
+def _phi_derivatives_autograd(
+    y: torch.Tensor,
+    sigma_v: torch.Tensor | None,
+    sigma_f: float,
+    c_const: float,
+    lc: torch.Tensor | None,
+    *,
+    snr_min: float,
+    selection_bin_width: float,
+    peak_omega: float,
+    peak_nu_min: float,
+):
+    """:func:`_phi_derivatives` by automatic differentiation (``torch.func``; the reference of the tests)."""
+    from torch.func import hessian, jacrev, vmap
+
+    noisy = sigma_v is not None
 
     def phi(yv: torch.Tensor) -> torch.Tensor:
         m00 = yv[0]
@@ -399,67 +576,19 @@ def _detect_core(
         d = m00 + c_const
         return torch.stack([-w * yv[1] / d, -w * yv[2] / d])
 
-    out: dict[str, np.ndarray] = {
-        "x": cx.numpy().astype(np.int64),
-        "y": cy.numpy().astype(np.int64),
-    }
-    if n == 0:
-        for k in ("weight", "w_det", "snr", "e1", "e2", "phi1", "phi2", "r11", "r12", "r21", "r22") + tuple(
-            f"dphi{a}_d{c}" for a in (1, 2) for c in "xy"
-        ):
-            out[k] = np.zeros(0)
-        return out
-    from torch.func import hessian, jacrev, vmap
-
-    vals = vmap(phi)(y)  # (n, 2)
-    jac = vmap(jacrev(phi))(y)  # (n, 2, d)
-    resp = torch.einsum("nai,bni->nab", jac, ly)  # (n, 2 (a), 2 (b))
-    # Gradient of phi with respect to the detection's position (every y moved with it): what a shear
-    # about another point adds (:func:`response_about`).
-    grad_y = torch.empty((2, n, 3 + n_nb), dtype=torch.float64)
-    for k, (gname_x, gname_y) in enumerate(_GRADIENT_NAMES):
-        grad_y[0, :, k], grad_y[1, :, k] = at(gname_x), at(gname_y)
-    for j, (dx, dy) in enumerate(offs):
-        grad_y[0, :, 3 + j], grad_y[1, :, 3 + j] = at("dx", int(dx), int(dy)), at("dy", int(dx), int(dy))
-    gphi = torch.einsum("nai,kni->nak", jac, grad_y)  # (n, 2 (a), 2 (x, y))
-    if noisy and noise_bias_correction:
-        lc_key = np.asarray(offs).tobytes()
-        lc = lc_cache.get(lc_key) if lc_cache is not None else None
-        if lc is None:
-            lc = _lc_matrices(cov_fn, offs)  # (2, d, d)
-            if lc_cache is not None:
-                lc_cache[lc_key] = lc
-        hess = vmap(hessian(phi))(y)  # (n, 2, d, d)
-        resp = resp - torch.einsum("naij,bij->nab", hess, lc)
-
-    with torch.no_grad():
-        d = y[:, 0] + c_const
-        e1, e2 = -y[:, 1] / d, -y[:, 2] / d
-        if noisy:
-            v = (y[:, :1] - y[:, 3:]) / sigma_v
-            t_det = torch.prod(_step((v - peak_nu_min) / peak_omega), dim=1)
-            u, _, _ = fpfs.selection_weight(y[:, 0] / sigma_f, snr_min, selection_bin_width)
-        else:
-            t_det = torch.ones(n, dtype=torch.float64)
-            u = torch.ones(n, dtype=torch.float64)
-    out.update(
-        weight=(t_det * u).numpy(),
-        w_det=t_det.numpy(),
-        snr=(y[:, 0] / sigma_f).numpy() if noisy else np.full(n, np.inf),
-        e1=e1.numpy(),
-        e2=e2.numpy(),
-        phi1=vals[:, 0].detach().numpy(),
-        phi2=vals[:, 1].detach().numpy(),
-        r11=resp[:, 0, 0].detach().numpy(),
-        r12=resp[:, 0, 1].detach().numpy(),
-        r21=resp[:, 1, 0].detach().numpy(),
-        r22=resp[:, 1, 1].detach().numpy(),
-        dphi1_dx=gphi[:, 0, 0].detach().numpy(),
-        dphi1_dy=gphi[:, 0, 1].detach().numpy(),
-        dphi2_dx=gphi[:, 1, 0].detach().numpy(),
-        dphi2_dy=gphi[:, 1, 1].detach().numpy(),
-    )
-    return out
+    vals = vmap(phi)(y)
+    jac = vmap(jacrev(phi))(y)
+    noise_term = None
+    if lc is not None:
+        noise_term = torch.einsum("naij,bij->nab", vmap(hessian(phi))(y), lc)
+    if noisy:
+        v = (y[:, :1] - y[:, 3:]) / sigma_v
+        t_det = torch.prod(_step((v - peak_nu_min) / peak_omega), dim=1)
+        u, _, _ = fpfs.selection_weight(y[:, 0] / sigma_f, snr_min, selection_bin_width)
+    else:
+        t_det = torch.ones(len(y), dtype=torch.float64)
+        u = torch.ones(len(y), dtype=torch.float64)
+    return vals, jac, noise_term, t_det, u
 
 
 def response_about(res: dict[str, np.ndarray], x0: float, y0: float) -> dict[str, np.ndarray]:
