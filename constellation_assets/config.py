@@ -296,6 +296,25 @@ class ShearConfig(_Section):
     precision: Literal["float32", "float64"] = Field(
         "float32", description="FFT and moment precision (e, R and noise covariance: float64)"
     )
+    detection: Literal["catalog", "pixels"] = Field(
+        "catalog",
+        description="catalog: measure stamps at the MER positions; pixels: detect sources on the exposures "
+        "with their detection and selection responses (shear.detect_subtile), MER only for ids and the "
+        "star prior",
+    )
+    detection_block_pix: int = Field(
+        256, ge=32, le=4096, description="detection blocks: lattice pixels per side (pixels detection)"
+    )
+    detection_match_radius_arcsec: float = Field(
+        0.5, gt=0.0, le=5.0, description="a detection takes the id of the nearest MER object within this"
+    )
+    detection_band_arcsec: float = Field(
+        1.5,
+        ge=0.0,
+        le=30.0,
+        description="each sub-tile also evaluates this band around its core (detections matched to its "
+        "MER objects lie there); at least the match radius",
+    )
 
     @field_validator("stamp_size_pix")
     @classmethod
@@ -303,6 +322,16 @@ class ShearConfig(_Section):
         if v % 2:
             raise ValueError(f"stamp_size_pix must be even, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _band_holds_matches(self) -> ShearConfig:
+        if self.detection_band_arcsec < self.detection_match_radius_arcsec:
+            raise ValueError(
+                f"shear.detection_band_arcsec ({self.detection_band_arcsec}) must be at least "
+                f"shear.detection_match_radius_arcsec ({self.detection_match_radius_arcsec}): a detection "
+                "named after a sub-tile's MER object may lie that far outside its core"
+            )
+        return self
 
 
 class CalibrationConfig(_Section):

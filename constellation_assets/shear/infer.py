@@ -382,9 +382,16 @@ def measure_manifest(
 ):
     """Measure every source of a manifest with the built-in engine.
 
-    Returns ``(table, n_stamps)``: a pyarrow table with the SOURCE_RESULT_SCHEMA columns.
+    Returns ``(table, n_stamps)``: a pyarrow table with the SOURCE_RESULT_SCHEMA columns. With
+    ``shear.detection: pixels`` the sources are detected on the exposures
+    (:func:`constellation_assets.shear.detect_subtile.measure_manifest_detected`; ``n_stamps`` is then the
+    number of detections).
     """
     opts = storage_options or cfg.storage_options
+    if cfg.shear.detection == "pixels":
+        from constellation_assets.shear.detect_subtile import measure_manifest_detected
+
+        return measure_manifest_detected(cfg, manifest, opts, progress)
     sources_uri = manifest.get("sources_uri") or manifest.get("source_catalog") or ""
     sources, in_core = st.sources_from_manifest(manifest, opts(str(sources_uri)))
     n = len(sources)
@@ -478,6 +485,16 @@ def measure_tile(
     fails its manifest; an estimator error fails them all.
     """
     opts = storage_options or cfg.storage_options
+    if cfg.shear.detection == "pixels":
+        # Detection works on blocks of the sub-tile with every exposure at once: per sub-tile, the
+        # quadrants shared by neighbouring sub-tiles coming from QUADRANT_CACHE.
+        out_d: list[Any] = []
+        for manifest in manifests:
+            try:
+                out_d.append(measure_manifest(cfg, manifest, device, batch_size, opts, progress))
+            except Exception as exc:
+                out_d.append(exc)
+        return out_d
     stamp_size = int(cfg.shear.stamp_size_pix)
     out: list[Any] = [None] * len(manifests)
     tables: dict[str, Any] = {}

@@ -1,0 +1,511 @@
+"""Shear catalog of a sub-tile from detection on the exposures (``shear.detection: pixels``).
+
+The default path (``shear.detection: catalog``) measures stamps at the MER catalog's positions, so which
+objects exist, where their centres are and which blends are merged come from a catalog made on the sheared
+sky, with no response for it. Here the sources are found by :func:`constellation_assets.shear.detect.detect_exposures`
+on the exposures themselves, with their detection and selection responses, and MER serves only to name them
+(ids) and for the star prior:
+
+1. **Lattice.** Detections are pixels of one lattice per MER tile: 0.1" pixels in the tile's tangent plane
+   (gnomonic about the tile centre, ``u = -xi`` west, ``v = eta`` north), pixel ``(I, J)`` centred on
+   ``u = (I + 1/2) h - E/2``, ``v = (J + 1/2) h - E/2`` (``E`` the tile's extended side). Neighbouring
+   sub-tiles of a tile therefore evaluate the same lattice pixels.
+2. **Blocks.** A sub-tile evaluates its core cell grown by a band (``detection_band_arcsec``) in square
+   blocks of ``detection_block_pix`` lattice pixels (plus the peak neighbourhood as padding). For every
+   manifest quadrant overlapping a block: the cut-out of background-subtracted, flux-scaled pixels
+   (microJy) that covers the block with the kernel's margin, its FLG/RMS mask (masked pixels zeroed, never
+   interpolated; see ``detect_exposures``), the noise level (median RMS), the PSF model at the block
+   centre, the local Jacobian ``d(u, v)/d(x, y)`` of the exposure's WCS composed with the tangent
+   projection, and the exposure position of the block's first lattice pixel.
+3. **Frame.** The responses come out in the lattice frame; they are rotated (spin 2) to the local
+   (west, north) frame at the block centre, the catalog's frame (tangent-plane north differs from local
+   north by ~xi tan(dec): 8e-3 rad at 16' and dec 60 deg).
+4. **Names and ownership.** Each detection is named after the nearest MER object within
+   ``detection_match_radius_arcsec`` (any MER row of the manifest's catalogs); one matched to a
+   POINT_LIKE object is dropped (the star prior: a star has e ~ 0 and R > 0, it dilutes R). A detection
+   is kept by the sub-tile that owns its MER object's position (sub-tile core cell and
+   ``tile_id_at``), an unmatched one by the sub-tile owning its own position: so each lattice pixel is
+   counted once across sub-tiles and tiles, and an object's plateau pixels stay together.
+5. **Rows.** Per MER object the plateau pixels are summed: ``WEIGHT = sum w``, ``E = sum w e / sum w``,
+   ``R = sum R_pix / sum w`` (so ``sum WEIGHT E / sum WEIGHT R`` over rows equals the detection ensemble
+   exactly). Unmatched detections are grouped into 8-connected lattice components, one row each, with
+   ``FLAGS`` bit :data:`FLAG_NO_CATALOG_MATCH` and a negative ``OBJECT_ID`` derived from the tile and
+   the component's first lattice pixel. Every row is ``IN_CORE``.
+
+Memory: the cut-outs of all blocks of a sub-tile (its core area times the exposures per position, as
+float32 + a byte mask), then one block's moment images at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from constellation_assets import euclid
+from constellation_assets.shear import stamps as st
+
+__all__ = ["FLAG_NO_CATALOG_MATCH", "DetectionLattice", "measure_manifest_detected", "subtile_lattice"]
+
+#: FLAGS bit of a row made of detections that no MER object lies near (kept: they carry weight and response).
+FLAG_NO_CATALOG_MATCH = 16
+
+#: Noise correlations are computed on a grid of this many pixels (``detect_exposures(noise_grid_pix=)``).
+_NOISE_GRID_PIX = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionLattice:
+    """The lattice pixels ``[i0, i1) x [j0, j1)`` a sub-tile evaluates, and its tile's geometry."""
+
+    tile_id: int
+    tile_ra_deg: float
+    tile_dec_deg: float
+    pixel_arcsec: float
+    half_arcsec: float  # E / 2
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+    #: the sub-tile core cell (xi_min, xi_max, eta_min, eta_max), deg
+    core_tangent_deg: tuple[float, float, float, float]
+    row: int
+    col: int
+
+    def uv(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tangent-plane (u west, v north) arcsec of lattice pixel centres."""
+        h = self.pixel_arcsec
+        return (np.asarray(i) + 0.5) * h - self.half_arcsec, (np.asarray(j) + 0.5) * h - self.half_arcsec
+
+    def radec(self, u_arcsec: np.ndarray, v_arcsec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from constellation_assets.sky.tiles import tangent_to_radec
+
+        ra, dec = tangent_to_radec(
+            -np.asarray(u_arcsec, dtype=np.float64) / 3600.0,
+            np.asarray(v_arcsec, dtype=np.float64) / 3600.0,
+            self.tile_ra_deg,
+            self.tile_dec_deg,
+        )
+        return np.atleast_1d(ra), np.atleast_1d(dec)
+
+    def owns(self, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+        """Positions this sub-tile owns: inside its core cell (half-open) and owned by its tile."""
+        from constellation_assets.sky.tiles import radec_to_tangent, tile_id_at
+
+        ra = np.atleast_1d(np.asarray(ra_deg, dtype=np.float64))
+        dec = np.atleast_1d(np.asarray(dec_deg, dtype=np.float64))
+        if not len(ra):
+            return np.zeros(0, bool)
+        xi, eta = radec_to_tangent(ra, dec, self.tile_ra_deg, self.tile_dec_deg)
+        x0, x1, y0, y1 = self.core_tangent_deg
+        inside = (np.atleast_1d(xi) >= x0) & (np.atleast_1d(xi) < x1) & (np.atleast_1d(eta) >= y0)
+        inside &= np.atleast_1d(eta) < y1
+        return inside & (np.asarray(tile_id_at(ra, dec)) == self.tile_id)
+
+
+def subtile_lattice(cfg, manifest: Mapping[str, Any]) -> DetectionLattice:
+    """The lattice range a sub-tile evaluates: its core cell grown by ``shear.detection_band_arcsec``."""
+    from constellation_assets.sky.subtiles import subtile_grid
+    from constellation_assets.sky.tiles import mer_tile
+
+    t = cfg.tiling
+    tile = mer_tile(int(manifest["tile_id"]), t.tile_core_arcmin, t.tile_extended_arcmin)
+    rows, cols = (int(v) for v in t.sub_tile_grid)
+    row, col = int(manifest["sub_tile_row"]), int(manifest["sub_tile_col"])
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(
+            f"manifest sub-tile ({row}, {col}) is outside the configured grid {rows} x {cols} "
+            "(tiling.sub_tile_grid): run with the config the manifests were prepared with"
+        )
+    sub = subtile_grid(tile, (rows, cols), t.sub_tile_margin_arcmin)[row * cols + col]
+    h = euclid.VIS_PIXEL_SCALE_ARCSEC
+    half = tile.extended_arcmin * 30.0
+    band = float(cfg.shear.detection_band_arcsec)
+    x0, x1, y0, y1 = (3600.0 * v for v in sub.core_tangent_deg)
+    u_lo, u_hi = -x1 - band, -x0 + band
+    v_lo, v_hi = y0 - band, y1 + band
+    return DetectionLattice(
+        tile_id=tile.tile_id,
+        tile_ra_deg=tile.ra_deg,
+        tile_dec_deg=tile.dec_deg,
+        pixel_arcsec=h,
+        half_arcsec=half,
+        i0=int(math.floor((u_lo + half) / h - 0.5)),
+        i1=int(math.ceil((u_hi + half) / h - 0.5)) + 1,
+        j0=int(math.floor((v_lo + half) / h - 0.5)),
+        j1=int(math.ceil((v_hi + half) / h - 0.5)) + 1,
+        core_tangent_deg=sub.core_tangent_deg,
+        row=row,
+        col=col,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks and the exposures' cut-outs
+
+
+@dataclasses.dataclass
+class _Block:
+    i0: int  # lattice pixel of grid pixel (0, 0)
+    j0: int
+    n: int  # grid side (interior + 2 pad)
+    pad: int
+    exposures: list = dataclasses.field(default_factory=list)  # detect.GridExposure
+    exposure_keys: list = dataclasses.field(default_factory=list)
+    frame_rotation: float | None = None  # lattice frame -> local (west, north), radians
+
+
+def _blocks(lat: DetectionLattice, block_pix: int, pad: int) -> list[_Block]:
+    out = []
+    for j in range(lat.j0, lat.j1, block_pix):
+        for i in range(lat.i0, lat.i1, block_pix):
+            n_i = min(block_pix, lat.i1 - i)
+            n_j = min(block_pix, lat.j1 - j)
+            n = max(n_i, n_j) + 2 * pad
+            out.append(_Block(i - pad, j - pad, n, pad))
+    return out
+
+
+def _tangent_jacobian(wcs, lat: DetectionLattice, x: float, y: float, step: float = 0.5) -> np.ndarray:
+    """``d(u, v)/d(x, y)`` (arcsec / pixel) of the exposure pixels to the lattice's tangent plane."""
+    from constellation_assets.sky.tiles import radec_to_tangent
+
+    px = np.array([x + step, x - step, x, x])
+    py = np.array([y, y, y + step, y - step])
+    ra, dec = wcs.all_pix2world(px, py, 0)
+    xi, eta = radec_to_tangent(ra, dec, lat.tile_ra_deg, lat.tile_dec_deg)
+    u, v = -np.asarray(xi) * 3600.0, np.asarray(eta) * 3600.0
+    return np.array([[u[0] - u[1], u[2] - u[3]], [v[0] - v[1], v[2] - v[3]]], dtype=np.float64) / (2.0 * step)
+
+
+def _rotation_angle(a: np.ndarray) -> float:
+    """Rotation angle (radians) of the near-rotation 2x2 map ``a``."""
+    return math.atan2(a[1, 0] - a[0, 1], a[0, 0] + a[1, 1])
+
+
+def _quadrant_noise_and_pixels(quad: st.QuadrantImages):
+    """Background-subtracted microJy image, its mask and the per-pixel RMS (microJy) of a quadrant."""
+    scale = st.flux_scale_ujy_per_adu(quad.header)
+    sci = np.asarray(quad.sci, dtype=np.float32)
+    if quad.bkg is not None:
+        sci = sci - np.asarray(quad.bkg, dtype=np.float32)
+    mask = ~np.isfinite(sci)
+    if quad.flg is not None:
+        mask |= (np.asarray(quad.flg).astype(np.int64) & st.FLG_MASK_BITS) != 0
+    if quad.rms is not None:
+        noise = np.asarray(quad.rms, dtype=np.float32)
+    elif quad.wgt is not None:
+        w = np.asarray(quad.wgt, dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noise = np.where(w > 0, 1.0 / np.sqrt(w), np.nan).astype(np.float32)
+    else:
+        raise ValueError(f"quadrant {quad.key} has neither an RMS nor a WGT map: cannot estimate the noise")
+    mask |= ~(np.isfinite(noise) & (noise > 0))
+    sci = np.where(mask, 0.0, sci).astype(np.float32) * np.float32(scale)
+    return sci, mask, noise, scale
+
+
+def _add_quadrant(
+    blocks: list[_Block], lat: DetectionLattice, quad: st.QuadrantImages, sigma_arcsec: float, psf_size: int
+) -> int:
+    """Cut this quadrant's region of every block it overlaps; returns how many blocks it reached.
+
+    A cut-out extends 3 kernel sigmas + 4 pixels beyond the block (``detect_exposures`` uses moments
+    3 sigmas + 2 pixels inside a cut-out's edges: the transforms are cyclic); one narrower than the PSF
+    model is padded with masked zeros.
+    """
+    from constellation_assets.shear import detect
+
+    wcs = quad.get_wcs()
+    ny, nx = quad.sci.shape
+    h = lat.pixel_arcsec
+    prepared = None
+    n_used = 0
+    for b in blocks:
+        c = 0.5 * (b.n - 1)
+        u_c, v_c = lat.uv(b.i0 + c, b.j0 + c)
+        ra, dec = lat.radec(u_c, v_c)
+        x_c, y_c = (float(np.asarray(v).reshape(-1)[0]) for v in wcs.all_world2pix(ra, dec, 0))
+        if not (math.isfinite(x_c) and math.isfinite(y_c)):
+            continue
+        reach = 0.75 * b.n * h / 0.05 + 64  # generous: the block's half-diagonal at >= 0.05"/pixel
+        if x_c < -reach or y_c < -reach or x_c > nx - 1 + reach or y_c > ny - 1 + reach:
+            continue
+        jac = _tangent_jacobian(wcs, lat, x_c, y_c)
+        jinv = np.linalg.inv(jac)
+        margin_pix = int(math.ceil(3.0 * sigma_arcsec / math.sqrt(abs(np.linalg.det(jac))))) + 4
+        corners = np.array([[0, 0], [b.n - 1, 0], [0, b.n - 1], [b.n - 1, b.n - 1]], dtype=np.float64) - c
+        pix = np.array([x_c, y_c]) + (jinv @ (corners.T * h)).T
+        x_lo = int(math.floor(pix[:, 0].min())) - margin_pix
+        x_hi = int(math.ceil(pix[:, 0].max())) + margin_pix + 1
+        y_lo = int(math.floor(pix[:, 1].min())) - margin_pix
+        y_hi = int(math.ceil(pix[:, 1].max())) + margin_pix + 1
+        x_lo, y_lo, x_hi, y_hi = max(x_lo, 0), max(y_lo, 0), min(x_hi, nx), min(y_hi, ny)
+        if x_hi - x_lo <= 2 * margin_pix + 2 or y_hi - y_lo <= 2 * margin_pix + 2:
+            continue  # no pixel of the block is measurable on this quadrant
+        if prepared is None:
+            prepared = _quadrant_noise_and_pixels(quad)
+        sci, mask, noise, scale = prepared
+        cut_mask = mask[y_lo:y_hi, x_lo:x_hi]
+        good = noise[y_lo:y_hi, x_lo:x_hi][~cut_mask]
+        if good.size == 0:
+            continue
+        cut = sci[y_lo:y_hi, x_lo:x_hi]
+        if cut.shape[0] < psf_size or cut.shape[1] < psf_size:
+            grown = (max(cut.shape[0], psf_size), max(cut.shape[1], psf_size))
+            cut = np.pad(cut, [(0, grown[0] - cut.shape[0]), (0, grown[1] - cut.shape[1])])
+            cut_mask = np.pad(
+                cut_mask,
+                [(0, grown[0] - cut_mask.shape[0]), (0, grown[1] - cut_mask.shape[1])],
+                constant_values=True,
+            )
+        sigma = float(np.median(good)) * scale
+        psf = quad.psf.at(np.array([x_c]), np.array([y_c]), psf_size)[0]
+        if not float(psf.sum()) > 0:
+            continue  # no usable PSF model here: the block is measured on the other exposures
+        origin = np.array([x_c, y_c]) - jinv @ (np.array([c, c]) * h) - np.array([x_lo, y_lo])
+        b.exposures.append(
+            detect.GridExposure(
+                image=np.ascontiguousarray(cut),
+                psf=psf,
+                noise_sigma=sigma,
+                jacobian=jac,
+                origin_pix=(float(origin[0]), float(origin[1])),
+                mask=np.ascontiguousarray(cut_mask) if cut_mask.any() else None,
+            )
+        )
+        b.exposure_keys.append(quad.exposure)
+        if b.frame_rotation is None:
+            local = st.local_jacobian(wcs, np.array([x_c]), np.array([y_c]))[0]
+            b.frame_rotation = _rotation_angle(local @ jinv)
+        n_used += 1
+    return n_used
+
+
+def _rotate_spin2(res: dict[str, np.ndarray], theta: float) -> None:
+    """Rotate ``phi`` and the response matrix of detections by the frame rotation ``theta`` (in place):
+    ``phi' = Q phi``, ``R' = Q R Q^T`` with ``Q`` the rotation by ``2 theta``."""
+    if theta == 0.0 or not len(res["x"]):
+        return
+    c, s = math.cos(2.0 * theta), math.sin(2.0 * theta)
+    q = np.array([[c, -s], [s, c]])
+    phi = q @ np.stack([res["phi1"], res["phi2"]])
+    e = q @ np.stack([res["e1"], res["e2"]])
+    r = np.stack([[res["r11"], res["r12"]], [res["r21"], res["r22"]]])  # (2, 2, n)
+    r = np.einsum("ab,bcn,dc->adn", q, r, q)
+    res["phi1"], res["phi2"] = phi
+    res["e1"], res["e2"] = e
+    res["r11"], res["r12"], res["r21"], res["r22"] = r[0, 0], r[0, 1], r[1, 0], r[1, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# MER names and the star prior
+
+
+def _mer_objects(manifest: Mapping[str, Any], storage_options: Callable[[str], dict]):
+    """OBJECT_ID, RA, Dec and POINT_LIKE_FLAG of every row of the manifest's MER catalogs (deduplicated)."""
+    from constellation_assets.io.mer_catalog import read_mer_catalog
+
+    uris = list(dict.fromkeys([manifest.get("source_catalog"), *(manifest.get("source_catalogs") or [])]))
+    cols = ["OBJECT_ID", "RIGHT_ASCENSION", "DECLINATION", "POINT_LIKE_FLAG"]
+    parts = []
+    for uri in (u for u in uris if u):
+        t = read_mer_catalog(str(uri), storage_options(str(uri)), columns=cols)
+        parts.append({c: t.column(c).to_numpy() for c in cols})
+    if not parts:
+        raise ValueError(
+            "shear.detection: pixels needs the manifest's MER catalog (source_catalog) for ids and the star "
+            "prior; re-run `constellation prepare`"
+        )
+    out = {c: np.concatenate([p[c] for p in parts]) for c in cols}
+    _, first = np.unique(out["OBJECT_ID"], return_index=True)
+    first = np.sort(first)
+    return {c: v[first] for c, v in out.items()}
+
+
+def _unmatched_ids(tile_id: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Negative ids of unmatched components from the tile and the component's first lattice pixel."""
+    return -(np.int64(tile_id) * np.int64(1 << 30) + j.astype(np.int64) * np.int64(1 << 15) + i) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The sub-tile
+
+
+def detection_kwargs(cfg) -> dict[str, Any]:
+    sh = cfg.shear
+    return dict(
+        sigma_arcsec=float(sh.sigma_arcsec),
+        c_ratio=float(sh.c_ratio),
+        snr_min=float(sh.estimator_snr_min),
+        selection_bin_width=float(sh.selection_bin_width),
+        noise_bias_correction=bool(sh.noise_bias_correction),
+    )
+
+
+def measure_manifest_detected(
+    cfg,
+    manifest: Mapping[str, Any],
+    storage_options: Callable[[str], dict] | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    reader: Callable[[Mapping[str, Any], dict | None], st.QuadrantImages] | None = None,
+):
+    """Detect and measure a sub-tile (module docstring). Returns ``(table, n_detections)``: a pyarrow table
+    with the SOURCE_RESULT_SCHEMA columns, one row per MER object (or unmatched component)."""
+    import pyarrow as pa
+    from scipy.spatial import cKDTree
+
+    from constellation_assets.shear import detect
+    from constellation_assets.sky.tiles import radec_to_tangent
+
+    opts = storage_options or cfg.storage_options
+    lat = subtile_lattice(cfg, manifest)
+    kw = detection_kwargs(cfg)
+    r_peak = detect.PEAK_RADIUS_PIX_DEFAULT
+    pad = r_peak + 1
+    block_pix = int(cfg.shear.detection_block_pix)
+    blocks = _blocks(lat, block_pix, pad)
+    psf_size = int(cfg.shear.stamp_size_pix)
+
+    def load(entry: Mapping[str, Any]) -> st.QuadrantImages:
+        o = opts(str(entry.get("sci_path", "")))
+        if reader is not None:
+            return reader(entry, o)
+        key = st._quadrant_cache_key(entry, o)  # quadrants shared by neighbouring sub-tiles: read once
+        quad = st.QUADRANT_CACHE.get(key)
+        if quad is None:
+            quad = st.read_quadrant_images(entry, o)
+            quad.get_wcs()
+            st.QUADRANT_CACHE.put(key, quad)
+        return quad
+
+    entries = list(manifest.get("quadrants") or [])
+    for _, quad, exc in st._loaded_in_order(entries, load):
+        if exc is not None:
+            raise exc
+        _add_quadrant(blocks, lat, quad, kw["sigma_arcsec"], psf_size)
+        del quad
+
+    parts = []
+    for b in blocks:
+        if b.exposures:
+            res = detect.detect_exposures(
+                b.exposures, (b.n, b.n), lat.pixel_arcsec, noise_grid_pix=_NOISE_GRID_PIX, **kw
+            )
+            inner = (
+                (res["x"] >= b.pad)
+                & (res["x"] < b.n - b.pad)
+                & (res["y"] >= b.pad)
+                & (res["y"] < b.n - b.pad)
+            )
+            res = {k: v[inner] for k, v in res.items()}
+            res["i"] = res["x"] + b.i0
+            res["j"] = res["y"] + b.j0
+            inside = (res["i"] >= lat.i0) & (res["i"] < lat.i1) & (res["j"] >= lat.j0) & (res["j"] < lat.j1)
+            res = {k: v[inside] for k, v in res.items()}
+            _rotate_spin2(res, b.frame_rotation or 0.0)
+            parts.append(res)
+        b.exposures = []  # release the cut-outs
+        if progress:
+            progress(1)
+    keys = ("i", "j", "weight", "snr", "phi1", "phi2", "r11", "r22", "n_exposures")
+    det = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
+    n_det = len(det["i"])
+    u, v = lat.uv(det["i"], det["j"])
+    ra, dec = lat.radec(u, v)
+
+    # Names: the nearest MER object within the match radius (tangent plane of the tile, arcsec).
+    mer = _mer_objects(manifest, opts)
+    mxi, meta = radec_to_tangent(
+        mer["RIGHT_ASCENSION"], mer["DECLINATION"], lat.tile_ra_deg, lat.tile_dec_deg
+    )
+    mer_uv = np.stack([-np.atleast_1d(mxi) * 3600.0, np.atleast_1d(meta) * 3600.0], axis=1)
+    match = np.full(n_det, -1, np.int64)
+    if len(mer_uv) and n_det:
+        ok = np.all(np.isfinite(mer_uv), axis=1)
+        idx_ok = np.nonzero(ok)[0]
+        if len(idx_ok):
+            dist, nn = cKDTree(mer_uv[idx_ok]).query(
+                np.stack([u, v], axis=1), distance_upper_bound=float(cfg.shear.detection_match_radius_arcsec)
+            )
+            hit = np.isfinite(dist)
+            match[hit] = idx_ok[nn[hit]]
+    star = np.zeros(n_det, bool)
+    star[match >= 0] = np.asarray(mer["POINT_LIKE_FLAG"])[match[match >= 0]] == 1
+    owner_ra = np.where(match >= 0, mer["RIGHT_ASCENSION"][np.maximum(match, 0)], ra)
+    owner_dec = np.where(match >= 0, mer["DECLINATION"][np.maximum(match, 0)], dec)
+    keep = ~star & lat.owns(owner_ra, owner_dec) & (det["weight"] > 0)
+
+    # Rows: matched detections summed per MER object; unmatched ones per 8-connected lattice component.
+    group = np.where(match >= 0, match, -1)
+    un = np.nonzero(keep & (match < 0))[0]
+    if len(un):
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        pairs = cKDTree(np.stack([det["i"][un], det["j"][un]], axis=1).astype(float)).query_pairs(
+            1.5, output_type="ndarray"
+        )
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(un), len(un)))
+        _, lab = connected_components(graph, directed=False)
+        group[un] = len(mer["OBJECT_ID"]) + lab
+    sel = np.nonzero(keep)[0]
+    g_of = group[sel]
+    uniq, inv = np.unique(g_of, return_inverse=True)
+    n_rows = len(uniq)
+
+    def gsum(x):
+        return np.bincount(inv, weights=np.asarray(x, dtype=np.float64)[sel], minlength=n_rows)
+
+    w_sum = gsum(det["weight"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e1, e2 = gsum(det["phi1"]) / w_sum, gsum(det["phi2"]) / w_sum
+        r11, r22 = gsum(det["r11"]) / w_sum, gsum(det["r22"]) / w_sum
+    snr = np.full(n_rows, -np.inf)
+    np.maximum.at(snr, inv, det["snr"][sel])
+    n_exp = np.zeros(n_rows, np.int64)
+    np.maximum.at(n_exp, inv, det["n_exposures"][sel].astype(np.int64))
+    is_mer = uniq < len(mer["OBJECT_ID"])
+    oid = np.zeros(n_rows, np.int64)
+    row_ra = np.zeros(n_rows)
+    row_dec = np.zeros(n_rows)
+    oid[is_mer] = np.asarray(mer["OBJECT_ID"], np.int64)[uniq[is_mer]]
+    row_ra[is_mer] = mer["RIGHT_ASCENSION"][uniq[is_mer]]
+    row_dec[is_mer] = mer["DECLINATION"][uniq[is_mer]]
+    if (~is_mer).any():
+        # Unmatched: weighted position, id from the component's first lattice pixel.
+        ww = np.asarray(det["weight"], np.float64)[sel]
+        u_row = np.bincount(inv, weights=ww * u[sel], minlength=n_rows) / w_sum
+        v_row = np.bincount(inv, weights=ww * v[sel], minlength=n_rows) / w_sum
+        ra_u, dec_u = lat.radec(u_row[~is_mer], v_row[~is_mer])
+        row_ra[~is_mer], row_dec[~is_mer] = ra_u, dec_u
+        first_k = np.full(n_rows, np.iinfo(np.int64).max)
+        lin = det["j"][sel].astype(np.int64) * np.int64(1 << 15) + det["i"][sel].astype(np.int64)
+        np.minimum.at(first_k, inv, lin)
+        fk = first_k[~is_mer]
+        oid[~is_mer] = _unmatched_ids(lat.tile_id, fk % (1 << 15), fk // (1 << 15))
+    flags = np.where(is_mer, 0, FLAG_NO_CATALOG_MATCH).astype(np.int32)
+    table = pa.table(
+        {
+            "TILE_ID": pa.array(np.full(n_rows, lat.tile_id, np.int64)),
+            "SUBTILE_ROW": pa.array(np.full(n_rows, lat.row, np.int8)),
+            "SUBTILE_COL": pa.array(np.full(n_rows, lat.col, np.int8)),
+            "OBJECT_ID": pa.array(oid),
+            "RA": pa.array(row_ra),
+            "DEC": pa.array(row_dec),
+            "E1": pa.array(e1.astype(np.float32)),
+            "E2": pa.array(e2.astype(np.float32)),
+            "R11": pa.array(r11.astype(np.float32)),
+            "R22": pa.array(r22.astype(np.float32)),
+            "WEIGHT": pa.array(w_sum.astype(np.float32)),
+            "SNR": pa.array(snr.astype(np.float32)),
+            "N_EXPOSURES": pa.array(n_exp.astype(np.int16)),
+            "FLAGS": pa.array(flags),
+            "IN_CORE": pa.array(np.ones(n_rows, bool)),
+        }
+    )
+    return table, n_det
