@@ -213,8 +213,9 @@ def _add_quadrant(
 ) -> int:
     """Cut this quadrant's region of every block it overlaps; returns how many blocks it reached.
 
-    A cut-out extends 3 kernel sigmas + 4 pixels beyond the block (``detect_exposures`` uses moments
-    3 sigmas + 2 pixels inside a cut-out's edges: the transforms are cyclic); one narrower than the PSF
+    A cut-out extends 5 kernel sigmas + 4 pixels beyond the block (``detect_exposures`` uses moments
+    3 sigmas + 2 pixels inside a cut-out's edges, the transforms being cyclic: 5 sigmas keep the light a
+    kernel misses or wraps around below 1e-5); one narrower than the PSF
     model is padded with masked zeros.
     """
     from constellation_assets.shear import detect
@@ -224,11 +225,34 @@ def _add_quadrant(
     h = lat.pixel_arcsec
     prepared = None
     n_used = 0
-    for b in blocks:
-        c = 0.5 * (b.n - 1)
-        u_c, v_c = lat.uv(b.i0 + c, b.j0 + c)
-        ra, dec = lat.radec(u_c, v_c)
-        x_c, y_c = (float(np.asarray(v).reshape(-1)[0]) for v in wcs.all_world2pix(ra, dec, 0))
+    if not blocks:
+        return 0
+    from constellation_assets.sky.tiles import radec_to_tangent
+
+    # Blocks near the quadrant's footprint (its corners in the lattice's plane, grown by a block and the
+    # kernel's margin), then their centres in this quadrant's pixels, all at once.
+    half_n = np.array([0.5 * (b.n - 1) for b in blocks])
+    u_all, v_all = lat.uv(
+        np.array([b.i0 for b in blocks]) + half_n, np.array([b.j0 for b in blocks]) + half_n
+    )
+    cra, cdec = wcs.all_pix2world(
+        np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0]), 0
+    )
+    cxi, ceta = radec_to_tangent(cra, cdec, lat.tile_ra_deg, lat.tile_dec_deg)
+    cu, cv = -np.asarray(cxi) * 3600.0, np.asarray(ceta) * 3600.0
+    grow = half_n * h * 1.5 + 5.0 * sigma_arcsec + 2.0
+    near = (u_all >= cu.min() - grow) & (u_all <= cu.max() + grow) & (v_all >= cv.min() - grow)
+    near &= v_all <= cv.max() + grow
+    idx = np.nonzero(near)[0]
+    if not len(idx):
+        return 0
+    ra_all, dec_all = lat.radec(u_all[idx], v_all[idx])
+    xs, ys = (
+        np.asarray(v, dtype=np.float64).reshape(-1) for v in wcs.all_world2pix(ra_all, dec_all, 0, quiet=True)
+    )
+    for k, x_c, y_c in zip(idx, xs, ys, strict=True):
+        b, c = blocks[k], half_n[k]
+        x_c, y_c = float(x_c), float(y_c)
         if not (math.isfinite(x_c) and math.isfinite(y_c)):
             continue
         reach = 0.75 * b.n * h / 0.05 + 64  # generous: the block's half-diagonal at >= 0.05"/pixel
@@ -236,7 +260,7 @@ def _add_quadrant(
             continue
         jac = _tangent_jacobian(wcs, lat, x_c, y_c)
         jinv = np.linalg.inv(jac)
-        margin_pix = int(math.ceil(3.0 * sigma_arcsec / math.sqrt(abs(np.linalg.det(jac))))) + 4
+        margin_pix = int(math.ceil(5.0 * sigma_arcsec / math.sqrt(abs(np.linalg.det(jac))))) + 4
         corners = np.array([[0, 0], [b.n - 1, 0], [0, b.n - 1], [b.n - 1, b.n - 1]], dtype=np.float64) - c
         pix = np.array([x_c, y_c]) + (jinv @ (corners.T * h)).T
         x_lo = int(math.floor(pix[:, 0].min())) - margin_pix
@@ -263,8 +287,8 @@ def _add_quadrant(
                 constant_values=True,
             )
         sigma = float(np.median(good)) * scale
-        psf = quad.psf.at(np.array([x_c]), np.array([y_c]), psf_size)[0]
-        if not float(psf.sum()) > 0:
+        psf = _psf_with_wings(quad.psf.at(np.array([x_c]), np.array([y_c]), psf_size)[0])
+        if psf is None:
             continue  # no usable PSF model here: the block is measured on the other exposures
         origin = np.array([x_c, y_c]) - jinv @ (np.array([c, c]) * h) - np.array([x_lo, y_lo])
         b.exposures.append(
@@ -283,6 +307,24 @@ def _add_quadrant(
             b.frame_rotation = _rotation_angle(local @ jinv)
         n_used += 1
     return n_used
+
+
+def _psf_with_wings(psf: np.ndarray) -> np.ndarray | None:
+    """The PSF model with the estimator's treatment of truncation (:func:`fpfs.extend_psf_wings`: a model
+    cut at a box smaller than the stamp gets a fitted power-law wing out to the stamp's edges, as the stamp
+    path does); None for an unusable (non-positive) model."""
+    import torch
+
+    from constellation_assets.shear import fpfs
+
+    if not (np.isfinite(psf).all() and float(psf.sum()) > 0):
+        return None
+    psf_t = torch.as_tensor(np.asarray(psf, dtype=np.float64))[None]
+    ny, nx = psf.shape
+    support = fpfs.psf_support_half_size(psf_t)
+    if 0 < support < min(ny // 2, nx // 2) - 1 and support >= 2 * fpfs.WING_RING_PIX:
+        psf_t = fpfs.extend_psf_wings(psf_t, support)[0]
+    return psf_t[0].numpy()
 
 
 def _rotate_spin2(res: dict[str, np.ndarray], theta: float) -> None:
