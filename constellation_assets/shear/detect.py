@@ -1010,38 +1010,33 @@ def _combined_moments(members: list[dict], noisy: bool):
             d = torch.as_tensor(np.asarray(dxy, dtype=np.float64))
             total = torch.zeros(len(d), dtype=torch.float64)
             for p in members:
-                ta, tb = p["t"][ia], p["t"][ib]
-                pairs = [
-                    (i2, j2)
-                    for i2 in torch.nonzero(ta).flatten().tolist()
-                    for j2 in torch.nonzero(tb).flatten().tolist()
-                ]
-                at_d = _correlations_at(p, d, pairs)
-                acc = torch.zeros(len(d), dtype=torch.float64)
-                for i2, j2 in pairs:
-                    acc = acc + ta[i2] * tb[j2] * at_d[(i2, j2)]
+                coef = torch.outer(p["t"][ia], p["t"][ib])  # pixel-frame pairs making up the grid pair (a, b)
+                acc = torch.tensordot(coef, _correlations_at(p, d, coef != 0), dims=2)
                 total = total + p["a"] ** 2 * acc
             return total / a_sum**2
 
     return mom_c, cov_fn, extra
 
 
-def _correlations_at(p: dict, d: torch.Tensor, pairs: list[tuple[int, int]]) -> dict:
-    """The exposure's noise correlations of the pixel-frame moment pairs ``pairs`` (indices in
-    :data:`_GRID_MOMENTS`) at the grid offsets ``d`` (m, 2), interpolated in its pixels; kept in ``p`` per
-    offsets (the same offsets serve every call of one detection and every exposure set)."""
+def _correlations_at(p: dict, d: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The exposure's noise correlations (8, 8, m) of the pixel-frame moments :data:`_GRID_MOMENTS` at
+    the grid offsets ``d`` (m, 2), interpolated in its pixels; computed for the pairs where ``pairs``
+    ((8, 8) bool) is True (0 where none was asked for yet) and kept in ``p`` per offsets (the same offsets
+    serve every call of one detection and every exposure set)."""
     key = (tuple(d.shape), d.numpy().tobytes())
     cached = p["corr_at"].get(key)
     if cached is None:
         dpx = d @ torch.as_tensor(p["jinv"]).T  # grid offsets -> pixel offsets (dx, dy)
         corr = p["corr"]
-        cached = p["corr_at"][key] = (_KeysTaps(dpx[:, 0], dpx[:, 1], (corr.ny, corr.nx)), {})
-    taps, values = cached
-    new = [pr for pr in dict.fromkeys(pairs) if pr not in values]
+        taps = _KeysTaps(dpx[:, 0], dpx[:, 1], (corr.ny, corr.nx))
+        cached = p["corr_at"][key] = (taps, torch.zeros((8, 8, len(d)), dtype=torch.float64), set())
+    taps, values, done = cached
+    new = [pr for pr in map(tuple, torch.nonzero(pairs).tolist()) if pr not in done]
     if new:
         imgs = torch.stack([p["corr"](_GRID_MOMENTS[i2], _GRID_MOMENTS[j2]) for i2, j2 in new], dim=-1)
-        for pr, v in zip(new, taps(imgs).T, strict=True):
-            values[pr] = v
+        for (i2, j2), v in zip(new, taps(imgs).T, strict=True):
+            values[i2, j2] = v
+        done.update(new)
     return values
 
 
