@@ -690,9 +690,14 @@ class _KeysTaps:
         tx, ty = px - x0, py - y0
         wx, wy = self._weights(tx), self._weights(ty)  # (P, 4)
         taps = np.arange(-1, 3)
-        cols = (x0.astype(np.int64)[:, None] + taps) % nx
-        rows = (y0.astype(np.int64)[:, None] + taps) % ny
-        self._flat = (rows[:, :, None] * nx + cols[:, None, :]).reshape(-1, 16)
+        ix, iy = x0.astype(np.int64), y0.astype(np.int64)
+        # Flat indices of the 4 x 4 taps (row-major), wrapped around the edges (cyclic) where they reach out.
+        self._flat = (iy * nx + ix)[:, None] + (taps[:, None] * nx + taps[None, :]).reshape(16)
+        out = np.flatnonzero((ix < 1) | (ix > nx - 3) | (iy < 1) | (iy > ny - 3))
+        if len(out):
+            cols = (ix[out, None] + taps) % nx
+            rows = (iy[out, None] + taps) % ny
+            self._flat[out] = (rows[:, :, None] * nx + cols[:, None, :]).reshape(-1, 16)
         # Weights of the value and of the x, y tap moments, c_p (1, (p - q)_x, (p - q)_y), are separable:
         # (wy wx, wy (wx off_x), (wy off_y) wx).
         self._wy3 = np.stack([wy, wy, wy * (taps - ty[:, None])], axis=1)  # (P, 3, 4)
@@ -728,7 +733,7 @@ class _KeysTaps:
             res = torch.empty((n_pts, combine_t.shape[1]), dtype=torch.float64)
         for a in range(0, n_pts, self._CHUNK):
             b = min(a + self._CHUNK, n_pts)
-            w = (self._wy3[a:b, :n_w, :, None] * self._wx3[a:b, :n_w, None, :]).reshape(b - a, n_w, 16)
+            w = np.einsum("pkr,pkc->pkrc", self._wy3[a:b, :n_w], self._wx3[a:b, :n_w]).reshape(b - a, n_w, 16)
             vals = torch.from_numpy(np.matmul(w, np.take(rows, self._flat[a:b], axis=0)))  # (c, n_w, n)
             if combine is None:
                 res[a:b] = vals
