@@ -1015,8 +1015,13 @@ def _combined_moments(members: list[dict], noisy: bool):
             d = torch.as_tensor(np.asarray(dxy, dtype=np.float64))
             total = torch.zeros(len(d), dtype=torch.float64)
             for p in members:
-                coef = torch.outer(p["t"][ia], p["t"][ib])  # pixel-frame pairs making up the grid pair (a, b)
-                acc = torch.tensordot(coef, _correlations_at(p, d, coef != 0), dims=2)
+                ta, tb = p["t"][ia], p["t"][ib]
+                coef = torch.outer(ta, tb)  # pixel-frame pairs making up the grid pair (a, b)
+                # Asked for at once: those of a and of every grid moment but m00 (the noise terms of the
+                # responses ask for all of these against each b: one interpolation serves them all).
+                rows = (p["t"][1:] != 0).any(dim=0) | (ta != 0)
+                pairs = rows[:, None] & (tb != 0)[None, :]
+                acc = torch.tensordot(coef, _correlations_at(p, d, pairs), dims=2)
                 total = total + p["a"] ** 2 * acc
             return total / a_sum**2
 
