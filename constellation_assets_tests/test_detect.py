@@ -461,3 +461,56 @@ def test_closed_form_derivatives_match_automatic_differentiation_on_exposures(ps
     res = _same_as_autograd(monkeypatch, lambda: detect.detect_exposures(exps, (96, 96), PIX))
     assert np.sum((res["w_det"] > 0.05) & (res["w_det"] < 0.95)) >= 3
     assert np.sum(res["weight"] > 0.95) >= 2
+
+
+def _keys_interp_reference(img, px, py):
+    """Keys-cubic value and tap moments ``sum c (p - q)_x img``, ``sum c (p - q)_y img`` of one image at
+    the points ``(px, py)``, tap by tap (cyclic indices): the reference of ``detect._KeysTaps``."""
+    ny, nx = img.shape
+    x0, y0 = np.floor(px), np.floor(py)
+    tx, ty = px - x0, py - y0
+
+    def weight(d):
+        d = np.abs(d)
+        near = (1.5 * d - 2.5) * d * d + 1.0
+        far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+        return np.where(d <= 1.0, near, np.where(d < 2.0, far, 0.0))
+
+    out = np.zeros((3,) + px.shape)
+    for dy in range(-1, 3):
+        for dx in range(-1, 3):
+            v = img[(y0.astype(int) + dy) % ny, (x0.astype(int) + dx) % nx]
+            c = weight(dx - tx) * weight(dy - ty) * v
+            out += np.stack([c, (dx - tx) * c, (dy - ty) * c])
+    return out
+
+
+def test_stacked_interpolation_equals_one_image_at_a_time():
+    """The taps computed once and applied to a stack of images (with the taps' moments, and mapped by a
+    matrix) equal the tap-by-tap interpolation of each image, for a rotated and scaled Jacobian whose
+    points wrap around the image edges."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    ny, nx, n = 37, 41, 5
+    imgs = rng.normal(size=(ny, nx, n))
+    c, s = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+    jinv = np.linalg.inv(1.02 * np.array([[c, -s], [s, c]]))
+    jj, ii = np.mgrid[0:45, 0:43].astype(float)
+    px = -3.7 + jinv[0, 0] * ii + jinv[0, 1] * jj
+    py = 2.2 + jinv[1, 0] * ii + jinv[1, 1] * jj
+    px[0, :3], py[0, :3] = (5.0, -1e-17, 7.0 - 1e-16), (3.0, 4.0, -2.0)  # integer and almost-integer points
+    ref = np.stack([_keys_interp_reference(imgs[..., k], px, py) for k in range(n)], axis=-1)  # (3, ..., n)
+    ref = ref.reshape(3, -1, n).transpose(1, 0, 2)  # (P, 3, n)
+    taps = detect._KeysTaps(torch.as_tensor(px), torch.as_tensor(py), (ny, nx))
+    stack = torch.as_tensor(imgs)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(taps(stack).numpy(), ref[:, 0], rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(taps(stack, tap_moments=True).numpy(), ref, rtol=0, atol=1e-13 * scale)
+    combine = rng.normal(size=(4, 3 * n))
+    np.testing.assert_allclose(
+        taps(stack, tap_moments=True, combine=torch.as_tensor(combine)).numpy(),
+        ref.reshape(len(ref), -1) @ combine.T,
+        rtol=0,
+        atol=1e-12 * scale,
+    )

@@ -667,43 +667,118 @@ class GridExposure:
     mask: np.ndarray | None = None
 
 
-def _keys_weights(t: torch.Tensor) -> torch.Tensor:
-    """Keys (a = -1/2) cubic weights (..., 4) for taps at -1, 0, 1, 2 and fraction ``t`` (exact for
-    polynomials of degree <= 2, so the interpolated moments keep their shear responses to third order)."""
-    d = (torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=torch.float64) - t[..., None]).abs()
-    near = (1.5 * d - 2.5) * d * d + 1.0
-    far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
-    return torch.where(d <= 1.0, near, torch.where(d < 2.0, far, torch.zeros_like(d)))
+class _KeysTaps:
+    """Keys (a = -1/2) cubic interpolation of images at fixed fractional pixel positions (cyclic indices).
 
-
-def _interp(img: torch.Tensor, px: torch.Tensor, py: torch.Tensor, tap_moments: bool = False):
-    """Keys-cubic values of ``img`` at fractional pixel positions (cyclic indices).
-
-    With ``tap_moments`` also ``sum_p c_p (p - q)_x img(p)`` and ``sum_p c_p (p - q)_y img(p)`` (the taps'
-    offsets from the point ``q``, pixels): returns ``(value, x moment, y moment)``.
+    Exact for polynomials of degree <= 2, so the interpolated moments keep their shear responses to third
+    order. ``px``, ``py`` (any shape, flattened to ``P`` points) on images of ``shape`` (ny, nx): the 4 x 4
+    taps and weights are computed once and serve any number of images. Called on a (ny, nx, n) stack it
+    returns (P, n) values; with ``tap_moments`` (P, 3, n): the value and ``sum_p c_p (p - q)_x img(p)``,
+    ``sum_p c_p (p - q)_y img(p)`` (the taps' offsets from the point ``q``, pixels). With ``combine``
+    (m, k n) it returns (P, m), those values (flattened per point) times ``combine.T``, formed chunk by
+    chunk. The taps of all images are gathered at once as rows of the stack (numpy's ``take`` of rows is
+    several times faster than torch's indexing on the CPU), in chunks of points that stay in the cache.
     """
-    ny, nx = img.shape
-    x0, y0 = torch.floor(px), torch.floor(py)
-    tx, ty = px - x0, py - y0
-    wx, wy = _keys_weights(tx), _keys_weights(ty)
-    taps = torch.arange(-1, 3)
-    cols = (x0.long()[..., None] + taps) % nx
-    rows = (y0.long()[..., None] + taps) % ny
-    vals = img[rows[..., :, None], cols[..., None, :]]  # (..., 4, 4)
-    w2 = wy[..., :, None] * wx[..., None, :]
-    value = (vals * w2).sum(dim=(-2, -1))
-    if not tap_moments:
-        return value
-    offx = taps.to(torch.float64) - tx[..., None]  # (..., 4)
-    offy = taps.to(torch.float64) - ty[..., None]
-    mx = (vals * w2 * offx[..., None, :]).sum(dim=(-2, -1))
-    my = (vals * w2 * offy[..., :, None]).sum(dim=(-2, -1))
-    return value, mx, my
+
+    _CHUNK = 1024
+
+    def __init__(self, px: torch.Tensor, py: torch.Tensor, shape: tuple[int, int]):
+        ny, nx = int(shape[0]), int(shape[1])
+        px = np.asarray(px, dtype=np.float64).reshape(-1)
+        py = np.asarray(py, dtype=np.float64).reshape(-1)
+        x0, y0 = np.floor(px), np.floor(py)
+        tx, ty = px - x0, py - y0
+        wx, wy = self._weights(tx), self._weights(ty)  # (P, 4)
+        taps = np.arange(-1, 3)
+        ix, iy = x0.astype(np.int64), y0.astype(np.int64)
+        # Flat indices of the 4 x 4 taps (row-major), wrapped around the edges (cyclic) where they reach out.
+        self._flat = (iy * nx + ix)[:, None] + (taps[:, None] * nx + taps[None, :]).reshape(16)
+        out = np.flatnonzero((ix < 1) | (ix > nx - 3) | (iy < 1) | (iy > ny - 3))
+        if len(out):
+            cols = (ix[out, None] + taps) % nx
+            rows = (iy[out, None] + taps) % ny
+            self._flat[out] = (rows[:, :, None] * nx + cols[:, None, :]).reshape(-1, 16)
+        # Weights of the value and of the x, y tap moments, c_p (1, (p - q)_x, (p - q)_y), are separable:
+        # (wy wx, wy (wx off_x), (wy off_y) wx).
+        self._wy3 = np.stack([wy, wy, wy * (taps - ty[:, None])], axis=1)  # (P, 3, 4)
+        self._wx3 = np.stack([wx, wx * (taps - tx[:, None]), wx], axis=1)
+        self.shape = (ny, nx)
+
+    @staticmethod
+    def _weights(t: np.ndarray) -> np.ndarray:
+        """Weights (..., 4) of the taps -1, 0, 1, 2 for the fraction ``t`` in [0, 1]: they lie at distances
+        ``1 + t``, ``t``, ``1 - t``, ``2 - t`` (the kernel's two pieces agree, at 0, at distances 1 and 2)."""
+
+        def near(d):
+            return (1.5 * d - 2.5) * d * d + 1.0
+
+        def far(d):
+            return ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+
+        return np.stack([far(1.0 + t), near(t), near(1.0 - t), far(2.0 - t)], axis=-1)
+
+    def __call__(
+        self, stack: torch.Tensor, tap_moments: bool = False, combine: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ny, nx, n = stack.shape
+        if (ny, nx) != self.shape:
+            raise ValueError(f"images of shape {(ny, nx)}, taps for {self.shape}")
+        rows = stack.reshape(ny * nx, n).contiguous().numpy()
+        n_w = 3 if tap_moments else 1
+        n_pts = len(self._flat)
+        if combine is None:
+            res = torch.empty((n_pts, n_w, n), dtype=torch.float64)
+        else:
+            combine_t = combine.to(torch.float64).T
+            res = torch.empty((n_pts, combine_t.shape[1]), dtype=torch.float64)
+        for a in range(0, n_pts, self._CHUNK):
+            b = min(a + self._CHUNK, n_pts)
+            w = np.einsum("pkr,pkc->pkrc", self._wy3[a:b, :n_w], self._wx3[a:b, :n_w]).reshape(b - a, n_w, 16)
+            vals = torch.from_numpy(np.matmul(w, np.take(rows, self._flat[a:b], axis=0)))  # (c, n_w, n)
+            if combine is None:
+                res[a:b] = vals
+            else:  # torch's matmul: numpy's BLAS may start threads for this one
+                torch.mm(vals.reshape(b - a, n_w * n), combine_t, out=res[a:b])
+        return res[:, 0] if combine is None and not tap_moments else res
 
 
 #: Gradient images of m00, m2c, m2s (the interpolation's response terms).
 _GRADIENT_NAMES = (("dx", "dy"), ("dx_m2c", "dy_m2c"), ("dx_m2s", "dy_m2s"))
 _GRADIENTS2 = ("dx_m2c", "dy_m2c", "dx_m2s", "dy_m2s")
+#: The moment images :func:`detect_exposures` interpolates (the order of their stack).
+_EXPOSURE_IMAGES = _GRID_MOMENTS + _GRADIENTS2
+
+
+def _grid_map(t: torch.Tensor) -> torch.Tensor:
+    """(18, 3 n) linear map of an exposure's interpolated images :data:`_EXPOSURE_IMAGES` (``n`` = 12; value,
+    x and y tap moments, flattened as by :class:`_KeysTaps`) to the grid frame (``t``: :func:`_frame_matrix`).
+
+    Rows: the 8 moments :data:`_GRID_MOMENTS`; the interpolation terms of the responses of m00, m2c, m2s
+    (x 2 shears, row-major); the grid-frame gradients of the grid-frame m2c, m2s (x (d/dx, d/dy)). An
+    interpolated moment's derivative under a shear about a point carries -sum_p c_p (S_b (p - q)) . grad M(p):
+    with E_ab = sum c (p - q)_a d_b M (pixel frame), -(E_xx - E_yy) for g'1 and -(E_yx + E_xy) for g'2,
+    mapped to the grid's moments (T) and shears (the spin-2 block R of T: g'_pix = R^T g_grid). The
+    gradients: the pair turned by R, the position by the chain rule.
+    """
+    n = len(_EXPOSURE_IMAGES)
+
+    def col(k: int, name: str) -> int:  # k: 0 value, 1 x tap moment, 2 y tap moment
+        return k * n + _EXPOSURE_IMAGES.index(name)
+
+    out = torch.zeros((18, 3 * n), dtype=torch.float64)
+    for i, name in enumerate(_GRID_MOMENTS):
+        out[:8, col(0, name)] = t[:, i]
+    pix = torch.zeros((6, 3 * n), dtype=torch.float64)  # pixel frame: (m00, m2c, m2s) x (g'1, g'2)
+    for ia, (gx_name, gy_name) in enumerate(_GRADIENT_NAMES):
+        pix[2 * ia, col(1, gx_name)], pix[2 * ia, col(2, gy_name)] = -1.0, 1.0
+        pix[2 * ia + 1, col(2, gx_name)], pix[2 * ia + 1, col(1, gy_name)] = -1.0, -1.0
+    rot = t[1:3, 1:3]
+    out[8:14] = torch.kron(t[:3, :3], rot) @ pix  # vec(T3 E R^T) = (T3 x R) vec(E)
+    grad = torch.zeros((4, 3 * n), dtype=torch.float64)  # pixel frame: (m2c, m2s) x (d/dx, d/dy)
+    for m, name in enumerate(_GRADIENTS2):
+        grad[m, col(0, name)] = 1.0
+    out[14:] = torch.kron(rot, t[6:, 6:]) @ grad
+    return out
 
 
 def _frame_matrix(jac: np.ndarray, grid_scale: float) -> np.ndarray:
@@ -804,7 +879,8 @@ def detect_exposures(
         jac = np.asarray(e.jacobian, dtype=np.float64)
         scale = math.sqrt(abs(float(np.linalg.det(jac))))
         s = float(sigma_arcsec) / scale
-        mom, inv_p = _moment_images(img, psf_t, s, psf_floor, _GRID_MOMENTS + _GRADIENTS2)
+        mom, inv_p = _moment_images(img, psf_t, s, psf_floor, _EXPOSURE_IMAGES)
+        stack = torch.stack([mom.pop(nm) for nm in _EXPOSURE_IMAGES], dim=-1)  # (ny, nx, 12)
         npix = float(img.shape[0] * img.shape[1])
         jinv = np.linalg.inv(jac) * h
         px = float(e.origin_pix[0]) + jinv[0, 0] * ii + jinv[0, 1] * jj
@@ -818,31 +894,16 @@ def detect_exposures(
             ix = torch.round(px).long().clamp(0, nx - 1)
             iy = torch.round(py).long().clamp(0, ny - 1)
             valid &= ~near[iy, ix]
-        # Gradient images with the taps' offsets (for the interpolation terms of the responses below),
-        # the other moments by value only; everything per unit of npix.
-        interp = {nm: _interp(mom[nm], px, py) / npix for nm in _GRID_MOMENTS if nm not in ("dx", "dy")}
-        pix_corr = torch.zeros(gy, gx, 3, 2, dtype=torch.float64)  # (m00, m2c, m2s) x (g'1, g'2)
-        grad2 = torch.zeros(gy, gx, 2, 2, dtype=torch.float64)  # (m2c, m2s) x (d/dx, d/dy), pixel frame
-        for ia, (gx_name, gy_name) in enumerate(_GRADIENT_NAMES):
-            vx, exx, eyx = (v / npix for v in _interp(mom[gx_name], px, py, tap_moments=True))
-            vy, exy, eyy = (v / npix for v in _interp(mom[gy_name], px, py, tap_moments=True))
-            if ia == 0:
-                interp["dx"], interp["dy"] = vx, vy
-            else:
-                grad2[..., ia - 1, 0], grad2[..., ia - 1, 1] = vx, vy
-            # Interpolation terms: dv/dg' of an interpolated moment about a point carries
-            # -sum_p c_p (S_b (p - q)) . grad M(p), E_ab = sum c (p - q)_a d_b M (pixel frame).
-            pix_corr[..., ia, 0] = -(exx - eyy)
-            pix_corr[..., ia, 1] = -(eyx + exy)
+        # Interpolated at the valid pixels only (the others are never read: each detection uses the
+        # exposures valid over its whole neighbourhood), all moments at once, the gradient images with the
+        # taps' offsets too (the interpolation terms of the responses), mapped to the grid frame; per unit
+        # of npix.
+        sel = torch.nonzero(valid.reshape(-1)).flatten()
+        taps = _KeysTaps(px.reshape(-1)[sel], py.reshape(-1)[sel], (ny, nx))
         t = torch.as_tensor(_frame_matrix(jac, h))
-        grid_vals = torch.stack([interp[nm] for nm in _GRID_MOMENTS], dim=-1) @ t.T
-        # ... mapped to the grid's moments (T) and shears (the spin-2 block R of T: g'_pix = R^T g_grid).
-        rot = t[1:3, 1:3]
-        grid_corr = torch.einsum(
-            "ai,yxib,cb->yxac", t[:3, :3], pix_corr, rot
-        )  # (gy, gx, 3 moments, 2 shears)
-        # Grid-frame gradients of the grid-frame m2c, m2s (rotation of the pair, chain rule of the position).
-        grid_grad2 = torch.einsum("ab,yxbk,lk->yxal", rot, grad2, t[6:, 6:])
+        on_grid = torch.zeros((gy * gx, 18), dtype=torch.float64)
+        on_grid[sel] = taps(stack, tap_moments=True, combine=_grid_map(t) / npix)
+        on_grid = on_grid.reshape(gy, gx, 18)
         corr = None
         if noisy[k] and noise_grid_pix:
             g = int(noise_grid_pix)
@@ -850,15 +911,16 @@ def detect_exposures(
             corr = NoiseCorrelation((g, g), inv_pg, s, float(e.noise_sigma) ** 2 / float(g * g) ** 2)
         elif noisy[k]:
             corr = NoiseCorrelation((ny, nx), inv_p, s, float(e.noise_sigma) ** 2 / npix**2)
-        var00 = float(t[0] @ _pixel_cov0(corr) @ t[0]) if corr is not None else 1.0
+        var00 = float(t[0] @ _pixel_cov0(corr, t[0] != 0) @ t[0]) if corr is not None else 1.0
         per_exp.append(
             dict(
-                vals=grid_vals,
-                resp=grid_corr,
-                grad2=grid_grad2,
+                vals=on_grid[..., :8],
+                resp=on_grid[..., 8:14].reshape(gy, gx, 3, 2),  # (m00, m2c, m2s) x (g1, g2)
+                grad2=on_grid[..., 14:].reshape(gy, gx, 2, 2),  # (m2c, m2s) x (d/dx, d/dy)
                 valid=valid,
                 t=t,
                 corr=corr,
+                corr_at={},
                 jinv=jinv,
                 a=1.0 / var00,
             )
@@ -870,10 +932,13 @@ def detect_exposures(
     r = int(peak_radius_pix)
     set_bits = torch.zeros((gy, gx), dtype=torch.int64)
     for k, p in enumerate(per_exp):
-        eroded = p["valid"].clone()
+        # Valid over the (2r + 1)^2 square around the pixel: eroded along x, then along y.
+        along_x = p["valid"].clone()
+        for dx in range(-r, r + 1):
+            along_x &= torch.roll(p["valid"], shifts=-dx, dims=1)
+        eroded = along_x.clone()
         for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                eroded &= torch.roll(p["valid"], shifts=(-dy, -dx), dims=(0, 1))
+            eroded &= torch.roll(along_x, shifts=-dy, dims=0)
         eroded[:r, :] = False
         eroded[-r:, :] = False
         eroded[:, :r] = False
@@ -950,24 +1015,47 @@ def _combined_moments(members: list[dict], noisy: bool):
             d = torch.as_tensor(np.asarray(dxy, dtype=np.float64))
             total = torch.zeros(len(d), dtype=torch.float64)
             for p in members:
-                jinv = torch.as_tensor(p["jinv"])
-                dpx = d @ jinv.T  # grid offsets -> pixel offsets (dx, dy)
                 ta, tb = p["t"][ia], p["t"][ib]
-                acc = torch.zeros(len(d), dtype=torch.float64)
-                for i2 in torch.nonzero(ta).flatten().tolist():
-                    for j2 in torch.nonzero(tb).flatten().tolist():
-                        img_ab = p["corr"](_GRID_MOMENTS[i2], _GRID_MOMENTS[j2])
-                        acc = acc + ta[i2] * tb[j2] * _interp(img_ab, dpx[:, 0], dpx[:, 1])
+                coef = torch.outer(ta, tb)  # pixel-frame pairs making up the grid pair (a, b)
+                # Asked for at once: those of a and of every grid moment but m00 (the noise terms of the
+                # responses ask for all of these against each b: one interpolation serves them all).
+                rows = (p["t"][1:] != 0).any(dim=0) | (ta != 0)
+                pairs = rows[:, None] & (tb != 0)[None, :]
+                acc = torch.tensordot(coef, _correlations_at(p, d, pairs), dims=2)
                 total = total + p["a"] ** 2 * acc
             return total / a_sum**2
 
     return mom_c, cov_fn, extra
 
 
-def _pixel_cov0(corr: NoiseCorrelation) -> torch.Tensor:
-    """Zero-offset noise covariance (8, 8) of the pixel-frame moments :data:`_GRID_MOMENTS`."""
+def _correlations_at(p: dict, d: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The exposure's noise correlations (8, 8, m) of the pixel-frame moments :data:`_GRID_MOMENTS` at
+    the grid offsets ``d`` (m, 2), interpolated in its pixels; computed for the pairs where ``pairs``
+    ((8, 8) bool) is True (0 where none was asked for yet) and kept in ``p`` per offsets (the same offsets
+    serve every call of one detection and every exposure set)."""
+    key = (tuple(d.shape), d.numpy().tobytes())
+    cached = p["corr_at"].get(key)
+    if cached is None:
+        dpx = d @ torch.as_tensor(p["jinv"]).T  # grid offsets -> pixel offsets (dx, dy)
+        corr = p["corr"]
+        taps = _KeysTaps(dpx[:, 0], dpx[:, 1], (corr.ny, corr.nx))
+        cached = p["corr_at"][key] = (taps, torch.zeros((8, 8, len(d)), dtype=torch.float64), set())
+    taps, values, done = cached
+    new = [pr for pr in map(tuple, torch.nonzero(pairs).tolist()) if pr not in done]
+    if new:
+        imgs = torch.stack([p["corr"](_GRID_MOMENTS[i2], _GRID_MOMENTS[j2]) for i2, j2 in new], dim=-1)
+        for (i2, j2), v in zip(new, taps(imgs).T, strict=True):
+            values[i2, j2] = v
+        done.update(new)
+    return values
+
+
+def _pixel_cov0(corr: NoiseCorrelation, used: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-offset noise covariance (8, 8) of the pixel-frame moments :data:`_GRID_MOMENTS`; with ``used``
+    ((8,) bool) only between those moments, 0 elsewhere (each pair costs an inverse FFT)."""
     out = torch.zeros((8, 8), dtype=torch.float64)
     for i, a in enumerate(_GRID_MOMENTS):
         for j, b in enumerate(_GRID_MOMENTS):
-            out[i, j] = corr(a, b)[0, 0]
+            if used is None or (used[i] and used[j]):
+                out[i, j] = corr(a, b)[0, 0]
     return out
