@@ -308,6 +308,13 @@ class ShearConfig(_Section):
     detection_match_radius_arcsec: float = Field(
         0.5, gt=0.0, le=5.0, description="a detection takes the id of the nearest MER object within this"
     )
+    detection_mask_radius_sigma: float = Field(
+        1.0,
+        ge=0.0,
+        le=5.0,
+        description="an exposure is left out of a detection pixel with a masked pixel within this many "
+        "kernel sigmas (+ 2 pixels); masked pixels are zeroed, never interpolated",
+    )
     detection_band_arcsec: float = Field(
         1.5,
         ge=0.0,

@@ -317,8 +317,8 @@ def test_response_about_the_galaxy_centre_matches_a_galaxy_centred_shear(psf):
 
 
 def test_masked_exposure_is_left_out_where_its_mask_reaches(psf):
-    """Two exposures of one scene, the second with a masked disc: pixels whose neighbourhood the mask's
-    reach touches are detected on the first exposure alone (exactly its single-exposure result there),
+    """Two exposures of one scene, the second with a masked disc: pixels the mask's reach touches
+    (1 kernel sigma + 2 pixels) are detected on the first exposure alone (exactly its single-exposure result there),
     the others on both; an all-False mask changes nothing; masked pixels may hold NaN."""
     psf_obj, psf_img = psf
     n = 96
@@ -348,9 +348,9 @@ def test_masked_exposure_is_left_out_where_its_mask_reaches(psf):
     assert one.any() and (~one).any()
     assert np.all(res["exposure_set"][one] == 1)
     s = 3.5  # sigma_arcsec / PIX
-    reach = 2.0 * s + 2.0 + 3.0 + math.sqrt(2.0) * 4  # kernel + taps + disc radius + neighbourhood
+    r_mask = 1.0 * s + 2.0  # mask_radius_sigma (default 1) kernel sigmas + the interpolation's taps
     dist = np.hypot(res["x"] - both["x"][i0], res["y"] - both["y"][i0])
-    assert np.all(dist[one] <= reach) and np.all(dist[~one] > 2.0 * s + 2.0)
+    assert np.all(dist[one] <= r_mask + 3.0 + 0.5) and np.all(dist[~one] > r_mask)
     key1 = {(x, y): i for i, (x, y) in enumerate(zip(only1["x"], only1["y"], strict=True))}
     for i in np.nonzero(one)[0]:
         j = key1[(res["x"][i], res["y"][i])]

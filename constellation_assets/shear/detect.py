@@ -665,6 +665,10 @@ class GridExposure:
     origin_pix: tuple[float, float]
     #: (ny, nx) bool, True where a pixel is masked (its value is not used: it is set to 0). None: no mask.
     mask: np.ndarray | None = None
+    #: (ny, nx) bool, True where the exposure has no data (beyond its detector's edge; set to 0): treated
+    #: like the image's own edges, i.e. no moment within 3 kernel sigmas + 2 pixels of it is used. A
+    #: cut-out padded this way has the same content whatever part of the detector it was cut from.
+    outside: np.ndarray | None = None
 
 
 class _KeysTaps:
@@ -811,7 +815,7 @@ def detect_exposures(
     peak_nu_min: float = 0.0,
     psf_floor: float = fpfs.FpfsSettings.psf_floor,
     noise_bias_correction: bool = True,
-    mask_radius_sigma: float = 2.0,
+    mask_radius_sigma: float = 1.0,
     noise_grid_pix: int | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`detect_peaks` on several exposures of one region, combined at the moment level.
@@ -821,10 +825,13 @@ def detect_exposures(
     inverse-variance weights ``a_e = 1 / Var(M00_e)`` (noise and PSF only); the noise covariance of the
     average is ``sum a_e^2 Cov_e / (sum a_e)^2`` with each exposure's stationary correlation taken at the
     grid offsets mapped into its pixels. Detections are grid pixels (``x``, ``y`` = grid column, row);
-    each uses the exposures whose moments are valid over its whole neighbourhood: away from the exposure's
-    edges (the transforms are cyclic) and with no masked pixel within ``mask_radius_sigma`` kernel sigmas
-    (+ 2 pixels of interpolation taps) of the point. Masked pixels are set to 0, never interpolated; the
-    exposure sets depend on the detector, not on the sky, so they carry no shear response. Pixels with the
+    each uses the exposures whose moments are valid over its whole neighbourhood, away from the exposure's
+    edges (the transforms are cyclic), and with no masked pixel within ``mask_radius_sigma`` kernel sigmas
+    (+ 2 pixels of interpolation taps) of the pixel itself (its neighbours' ``F`` only enter the peak
+    test, so masks are not grown by the neighbourhood: at 1e-3 cosmic-ray clusters per pixel, 1 sigma
+    leaves out ~8 % of an exposure, the neighbourhood would make it ~30 %). Masked pixels are set to 0,
+    never interpolated; the exposure sets depend on the detector, not on the sky, so they carry no shear
+    response. Pixels with the
     same set are combined and detected together (``n_exposures``, ``exposure_set`` (bit k: exposure k) per
     detection); pixels no exposure covers are not detections.
 
@@ -872,6 +879,17 @@ def detect_exposures(
                 img = img.masked_fill(torch.as_tensor(masked), 0.0)
             else:
                 masked = None
+        off_detector = None
+        if e.outside is not None:
+            off_detector = np.asarray(e.outside, dtype=bool)
+            if off_detector.shape != tuple(img.shape):
+                raise ValueError(
+                    f"exposure {k}: outside shape {off_detector.shape} differs from the image's {tuple(img.shape)}"
+                )
+            if off_detector.any():
+                img = img.masked_fill(torch.as_tensor(off_detector), 0.0)
+            else:
+                off_detector = None
         if img.ndim != 2 or psf_t.ndim != 2 or not torch.isfinite(img).all():
             raise ValueError(
                 f"exposure {k}: image and psf must be finite 2-d arrays (non-finite pixels: mask them)"
@@ -888,12 +906,17 @@ def detect_exposures(
         margin = int(math.ceil(3.0 * s)) + 2
         ny, nx = img.shape
         valid = (px >= margin) & (px <= nx - 1 - margin) & (py >= margin) & (py <= ny - 1 - margin)
+        if off_detector is not None:
+            ix = torch.round(px).long().clamp(0, nx - 1)
+            iy = torch.round(py).long().clamp(0, ny - 1)
+            valid &= ~torch.as_tensor(_dilate_disc(off_detector, margin))[iy, ix]
+        clear = None  # pixels whose own moments no masked pixel reaches
         if masked is not None:
             radius = mask_radius_sigma * s + 2.0  # + the interpolation's taps
             near = torch.as_tensor(_dilate_disc(masked, radius))
             ix = torch.round(px).long().clamp(0, nx - 1)
             iy = torch.round(py).long().clamp(0, ny - 1)
-            valid &= ~near[iy, ix]
+            clear = ~near[iy, ix]
         # Interpolated at the valid pixels only (the others are never read: each detection uses the
         # exposures valid over its whole neighbourhood), all moments at once, the gradient images with the
         # taps' offsets too (the interpolation terms of the responses), mapped to the grid frame; per unit
@@ -918,6 +941,7 @@ def detect_exposures(
                 resp=on_grid[..., 8:14].reshape(gy, gx, 3, 2),  # (m00, m2c, m2s) x (g1, g2)
                 grad2=on_grid[..., 14:].reshape(gy, gx, 2, 2),  # (m2c, m2s) x (d/dx, d/dy)
                 valid=valid,
+                clear=clear,
                 t=t,
                 corr=corr,
                 corr_at={},
@@ -926,9 +950,10 @@ def detect_exposures(
             )
         )
 
-    # Each candidate pixel uses the exposures whose moments are valid over its whole neighbourhood (edges,
-    # masks): pixels are grouped by that exposure set, and each group is combined and detected on its own,
-    # so a detection's moments, neighbours and noise model all come from the same exposures.
+    # Each candidate pixel uses the exposures whose moments are valid over its whole neighbourhood (the
+    # edges: cyclic transforms) and that no masked pixel reaches at the pixel itself (a neighbour's F only
+    # enters the peak test): pixels are grouped by that exposure set, and each group is combined and
+    # detected on its own, so a detection's moments, neighbours and noise model come from the same exposures.
     r = int(peak_radius_pix)
     set_bits = torch.zeros((gy, gx), dtype=torch.int64)
     for k, p in enumerate(per_exp):
@@ -943,6 +968,8 @@ def detect_exposures(
         eroded[-r:, :] = False
         eroded[:, :r] = False
         eroded[:, -r:] = False
+        if p["clear"] is not None:
+            eroded &= p["clear"]
         set_bits |= eroded.long() << k
     parts = []
     for bits in torch.unique(set_bits[set_bits > 0]).tolist():

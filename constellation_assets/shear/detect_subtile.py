@@ -187,7 +187,10 @@ def _rotation_angle(a: np.ndarray) -> float:
 
 
 def _quadrant_noise_and_pixels(quad: st.QuadrantImages):
-    """Background-subtracted microJy image, its mask and the per-pixel RMS (microJy) of a quadrant."""
+    """Background-subtracted microJy image, its mask and its noise level (microJy): the median RMS of the
+    unmasked pixels. One level per quadrant (the noise model of the detection is stationary; VIS
+    background noise varies little across a quadrant), so a block's noise does not depend on where
+    blocks end."""
     scale = st.flux_scale_ujy_per_adu(quad.header)
     sci = np.asarray(quad.sci, dtype=np.float32)
     if quad.bkg is not None:
@@ -205,7 +208,9 @@ def _quadrant_noise_and_pixels(quad: st.QuadrantImages):
         raise ValueError(f"quadrant {quad.key} has neither an RMS nor a WGT map: cannot estimate the noise")
     mask |= ~(np.isfinite(noise) & (noise > 0))
     sci = np.where(mask, 0.0, sci).astype(np.float32) * np.float32(scale)
-    return sci, mask, noise, scale
+    good = noise[~mask]
+    sigma = float(np.median(good)) * scale if good.size else math.nan
+    return sci, mask, sigma
 
 
 def _add_quadrant(
@@ -215,8 +220,8 @@ def _add_quadrant(
 
     A cut-out extends 5 kernel sigmas + 4 pixels beyond the block (``detect_exposures`` uses moments
     3 sigmas + 2 pixels inside a cut-out's edges, the transforms being cyclic: 5 sigmas keep the light a
-    kernel misses or wraps around below 1e-5); one narrower than the PSF
-    model is padded with masked zeros.
+    kernel misses or wraps around below 1e-5), to an FFT-friendly size; beyond the quadrant it is zero
+    and marked ``outside`` (treated like an edge).
     """
     from constellation_assets.shear import detect
 
@@ -267,26 +272,26 @@ def _add_quadrant(
         x_hi = int(math.ceil(pix[:, 0].max())) + margin_pix + 1
         y_lo = int(math.floor(pix[:, 1].min())) - margin_pix
         y_hi = int(math.ceil(pix[:, 1].max())) + margin_pix + 1
-        x_lo, y_lo, x_hi, y_hi = max(x_lo, 0), max(y_lo, 0), min(x_hi, nx), min(y_hi, ny)
-        if x_hi - x_lo <= 2 * margin_pix + 2 or y_hi - y_lo <= 2 * margin_pix + 2:
+        # FFT-friendly sizes, at least the PSF model's.
+        x_hi = x_lo + _fft_size(max(x_hi - x_lo, psf_size))
+        y_hi = y_lo + _fft_size(max(y_hi - y_lo, psf_size))
+        cx_lo, cy_lo, cx_hi, cy_hi = max(x_lo, 0), max(y_lo, 0), min(x_hi, nx), min(y_hi, ny)
+        if cx_hi - cx_lo <= 2 * margin_pix + 2 or cy_hi - cy_lo <= 2 * margin_pix + 2:
             continue  # no pixel of the block is measurable on this quadrant
         if prepared is None:
             prepared = _quadrant_noise_and_pixels(quad)
-        sci, mask, noise, scale = prepared
-        cut_mask = mask[y_lo:y_hi, x_lo:x_hi]
-        good = noise[y_lo:y_hi, x_lo:x_hi][~cut_mask]
-        if good.size == 0:
-            continue
-        cut = sci[y_lo:y_hi, x_lo:x_hi]
-        if cut.shape[0] < psf_size or cut.shape[1] < psf_size:
-            grown = (max(cut.shape[0], psf_size), max(cut.shape[1], psf_size))
-            cut = np.pad(cut, [(0, grown[0] - cut.shape[0]), (0, grown[1] - cut.shape[1])])
-            cut_mask = np.pad(
-                cut_mask,
-                [(0, grown[0] - cut_mask.shape[0]), (0, grown[1] - cut_mask.shape[1])],
-                constant_values=True,
-            )
-        sigma = float(np.median(good)) * scale
+        sci, mask, sigma = prepared
+        if not sigma > 0:
+            break  # nothing unmasked on this quadrant
+        # The whole cut-out, zero beyond the quadrant (``outside``): its content does not depend on where
+        # the block ends, so neither do the moments the cyclic transforms give near the quadrant's edge.
+        cut = np.zeros((y_hi - y_lo, x_hi - x_lo), dtype=np.float32)
+        cut_mask = np.zeros(cut.shape, dtype=bool)
+        outside = np.ones(cut.shape, dtype=bool)
+        inner = (slice(cy_lo - y_lo, cy_hi - y_lo), slice(cx_lo - x_lo, cx_hi - x_lo))
+        cut[inner] = sci[cy_lo:cy_hi, cx_lo:cx_hi]
+        cut_mask[inner] = mask[cy_lo:cy_hi, cx_lo:cx_hi]
+        outside[inner] = False
         psf = _psf_with_wings(quad.psf.at(np.array([x_c]), np.array([y_c]), psf_size)[0])
         if psf is None:
             continue  # no usable PSF model here: the block is measured on the other exposures
@@ -298,7 +303,8 @@ def _add_quadrant(
                 noise_sigma=sigma,
                 jacobian=jac,
                 origin_pix=(float(origin[0]), float(origin[1])),
-                mask=np.ascontiguousarray(cut_mask) if cut_mask.any() else None,
+                mask=cut_mask if cut_mask.any() else None,
+                outside=outside if outside.any() else None,
             )
         )
         b.exposure_keys.append(quad.exposure)
@@ -307,6 +313,19 @@ def _add_quadrant(
             b.frame_rotation = _rotation_angle(local @ jinv)
         n_used += 1
     return n_used
+
+
+def _fft_size(n: int) -> int:
+    """The smallest integer >= n whose prime factors are 2, 3 and 5 (fast transforms)."""
+    m = max(int(n), 1)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
 
 
 def _psf_with_wings(psf: np.ndarray) -> np.ndarray | None:
@@ -378,6 +397,7 @@ def _unmatched_ids(tile_id: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def detection_kwargs(cfg) -> dict[str, Any]:
+    """``detect_exposures`` settings from the ``shear`` config section (the estimator's, and the mask reach)."""
     sh = cfg.shear
     return dict(
         sigma_arcsec=float(sh.sigma_arcsec),
@@ -385,6 +405,7 @@ def detection_kwargs(cfg) -> dict[str, Any]:
         snr_min=float(sh.estimator_snr_min),
         selection_bin_width=float(sh.selection_bin_width),
         noise_bias_correction=bool(sh.noise_bias_correction),
+        mask_radius_sigma=float(sh.detection_mask_radius_sigma),
     )
 
 
