@@ -854,6 +854,11 @@ def detect_exposures(
     """
     if not exposures:
         raise ValueError("detect_exposures needs at least one exposure")
+    if len(exposures) > 62:
+        raise ValueError(
+            f"detect_exposures takes at most 62 exposures of a region (exposure sets are int64 bit masks), "
+            f"got {len(exposures)}: use smaller blocks"
+        )
     _check_peak_settings(peak_omega, peak_nu_min)
     gy, gx = int(grid_shape[0]), int(grid_shape[1])
     h = float(grid_scale_arcsec)
@@ -1015,12 +1020,13 @@ def detect_exposures(
 
 
 def _dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
-    """``mask`` grown by a disc of ``radius`` pixels (True where a masked pixel lies within ``radius``)."""
+    """``mask`` grown by a disc of ``radius`` pixels (True where a masked pixel lies within ``radius``):
+    the Euclidean distance transform, linear in the pixels whatever the radius."""
     from scipy import ndimage
 
-    rr = int(math.floor(radius))
-    yy, xx = np.mgrid[-rr : rr + 1, -rr : rr + 1]
-    return ndimage.binary_dilation(mask, structure=(xx * xx + yy * yy) <= radius * radius)
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    return ndimage.distance_transform_edt(~mask) <= radius
 
 
 def _combined_moments(members: list[dict], noisy: bool):

@@ -414,8 +414,6 @@ def measure_manifest_detected(
     manifest: Mapping[str, Any],
     storage_options: Callable[[str], dict] | None = None,
     progress: Callable[[int], None] | None = None,
-    *,
-    reader: Callable[[Mapping[str, Any], dict | None], st.QuadrantImages] | None = None,
 ):
     """Detect and measure a sub-tile (module docstring). Returns ``(table, n_detections)``: a pyarrow table
     with the SOURCE_RESULT_SCHEMA columns, one row per MER object (or unmatched component)."""
@@ -436,8 +434,6 @@ def measure_manifest_detected(
 
     def load(entry: Mapping[str, Any]) -> st.QuadrantImages:
         o = opts(str(entry.get("sci_path", "")))
-        if reader is not None:
-            return reader(entry, o)
         key = st._quadrant_cache_key(entry, o)  # quadrants shared by neighbouring sub-tiles: read once
         quad = st.QUADRANT_CACHE.get(key)
         if quad is None:
@@ -472,9 +468,9 @@ def measure_manifest_detected(
             res = {k: v[inside] for k, v in res.items()}
             _rotate_spin2(res, b.frame_rotation or 0.0)
             parts.append(res)
+            if progress:
+                progress(len(res["i"]))  # the progress bars count stamps; here detections
         b.exposures = []  # release the cut-outs
-        if progress:
-            progress(1)
     keys = ("i", "j", "weight", "snr", "phi1", "phi2", "r11", "r22", "n_exposures")
     det = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
     n_det = len(det["i"])
