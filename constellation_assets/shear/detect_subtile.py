@@ -366,16 +366,23 @@ def _rotate_spin2(res: dict[str, np.ndarray], theta: float) -> None:
 # MER names and the star prior
 
 
-def _mer_objects(manifest: Mapping[str, Any], storage_options: Callable[[str], dict]):
-    """OBJECT_ID, RA, Dec and POINT_LIKE_FLAG of every row of the manifest's MER catalogs (deduplicated)."""
+def _mer_objects(
+    manifest: Mapping[str, Any], storage_options: Callable[[str], dict], cache: dict | None = None
+):
+    """OBJECT_ID, RA, Dec and POINT_LIKE_FLAG of every row of the manifest's MER catalogs (deduplicated).
+
+    ``cache``: catalogs already read, by URI (the sub-tiles of a tile share them)."""
     from constellation_assets.io.mer_catalog import read_mer_catalog
 
     uris = list(dict.fromkeys([manifest.get("source_catalog"), *(manifest.get("source_catalogs") or [])]))
     cols = ["OBJECT_ID", "RIGHT_ASCENSION", "DECLINATION", "POINT_LIKE_FLAG"]
+    cache = {} if cache is None else cache
     parts = []
-    for uri in (u for u in uris if u):
-        t = read_mer_catalog(str(uri), storage_options(str(uri)), columns=cols)
-        parts.append({c: t.column(c).to_numpy() for c in cols})
+    for uri in (str(u) for u in uris if u):
+        if uri not in cache:
+            t = read_mer_catalog(uri, storage_options(uri), columns=cols)
+            cache[uri] = {c: t.column(c).to_numpy() for c in cols}
+        parts.append(cache[uri])
     if not parts:
         raise ValueError(
             "shear.detection: pixels needs the manifest's MER catalog (source_catalog) for ids and the star "
@@ -414,9 +421,11 @@ def measure_manifest_detected(
     manifest: Mapping[str, Any],
     storage_options: Callable[[str], dict] | None = None,
     progress: Callable[[int], None] | None = None,
+    mer_cache: dict | None = None,
 ):
     """Detect and measure a sub-tile (module docstring). Returns ``(table, n_detections)``: a pyarrow table
-    with the SOURCE_RESULT_SCHEMA columns, one row per MER object (or unmatched component)."""
+    with the SOURCE_RESULT_SCHEMA columns, one row per MER object (or unmatched component).
+    ``mer_cache``: a dict kept across the sub-tiles of a tile (its MER catalogs are read once)."""
     import pyarrow as pa
     from scipy.spatial import cKDTree
 
@@ -478,7 +487,7 @@ def measure_manifest_detected(
     ra, dec = lat.radec(u, v)
 
     # Names: the nearest MER object within the match radius (tangent plane of the tile, arcsec).
-    mer = _mer_objects(manifest, opts)
+    mer = _mer_objects(manifest, opts, mer_cache)
     mxi, meta = radec_to_tangent(
         mer["RIGHT_ASCENSION"], mer["DECLINATION"], lat.tile_ra_deg, lat.tile_dec_deg
     )

@@ -379,19 +379,20 @@ def measure_manifest(
     batch_size: int = 1024,
     storage_options: Callable[[str], dict] | None = None,
     progress: Callable[[int], None] | None = None,
+    mer_cache: dict | None = None,
 ):
     """Measure every source of a manifest with the built-in engine.
 
     Returns ``(table, n_stamps)``: a pyarrow table with the SOURCE_RESULT_SCHEMA columns. With
     ``shear.detection: pixels`` the sources are detected on the exposures
     (:func:`constellation_assets.shear.detect_subtile.measure_manifest_detected`; ``n_stamps`` is then the
-    number of detections).
+    number of detections; ``mer_cache`` keeps the MER catalogs it reads, by URI, for the next sub-tile).
     """
     opts = storage_options or cfg.storage_options
     if cfg.shear.detection == "pixels":
         from constellation_assets.shear.detect_subtile import measure_manifest_detected
 
-        return measure_manifest_detected(cfg, manifest, opts, progress)
+        return measure_manifest_detected(cfg, manifest, opts, progress, mer_cache)
     sources_uri = manifest.get("sources_uri") or manifest.get("source_catalog") or ""
     sources, in_core = st.sources_from_manifest(manifest, opts(str(sources_uri)))
     n = len(sources)
@@ -489,9 +490,10 @@ def measure_tile(
         # Detection works on blocks of the sub-tile with every exposure at once: per sub-tile, the
         # quadrants shared by neighbouring sub-tiles coming from QUADRANT_CACHE.
         out_d: list[Any] = []
+        mer_cache: dict = {}
         for manifest in manifests:
             try:
-                out_d.append(measure_manifest(cfg, manifest, device, batch_size, opts, progress))
+                out_d.append(measure_manifest(cfg, manifest, device, batch_size, opts, progress, mer_cache))
             except Exception as exc:
                 out_d.append(exc)
         return out_d
