@@ -359,12 +359,16 @@ def _detect_core(
     sigma_f = math.sqrt(float(cov_fn("m00", "m00", zero)[0])) if noisy else 0.0
 
     # Candidates: strict maxima of F over the neighbourhood, above the S/N floor.
+    # (Compared at the pixels above the floor only: a few percent of the grid.)
     cand = valid.clone()
     if snr_min > 0 and noisy:
         cand &= f_img > snr_min * sigma_f
-    for dx, dy in offs:
-        cand &= f_img > torch.roll(f_img, shifts=(-int(dy), -int(dx)), dims=(0, 1))
     cy, cx = torch.nonzero(cand, as_tuple=True)
+    f_c = f_img[cy, cx]
+    peak = torch.ones(len(cy), dtype=torch.bool)
+    for dx, dy in offs:
+        peak &= f_c > f_img[(cy + int(dy)) % ny, (cx + int(dx)) % nx]
+    cy, cx = cy[peak], cx[peak]
     n = len(cy)
 
     # The detection pixels and their neighbourhoods (n, n_nb), gathered from every image at once.
@@ -1029,17 +1033,39 @@ def _dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask) <= radius
 
 
+class _CombinedImage:
+    """``sum_e w_e X_e`` of grid images, computed only at the pixels it is indexed with."""
+
+    def __init__(self, images: list[torch.Tensor], weights: list[float]):
+        self.images, self.weights = images, weights
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return sum(w * img[idx] for w, img in zip(self.weights, self.images, strict=True))
+
+
 def _combined_moments(members: list[dict], noisy: bool):
     """Inverse-variance combination of the exposures ``members`` on the grid: ``(moments, cov_fn, resp_extra)``
     arguments of :func:`_detect_core` (``cov_fn`` None without noise)."""
     a_sum = sum(p["a"] for p in members)
-    comb = sum(p["a"] * p["vals"] for p in members) / a_sum
-    mom_c = {nm: comb[..., i] for i, nm in enumerate(_GRID_MOMENTS)}
-    resp_c = sum(p["a"] * p["resp"] for p in members) / a_sum
-    grad2_c = sum(p["a"] * p["grad2"] for p in members) / a_sum
+    w = [p["a"] / a_sum for p in members]
+
+    def lazy(get) -> _CombinedImage:
+        return _CombinedImage([get(p) for p in members], w)
+
+    # F is needed everywhere (the peak search); the other images only at the detections and their
+    # neighbourhoods, so they are combined where indexed (a block has one set per combination of
+    # exposures that edges and masks leave: many sets, each with few detections).
+    mom_c: dict[str, Any] = {"m00": sum(wi * p["vals"][..., 0] for wi, p in zip(w, members, strict=True))}
+    for i, nm in enumerate(_GRID_MOMENTS[1:], start=1):
+        mom_c[nm] = lazy(lambda p, i=i: p["vals"][..., i])
     for i, name in enumerate(("m2c", "m2s")):
-        mom_c[f"dx_{name}"], mom_c[f"dy_{name}"] = grad2_c[..., i, 0], grad2_c[..., i, 1]
-    extra = {(nm, b): resp_c[..., i, b] for i, nm in enumerate(("m00", "m2c", "m2s")) for b in range(2)}
+        mom_c[f"dx_{name}"] = lazy(lambda p, i=i: p["grad2"][..., i, 0])
+        mom_c[f"dy_{name}"] = lazy(lambda p, i=i: p["grad2"][..., i, 1])
+    extra = {
+        (nm, b): lazy(lambda p, i=i, b=b: p["resp"][..., i, b])
+        for i, nm in enumerate(("m00", "m2c", "m2s"))
+        for b in range(2)
+    }
     cov_fn = None
     if noisy:
 
