@@ -25,11 +25,15 @@ pixels above every pixel of the annulus count), ``r`` = ``peak_radius_pix``, ``r
 a plateau of 1-4 pixels with weight ~1 each, not a near-tie of two pixels with weight ~0; the estimator
 sums over all of them), ``sigma_v(d)`` the noise of ``F(c) - F(c + d)``, and ``u`` the FPFS S/N weight of :func:`fpfs.selection_weight`
 (``snr = M00(c) / sigma(M00)``). With ``peak_rel_width = kappa > 0`` the step's scale is
-``s(d) = sqrt(sigma_v(d)^2 + (kappa F(c))^2)`` instead of ``sigma_v(d)``: for bright sources the neighbour
-differences grow with the flux while ``sigma_v`` does not, so the ramp is narrow in position and the
-plateau's edge pixels carry large responses of both signs; a scale growing with ``F(c)`` widens it. ``w`` is
-still a smooth function of the same linear moments, so the response below stays exact. The ellipticity is measured at ``c`` itself (an integer pixel: no centroid
-is estimated), ``e_1 = -M2c(c) / (M00(c) + C)``, and the ensemble shear is
+``s(d) = sqrt(sigma_v(d)^2 + (kappa F(c))^2)`` instead of ``sigma_v(d)``: for bright sources the
+neighbour differences grow with the flux while ``sigma_v`` does not, so the ramp is narrow in position
+and the plateau's edge pixels carry large responses of both signs; a scale growing with ``F(c)`` widens
+it. ``w`` is still a smooth function of the same linear moments, so the response below stays exact. As
+the step's argument is then at most ``(1 - F(c + d) / F(c)) / kappa``, and the kernel keeps
+``F(c + d) / F(c)`` at 0.85-0.9 at 2 pixels for compact sources (0.35" kernel on 0.1" pixels), ``kappa
+omega`` must stay well below ~0.15 for bright sources to reach ``T = 1`` (kappa ~0.01; at 0.05 nearly
+every ``T`` is ~0). The ellipticity is measured at ``c`` itself (an integer pixel: no centroid is
+estimated), ``e_1 = -M2c(c) / (M00(c) + C)``, and the ensemble shear is
 ``g_a = sum_c w e_a / sum_c R_aa`` over all detections.
 
 Response
