@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_detection.py [--scale 1.0] [--only isolated,truth] [--seed 0]
         [--size 384] [--workers 1] [--same-noise-only] [--shear-about group|image] [--json OUT.json]
+        [--peak-rel-width 0.0]
 
 Defaults: 100 realisations per scene, ~160 s on one core of the shared 2-core machine (``--scale 0.05``:
 8 s, detect_peaks ~40 % of it), sigma_m ~2e-3 for ``truth`` on ``isolated``; ``detect`` is 5-10x noisier.
@@ -452,7 +453,9 @@ def catalog_positions(image: np.ndarray, psf_img: np.ndarray, noise_sigma: float
     return pos[_in_stamp_range(pos, image.shape[0])]
 
 
-def measure_detect(image: np.ndarray, psf_img: np.ndarray, noise_sigma: float) -> dict[str, np.ndarray]:
+def measure_detect(
+    image: np.ndarray, psf_img: np.ndarray, noise_sigma: float, peak_rel_width: float = 0.0
+) -> dict[str, np.ndarray]:
     from constellation_assets.shear.detect import detect_peaks
 
     res = detect_peaks(
@@ -465,6 +468,7 @@ def measure_detect(image: np.ndarray, psf_img: np.ndarray, noise_sigma: float) -
         snr_min=SNR_MIN,
         selection_bin_width=SELECTION_BIN_WIDTH,
         peak_radius_pix=4,
+        peak_rel_width=peak_rel_width,
         border_pix=BORDER,
     )
     # detect_peaks keeps pixels [BORDER, size - BORDER); drop the first row and column too, so the kept
@@ -496,8 +500,16 @@ def _with_response_about(res: dict[str, np.ndarray], truth_pos: np.ndarray, anch
     return out
 
 
-def measure_method(method: str, real: Realisation, j: int, psf_img: np.ndarray, noise_sigma: float):
-    """Per-entry weight, phi and r of image ``j`` of the realisation by ``method``."""
+def measure_method(
+    method: str,
+    real: Realisation,
+    j: int,
+    psf_img: np.ndarray,
+    noise_sigma: float,
+    peak_rel_width: float = 0.0,
+):
+    """Per-entry weight, phi and r of image ``j`` of the realisation by ``method`` (``peak_rel_width``:
+    of :func:`detect.detect_peaks`, for the detect methods)."""
     image = real.images[j]
     if method == "truth":
         return measure_at(image, real.truth_pos[j][real.truth_keep], psf_img, noise_sigma)
@@ -505,7 +517,7 @@ def measure_method(method: str, real: Realisation, j: int, psf_img: np.ndarray, 
         return measure_at(image, catalog_positions(image, psf_img, noise_sigma), psf_img, noise_sigma)
     if method in ("detect", "detect_about"):
         if j not in real._detect:  # one detect_peaks run serves both methods
-            real._detect[j] = measure_detect(image, psf_img, noise_sigma)
+            real._detect[j] = measure_detect(image, psf_img, noise_sigma, peak_rel_width)
         res = real._detect[j]
         if method == "detect":
             return res
@@ -514,12 +526,16 @@ def measure_method(method: str, real: Realisation, j: int, psf_img: np.ndarray, 
 
 
 def image_sums(
-    method: str, real: Realisation, psf_img: np.ndarray, noise_sigma: float = NOISE_SIGMA
+    method: str,
+    real: Realisation,
+    psf_img: np.ndarray,
+    noise_sigma: float = NOISE_SIGMA,
+    peak_rel_width: float = 0.0,
 ) -> np.ndarray:
     """(n_images, 6) per image: sum phi1, sum phi2, sum r11, sum r22, entries, sum of weights."""
     out = np.zeros((len(real.images), 6))
     for j in range(len(real.images)):
-        r = measure_method(method, real, j, psf_img, noise_sigma)
+        r = measure_method(method, real, j, psf_img, noise_sigma, peak_rel_width)
         out[j, :4] = [r["phi1"].sum(), r["phi2"].sum(), r["r11"].sum(), r["r22"].sum()]
         out[j, 4] = len(r["phi1"])
         out[j, 5] = float(r["weight"].sum())
@@ -570,6 +586,7 @@ def realisation_sums(
     size: int = 384,
     noise_pairs: bool = True,
     shear_about: str = "group",
+    peak_rel_width: float = 0.0,
 ) -> dict:
     """Render realisation ``index`` and measure it by every method: per-image sums and timings."""
     psf, psf_img = _psf_cached()
@@ -581,7 +598,7 @@ def realisation_sums(
     out["sums"], out["seconds"] = {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        out["sums"][m] = image_sums(m, real, psf_img)
+        out["sums"][m] = image_sums(m, real, psf_img, peak_rel_width=peak_rel_width)
         out["seconds"][m] = time.perf_counter() - t0
     return out
 
@@ -603,6 +620,7 @@ def run(
     shear_about: str = "group",
     workers: int = 1,
     progress=None,
+    peak_rel_width: float = 0.0,
 ) -> dict:
     """All methods on the same realisations of each scene; returns the result table as a dict.
 
@@ -620,6 +638,7 @@ def run(
             "g": g,
             "noise_pairs": noise_pairs,
             "shear_about": shear_about,
+            "peak_rel_width": peak_rel_width,
             "images_per_realisation": n_img,
             "n_realisations": {},
         },
@@ -631,7 +650,14 @@ def run(
         for kind in scenes:
             nr = int(n_real[kind])
             results["config"]["n_realisations"][kind] = nr
-            kw = dict(methods=methods, g=g, size=size, noise_pairs=noise_pairs, shear_about=shear_about)
+            kw = dict(
+                methods=methods,
+                g=g,
+                size=size,
+                noise_pairs=noise_pairs,
+                shear_about=shear_about,
+                peak_rel_width=peak_rel_width,
+            )
             if pool is None:
                 outs = (realisation_sums(kind, seed, r, **kw) for r in range(nr))
             else:
@@ -707,6 +733,12 @@ def main(argv=None) -> None:
         default="group",
         help="positions sheared about their friends-of-friends group centre (default) or the image centre",
     )
+    ap.add_argument(
+        "--peak-rel-width",
+        type=float,
+        default=0.0,
+        help="detect_peaks(peak_rel_width=): the peak step's scale sqrt(sigma_v^2 + (kappa F)^2) (detect methods)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -740,11 +772,13 @@ def main(argv=None) -> None:
         shear_about=args.shear_about,
         workers=args.workers,
         progress=progress,
+        peak_rel_width=args.peak_rel_width,
     )
     res["seconds"] = time.perf_counter() - t0
     print(
         f'g = {G_TRUE}, scenes {args.size}x{args.size} px at {PIXEL_SCALE}", seed {args.seed}; '
         f"realisations ({res['config']['images_per_realisation']} images each): {res['config']['n_realisations']}"
+        f"; peak_rel_width {args.peak_rel_width}"
     )
     print(format_table(res))
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in res["render_seconds"].items())

@@ -514,3 +514,81 @@ def test_stacked_interpolation_equals_one_image_at_a_time():
         rtol=0,
         atol=1e-12 * scale,
     )
+
+
+@pytest.mark.parametrize(
+    "offset, noise_sigma, rel_width",
+    [
+        ((0.47, 0.1), 2e-3, 0.01),  # S/N ~ 50: plateau-edge pixels in the widened ramp
+        ((0.3, -0.2), 5e-4, 0.02),  # S/N ~ 200: the step's scale set by kappa F(c), not sigma_v
+    ],
+)
+def test_relative_peak_width_response_matches_finite_differences(psf, offset, noise_sigma, rel_width):
+    """With the peak step's scale ``sqrt(sigma_v^2 + (kappa F(c))^2)`` (``peak_rel_width``) the responses,
+    which now carry the step's dependence on ``M00`` through its scale, equal finite differences of GalSim
+    images sheared about each detection's pixel."""
+    psf_obj, psf_img = psf
+    kw = dict(noise_sigma=noise_sigma, snr_min=10.0, noise_bias_correction=False, peak_rel_width=rel_width)
+    img = _render(psf_obj, offset=offset)
+    base = detect.detect_peaks(img, psf_img, PIX, **kw)
+    assert len(base["x"]) >= 2
+    assert np.any((base["w_det"] > 1e-3) & (base["w_det"] < 0.97))
+    plain = detect.detect_peaks(img, psf_img, PIX, **{**kw, "peak_rel_width": 0.0})
+    assert np.abs(base["w_det"] - plain["w_det"]).max() > 0.1  # the relative width matters here
+    for i0 in range(len(base["x"])):
+        _check_detection(psf_obj, psf_img, offset, base, i0, kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(peak_rel_width=0.01),
+        dict(peak_rel_width=0.02),
+        dict(peak_rel_width=0.02, peak_nu_min=0.5),
+        dict(peak_rel_width=0.01, noise_bias_correction=False),
+        dict(peak_rel_width=0.2, peak_omega=0.5),  # the scale kappa F(c) >> sigma_v for every detection
+    ],
+)
+def test_closed_form_derivatives_with_relative_peak_width_match_automatic_differentiation(
+    psf, monkeypatch, kw
+):
+    """The closed-form gradient and noise term with the step's scale depending on ``M00``
+    (``peak_rel_width > 0``) equal automatic differentiation of the formula."""
+    psf_obj, _ = psf
+    img, psf_img, _ = _noisy_scene(psf_obj, np.diag([PIX, PIX]), (0.0, 0.0), 1)
+    res = _same_as_autograd(monkeypatch, lambda: detect.detect_peaks(img, psf_img, PIX, 1.0, **kw))
+    assert np.sum((res["w_det"] > 0.05) & (res["w_det"] < 0.95)) >= 3  # the peak steps' ramps
+    if kw.get("peak_nu_min", 0.0) > 0:
+        assert np.any(res["w_det"] == 0.0)
+
+
+def test_relative_peak_width_zero_is_the_plain_step_and_negative_is_refused(psf):
+    psf_obj, _ = psf
+    img, psf_img, _ = _noisy_scene(psf_obj, np.diag([PIX, PIX]), (0.0, 0.0), 1)
+    ref = detect.detect_peaks(img, psf_img, PIX, 1.0)
+    res = detect.detect_peaks(img, psf_img, PIX, 1.0, peak_rel_width=0.0)
+    for k in ref:
+        np.testing.assert_array_equal(res[k], ref[k], err_msg=k)
+    with pytest.raises(ValueError, match="peak_rel_width"):
+        detect.detect_peaks(img, psf_img, PIX, 1.0, peak_rel_width=-0.1)
+    exp = detect.GridExposure(img, psf_img, 1.0, np.diag([PIX, PIX]), (0.0, 0.0))
+    with pytest.raises(ValueError, match="peak_rel_width"):
+        detect.detect_exposures([exp], (96, 96), PIX, peak_rel_width=-0.1)
+
+
+def test_closed_form_derivatives_with_relative_peak_width_match_automatic_differentiation_on_exposures(
+    psf, monkeypatch
+):
+    psf_obj, _ = psf
+    c, s = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+    exps = []
+    for jac, dither, seed in (
+        (np.diag([PIX, PIX]), (0.31, -0.17), 2),
+        (1.02 * PIX * np.array([[c, -s], [s, c]]), (-0.42, 0.23), 3),
+    ):
+        img, psf_img, p0 = _noisy_scene(psf_obj, jac, dither, seed)
+        exps.append(detect.GridExposure(img, psf_img, 1.0, jac, p0))
+    res = _same_as_autograd(
+        monkeypatch, lambda: detect.detect_exposures(exps, (96, 96), PIX, peak_rel_width=0.01)
+    )
+    assert np.sum((res["w_det"] > 0.05) & (res["w_det"] < 0.95)) >= 2

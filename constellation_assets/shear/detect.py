@@ -24,8 +24,16 @@ pixels above every pixel of the annulus count), ``r`` = ``peak_radius_pix``, ``r
 ``peak_inner_pix`` (default 2: the 8 nearest pixels are left out, so a source centred between pixels is
 a plateau of 1-4 pixels with weight ~1 each, not a near-tie of two pixels with weight ~0; the estimator
 sums over all of them), ``sigma_v(d)`` the noise of ``F(c) - F(c + d)``, and ``u`` the FPFS S/N weight of :func:`fpfs.selection_weight`
-(``snr = M00(c) / sigma(M00)``). The ellipticity is measured at ``c`` itself (an integer pixel: no centroid
-is estimated), ``e_1 = -M2c(c) / (M00(c) + C)``, and the ensemble shear is
+(``snr = M00(c) / sigma(M00)``). With ``peak_rel_width = kappa > 0`` the step's scale is
+``s(d) = sqrt(sigma_v(d)^2 + (kappa F(c))^2)`` instead of ``sigma_v(d)``: for bright sources the
+neighbour differences grow with the flux while ``sigma_v`` does not, so the ramp is narrow in position
+and the plateau's edge pixels carry large responses of both signs; a scale growing with ``F(c)`` widens
+it. ``w`` is still a smooth function of the same linear moments, so the response below stays exact. As
+the step's argument is then at most ``(1 - F(c + d) / F(c)) / kappa``, and the kernel keeps
+``F(c + d) / F(c)`` at 0.85-0.9 at 2 pixels for compact sources (0.35" kernel on 0.1" pixels), ``kappa
+omega`` must stay well below ~0.15 for bright sources to reach ``T = 1`` (kappa ~0.01; at 0.05 nearly
+every ``T`` is ~0). The ellipticity is measured at ``c`` itself (an integer pixel: no centroid is
+estimated), ``e_1 = -M2c(c) / (M00(c) + C)``, and the ensemble shear is
 ``g_a = sum_c w e_a / sum_c R_aa`` over all detections.
 
 Response
@@ -106,11 +114,13 @@ _NOISE_MODELS: dict[tuple, NoiseCorrelation] = {}
 _NOISE_MODELS_MAX = 8
 
 
-def _check_peak_settings(peak_omega: float, peak_nu_min: float) -> None:
+def _check_peak_settings(peak_omega: float, peak_nu_min: float, peak_rel_width: float = 0.0) -> None:
     if peak_nu_min < 0:
         raise ValueError(f"peak_nu_min={peak_nu_min} must be >= 0 (only strict maxima are visited)")
     if peak_omega <= 0:
         raise ValueError(f"peak_omega={peak_omega} must be > 0")
+    if not peak_rel_width >= 0:
+        raise ValueError(f"peak_rel_width={peak_rel_width} must be >= 0")
 
 
 def _step(t: torch.Tensor) -> torch.Tensor:
@@ -251,6 +261,7 @@ def detect_peaks(
     peak_inner_pix: float = PEAK_INNER_PIX_DEFAULT,
     peak_omega: float = PEAK_OMEGA_DEFAULT,
     peak_nu_min: float = 0.0,
+    peak_rel_width: float = 0.0,
     border_pix: int | None = None,
     psf_floor: float = fpfs.FpfsSettings.psf_floor,
     noise_bias_correction: bool = True,
@@ -266,6 +277,8 @@ def detect_peaks(
         peak_omega, peak_nu_min: the peak step rises from ``peak_nu_min`` to ``peak_nu_min + peak_omega``
             noise sigmas of each neighbour difference (``peak_nu_min >= 0``: strict maxima only, which
             are all this function visits).
+        peak_rel_width: ``kappa >= 0``; the step's unit is ``sqrt(sigma_v^2 + (kappa F(c))^2)`` instead of
+            the difference's noise ``sigma_v`` (a wider ramp for bright sources; 0: ``sigma_v``).
         border_pix: pixels this close to the image edge are not detections (the transforms are
             cyclic); default ``peak_radius_pix`` + 3 kernel sigmas.
         noise_bias_correction: subtract the noise term of the responses (Stein's lemma).
@@ -282,7 +295,7 @@ def detect_peaks(
         raise ValueError(
             f"image and psf must be 2-d arrays, got shapes {tuple(img.shape)}, {tuple(psf_t.shape)}"
         )
-    _check_peak_settings(peak_omega, peak_nu_min)
+    _check_peak_settings(peak_omega, peak_nu_min, peak_rel_width)
     if not torch.isfinite(img).all():
         raise ValueError("image has non-finite pixels: fill or mask them before detection")
     ny, nx = img.shape
@@ -324,6 +337,7 @@ def detect_peaks(
         selection_bin_width=selection_bin_width,
         peak_omega=peak_omega,
         peak_nu_min=peak_nu_min,
+        peak_rel_width=peak_rel_width,
         noise_bias_correction=noise_bias_correction,
     )
 
@@ -339,6 +353,7 @@ def _detect_core(
     selection_bin_width: float,
     peak_omega: float,
     peak_nu_min: float,
+    peak_rel_width: float,
     noise_bias_correction: bool,
     resp_extra: dict[tuple[str, int], torch.Tensor] | None = None,
     lc_cache: dict | None = None,
@@ -435,6 +450,7 @@ def _detect_core(
         selection_bin_width=selection_bin_width,
         peak_omega=peak_omega,
         peak_nu_min=peak_nu_min,
+        peak_rel_width=peak_rel_width,
     )
     resp = torch.einsum("nai,bni->nab", jac, ly)  # (n, 2 (a), 2 (b))
     if noise_term is not None:
@@ -479,6 +495,7 @@ def _phi_derivatives(
     selection_bin_width: float,
     peak_omega: float,
     peak_nu_min: float,
+    peak_rel_width: float,
 ):
     """``Phi_a(y) = w e_a`` of every detection (module docstring), its gradient and the noise term, closed form.
 
@@ -491,7 +508,16 @@ def _phi_derivatives(
     b_j / (sigma_v_j omega)``), ``T = prod_j t(z_j)`` has the gradient ``T g`` and the Hessian
     ``T (g g^T + sum_j beta_j b_j b_j^T)``, where ``g = sum_j alpha_j b_j`` and ``alpha_j``, ``beta_j`` are
     the first two derivatives of ``log t(z_j)`` in ``M00``; a factor ``t_j = 0`` has ``t'_j = t''_j = 0``
-    (the step is flat below 0), so then ``T``, its gradient and its Hessian all vanish.  With ``w = T u``
+    (the step is flat below 0), so then ``T``, its gradient and its Hessian all vanish.
+
+    ``peak_rel_width = kappa > 0``: ``z_j = ((M00 - F_j) / s_j - nu_min) / omega`` with
+    ``s_j = sqrt(sigma_v_j^2 + kappa^2 M00^2)``, so ``dz_j / dy = r_m e_0 - r_f e_{3+j}`` with ``r_f =
+    1 / (s_j omega)``, ``r_m = r_f - D_j q_j / (s_j^2 omega)`` (``D_j = M00 - F_j``, ``q_j = ds_j / dM00 =
+    kappa^2 M00 / s_j``), and ``z_j`` has the Hessian ``z_mm e_0 e_0^T + z_mf (e_0 e_{3+j}^T + e_{3+j}
+    e_0^T)``, ``z_mf = q_j / (s_j^2 omega)``, ``z_mm = (-2 q_j + D_j (2 q_j^2 / s_j - kappa^2 sigma_v_j^2 /
+    s_j^3)) / (s_j^2 omega)``. Then ``g = sum_j (t'_j / t_j) dz_j / dy`` and the Hessian of ``log T`` is
+    ``sum_j (t''_j / t_j - (t'_j / t_j)^2) dz_j/dy dz_j/dy^T + (t'_j / t_j) Hess z_j``; its contraction with
+    ``lc_b`` again needs only ``lc_b00``, ``lc_b0j + lc_bj0`` and ``lc_bjj``.  With ``w = T u``
     and ``e_a = -y_a / (M00 + C)`` the product rule gives the rest.  The Hessian of ``Phi`` is never
     formed: its contraction with ``lc_b`` needs ``g^T lc_b g``, the diagonal ``b_j^T lc_b b_j`` and the
     first three rows and columns of ``lc_b`` only (O(d^2) per detection, no (d, d) array each).  Equal to
@@ -507,18 +533,38 @@ def _phi_derivatives(
         grad_w = torch.zeros((n, d), dtype=torch.float64)
         g = None
     else:
-        z = ((m00[:, None] - y[:, 3:]) / sigma_v - peak_nu_min) / peak_omega
+        diff = m00[:, None] - y[:, 3:]  # (n, d - 3)
+        if peak_rel_width > 0:
+            # s_j = sqrt(sigma_v_j^2 + (kappa M00)^2): z_j depends on M00 through s_j too.
+            k2 = peak_rel_width**2
+            scale = (sigma_v**2 + k2 * m00[:, None] ** 2).sqrt()
+        else:
+            scale = sigma_v.expand(n, -1)
+        z = (diff / scale - peak_nu_min) / peak_omega
         s, s1, s2 = _step_derivatives(z)
         pos = s > 0
         safe = torch.where(pos, s, torch.ones_like(s))
-        kappa = 1.0 / (sigma_v * peak_omega)
-        alpha = torch.where(pos, s1 / safe, torch.zeros_like(s)) * kappa  # d log t_j / d M00
-        beta = torch.where(pos, s2 / safe, torch.zeros_like(s)) * kappa**2 - alpha**2  # d2 log t_j / d M00^2
+        rate_f = 1.0 / (scale * peak_omega)  # -dz_j / dF_j
+        if peak_rel_width > 0:
+            q = k2 * m00[:, None] / scale  # ds_j / dM00
+            rate_m = rate_f - diff * q / (scale**2 * peak_omega)  # dz_j / dM00
+            # d2 z_j / dM00^2 and d2 z_j / dM00 dF_j (d2 s_j / dM00^2 = kappa^2 sigma_v_j^2 / s_j^3).
+            z_mm = (-2.0 * q + diff * (2.0 * q**2 / scale - k2 * sigma_v**2 / scale**3)) / (
+                scale**2 * peak_omega
+            )
+            z_mf = q / (scale**2 * peak_omega)
+        else:
+            rate_m = rate_f
+        a1 = torch.where(pos, s1 / safe, torch.zeros_like(s))  # d log t_j / d z_j
+        a2 = torch.where(pos, s2 / safe, torch.zeros_like(s))  # t''_j / t_j
+        alpha = a1 * rate_f  # -d log t_j / d F_j
+        alpha_m = a1 * rate_m if peak_rel_width > 0 else alpha  # d log t_j / d M00
+        beta = a2 * rate_f**2 - alpha**2  # d2 log t_j / d F_j^2
         t_det = torch.prod(s, dim=1)
         u, u1, u2 = fpfs.selection_weight(m00 / sigma_f, snr_min, selection_bin_width)
         u1, u2 = u1 / sigma_f, u2 / sigma_f**2
         g = torch.zeros((n, d), dtype=torch.float64)  # gradient of log T
-        g[:, 0] = alpha.sum(dim=1)
+        g[:, 0] = alpha_m.sum(dim=1)
         g[:, 3:] = -alpha
         grad_w = t_det[:, None] * u[:, None] * g
         grad_w[:, 0] += t_det * u1
@@ -537,10 +583,25 @@ def _phi_derivatives(
     if g is None:
         hw = torch.zeros((n, 2), dtype=torch.float64)
     else:
-        diag = l00[:, None] - sym[:, 0, 3:] + torch.diagonal(lc, dim1=1, dim2=2)[:, 3:]  # (2, d - 3)
         quad = torch.einsum("bni,ni->nb", torch.matmul(g, lc), g)
+        ljj = torch.diagonal(lc, dim1=1, dim2=2)[:, 3:]  # (2, d - 3)
+        if peak_rel_width > 0:
+            # sum_j [grad z_j^T lc_b grad z_j (t''_j / t_j - (t'_j / t_j)^2) + <Hess z_j, lc_b> t'_j / t_j]
+            # with grad z_j = rate_m e_0 - rate_f e_{3+j} and Hess z_j = z_mm e_0 e_0^T + z_mf (e_0 e_{3+j}^T
+            # + e_{3+j} e_0^T).
+            b_mm = a2 * rate_m**2 - alpha_m**2
+            b_mf = a2 * rate_m * rate_f - alpha_m * alpha
+            curv = (
+                b_mm.sum(dim=1)[:, None] * l00
+                - b_mf @ sym[:, 0, 3:].T
+                + beta @ ljj.T
+                + (a1 * z_mm).sum(dim=1)[:, None] * l00
+                + (a1 * z_mf) @ sym[:, 0, 3:].T
+            )
+        else:
+            curv = beta @ (l00[:, None] - sym[:, 0, 3:] + ljj).T
         hw = t_det[:, None] * (
-            u[:, None] * (quad + beta @ diag.T) + u1[:, None] * (g @ sym[:, :, 0].T) + u2[:, None] * l00
+            u[:, None] * (quad + curv) + u1[:, None] * (g @ sym[:, :, 0].T) + u2[:, None] * l00
         )
     # Hess Phi_a = e_a Hess w + grad w (grad e_a)^T + grad e_a (grad w)^T + w Hess e_a, with
     # Hess e_a: [0, 0] = 2 e_a / D^2, [0, a'] = [a', 0] = 1 / D^2.
@@ -562,6 +623,7 @@ def _phi_derivatives_autograd(
     selection_bin_width: float,
     peak_omega: float,
     peak_nu_min: float,
+    peak_rel_width: float,
 ):
     """:func:`_phi_derivatives` by automatic differentiation (``torch.func``; the reference of the tests)."""
     from torch.func import hessian, jacrev, vmap
@@ -571,7 +633,7 @@ def _phi_derivatives_autograd(
     def phi(yv: torch.Tensor) -> torch.Tensor:
         m00 = yv[0]
         if noisy:
-            v = (m00 - yv[3:]) / sigma_v
+            v = (m00 - yv[3:]) / (sigma_v**2 + (peak_rel_width * m00) ** 2).sqrt()
             t_det = torch.prod(_step((v - peak_nu_min) / peak_omega))
             u, _, _ = fpfs.selection_weight((m00 / sigma_f)[None], snr_min, selection_bin_width)
             w = t_det * u[0]
@@ -586,7 +648,7 @@ def _phi_derivatives_autograd(
     if lc is not None:
         noise_term = torch.einsum("naij,bij->nab", vmap(hessian(phi))(y), lc)
     if noisy:
-        v = (y[:, :1] - y[:, 3:]) / sigma_v
+        v = (y[:, :1] - y[:, 3:]) / (sigma_v**2 + (peak_rel_width * y[:, :1]) ** 2).sqrt()
         t_det = torch.prod(_step((v - peak_nu_min) / peak_omega), dim=1)
         u, _, _ = fpfs.selection_weight(y[:, 0] / sigma_f, snr_min, selection_bin_width)
     else:
@@ -817,6 +879,7 @@ def detect_exposures(
     peak_inner_pix: float = PEAK_INNER_PIX_DEFAULT,
     peak_omega: float = PEAK_OMEGA_DEFAULT,
     peak_nu_min: float = 0.0,
+    peak_rel_width: float = 0.0,
     psf_floor: float = fpfs.FpfsSettings.psf_floor,
     noise_bias_correction: bool = True,
     mask_radius_sigma: float = 1.0,
@@ -863,7 +926,7 @@ def detect_exposures(
             f"detect_exposures takes at most 62 exposures of a region (exposure sets are int64 bit masks), "
             f"got {len(exposures)}: use smaller blocks"
         )
-    _check_peak_settings(peak_omega, peak_nu_min)
+    _check_peak_settings(peak_omega, peak_nu_min, peak_rel_width)
     gy, gx = int(grid_shape[0]), int(grid_shape[1])
     h = float(grid_scale_arcsec)
     offs = peak_offsets(peak_radius_pix, peak_inner_pix)
@@ -995,6 +1058,7 @@ def detect_exposures(
             selection_bin_width=selection_bin_width,
             peak_omega=peak_omega,
             peak_nu_min=peak_nu_min,
+            peak_rel_width=peak_rel_width,
             noise_bias_correction=noise_bias_correction,
         )
         res["n_exposures"] = np.full(len(res["x"]), len(members), dtype=np.int64)
@@ -1013,6 +1077,7 @@ def detect_exposures(
             selection_bin_width=selection_bin_width,
             peak_omega=peak_omega,
             peak_nu_min=peak_nu_min,
+            peak_rel_width=peak_rel_width,
             noise_bias_correction=noise_bias_correction,
         )
         empty["n_exposures"] = np.zeros(0, dtype=np.int64)
