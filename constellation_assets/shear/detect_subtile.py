@@ -13,10 +13,13 @@ on the exposures themselves, with their detection and selection responses, and M
 2. **Blocks.** A sub-tile evaluates its core cell grown by a band (``detection_band_arcsec``) in square
    blocks of ``detection_block_pix`` lattice pixels (plus the peak neighbourhood as padding). For every
    manifest quadrant overlapping a block: the cut-out of background-subtracted, flux-scaled pixels
-   (microJy) that covers the block with the kernel's margin, its FLG/RMS mask (masked pixels zeroed, never
-   interpolated; see ``detect_exposures``), the noise level (median RMS), the PSF model at the block
-   centre, the local Jacobian ``d(u, v)/d(x, y)`` of the exposure's WCS composed with the tangent
-   projection, and the exposure position of the block's first lattice pixel.
+   (microJy) that covers the block with 5 kernel sigmas of margin (zero and marked off-detector beyond the
+   quadrant, so its content does not depend on where the block ends), its FLG/RMS mask (masked pixels
+   zeroed, never interpolated; see ``detect_exposures``), the quadrant's noise level (median RMS), the PSF
+   model at the block centre (with the stamp path's power-law wings when it is truncated), the local
+   Jacobian ``d(u, v)/d(x, y)`` of the exposure's WCS composed with the tangent projection, and the
+   exposure position of the block's first lattice pixel. The PSF at the block centre is exact to first
+   order for a linear PSF gradient across the block (the errors cancel), not for its curvature.
 3. **Frame.** The responses come out in the lattice frame; they are rotated (spin 2) to the local
    (west, north) frame at the block centre, the catalog's frame (tangent-plane north differs from local
    north by ~xi tan(dec): 8e-3 rad at 16' and dec 60 deg).
