@@ -157,7 +157,6 @@ class _Block:
     n: int  # grid side (interior + 2 pad)
     pad: int
     exposures: list = dataclasses.field(default_factory=list)  # detect.GridExposure
-    exposure_keys: list = dataclasses.field(default_factory=list)
     frame_rotation: float | None = None  # lattice frame -> local (west, north), radians
 
 
@@ -218,8 +217,8 @@ def _quadrant_noise_and_pixels(quad: st.QuadrantImages):
 
 def _add_quadrant(
     blocks: list[_Block], lat: DetectionLattice, quad: st.QuadrantImages, sigma_arcsec: float, psf_size: int
-) -> int:
-    """Cut this quadrant's region of every block it overlaps; returns how many blocks it reached.
+) -> None:
+    """Cut this quadrant's region of every block it overlaps (appended to the block's exposures).
 
     A cut-out extends 5 kernel sigmas + 4 pixels beyond the block (``detect_exposures`` uses moments
     3 sigmas + 2 pixels inside a cut-out's edges, the transforms being cyclic: 5 sigmas keep the light a
@@ -232,9 +231,8 @@ def _add_quadrant(
     ny, nx = quad.sci.shape
     h = lat.pixel_arcsec
     prepared = None
-    n_used = 0
     if not blocks:
-        return 0
+        return
     from constellation_assets.sky.tiles import radec_to_tangent
 
     # Blocks near the quadrant's footprint (its corners in the lattice's plane, grown by a block and the
@@ -253,7 +251,7 @@ def _add_quadrant(
     near &= v_all <= cv.max() + grow
     idx = np.nonzero(near)[0]
     if not len(idx):
-        return 0
+        return
     ra_all, dec_all = lat.radec(u_all[idx], v_all[idx])
     xs, ys = (
         np.asarray(v, dtype=np.float64).reshape(-1) for v in wcs.all_world2pix(ra_all, dec_all, 0, quiet=True)
@@ -262,9 +260,6 @@ def _add_quadrant(
         b, c = blocks[k], half_n[k]
         x_c, y_c = float(x_c), float(y_c)
         if not (math.isfinite(x_c) and math.isfinite(y_c)):
-            continue
-        reach = 0.75 * b.n * h / 0.05 + 64  # generous: the block's half-diagonal at >= 0.05"/pixel
-        if x_c < -reach or y_c < -reach or x_c > nx - 1 + reach or y_c > ny - 1 + reach:
             continue
         jac = _tangent_jacobian(wcs, lat, x_c, y_c)
         jinv = np.linalg.inv(jac)
@@ -310,12 +305,9 @@ def _add_quadrant(
                 outside=outside if outside.any() else None,
             )
         )
-        b.exposure_keys.append(quad.exposure)
         if b.frame_rotation is None:
             local = st.local_jacobian(wcs, np.array([x_c]), np.array([y_c]))[0]
             b.frame_rotation = _rotation_angle(local @ jinv)
-        n_used += 1
-    return n_used
 
 
 def _fft_size(n: int) -> int:
